@@ -1,0 +1,146 @@
+// swift-tools-version:6.1
+import PackageDescription
+
+let package = Package(
+    name: "sds-agent",
+    platforms: [.macOS(.v15)],
+    products: [
+        .executable(name: "sds-agent", targets: ["sds-agent"])
+    ],
+    dependencies: [
+        .package(url: "https://github.com/grpc/grpc-swift-2.git", from: "2.4.3"),
+        .package(url: "https://github.com/grpc/grpc-swift-nio-transport.git", from: "2.9.2"),
+        .package(url: "https://github.com/grpc/grpc-swift-protobuf.git", from: "2.4.1"),
+        .package(url: "https://github.com/apple/swift-protobuf.git", from: "1.39.0"),
+        .package(url: "https://github.com/apple/swift-crypto.git", from: "4.5.2"),
+        .package(url: "https://github.com/apple/swift-certificates.git", from: "1.21.1"),
+        .package(url: "https://github.com/apple/swift-asn1.git", from: "1.7.4"),
+        .package(url: "https://github.com/vapor/jwt-kit.git", from: "5.8.0"),
+        .package(url: "https://github.com/apple/swift-argument-parser.git", from: "1.8.2"),
+        .package(url: "https://github.com/apple/swift-log.git", from: "1.16.2"),
+        .package(url: "https://github.com/swift-server/swift-service-lifecycle.git", from: "2.13.0"),
+    ],
+    targets: [
+        // Executable: parses the command line, bootstraps logging, runs the agent. Thin.
+        .executableTarget(
+            name: "sds-agent",
+            dependencies: [
+                "SDSAgent", "SDSServer", "EnvoyAPI",
+                .product(name: "ArgumentParser", package: "swift-argument-parser"),
+                .product(name: "GRPCCore", package: "grpc-swift-2"),
+                .product(name: "GRPCNIOTransportHTTP2", package: "grpc-swift-nio-transport"),
+                .product(name: "ServiceLifecycle", package: "swift-service-lifecycle"),
+                .product(name: "Logging", package: "swift-log"),
+            ]
+        ),
+        // Composition root: validated configuration -> components, the UDS listener, the ServiceGroup.
+        .target(
+            name: "SDSAgent",
+            dependencies: [
+                "SDSModel", "SDSServer", "SecretCache", "CertificateAuthority", "WorkloadAuthentication",
+                .product(name: "GRPCCore", package: "grpc-swift-2"),
+                .product(name: "GRPCNIOTransportHTTP2", package: "grpc-swift-nio-transport"),
+                .product(name: "ServiceLifecycle", package: "swift-service-lifecycle"),
+                .product(name: "Logging", package: "swift-log"),
+            ]
+        ),
+        // The SDS gRPC service, the per-stream state machine and the Envoy proto builders.
+        .target(
+            name: "SDSServer",
+            dependencies: [
+                "SDSModel", "EnvoyAPI", "SecretCache", "WorkloadAuthentication",
+                .product(name: "GRPCCore", package: "grpc-swift-2"),
+                .product(name: "Logging", package: "swift-log"),
+            ]
+        ),
+        // Identities' current secrets: local key generation, CSR, issuance through the CA seam.
+        .target(
+            name: "SecretCache",
+            dependencies: [
+                "SDSModel", "CertificateAuthority",
+                .product(name: "Crypto", package: "swift-crypto"),
+                .product(name: "X509", package: "swift-certificates"),
+                .product(name: "Logging", package: "swift-log"),
+            ]
+        ),
+        // CertificateIssuer protocol and the embedded CA (root generation, persistence, signing).
+        .target(
+            name: "CertificateAuthority",
+            dependencies: [
+                "SDSModel",
+                .product(name: "Crypto", package: "swift-crypto"),
+                .product(name: "X509", package: "swift-certificates"),
+                .product(name: "SwiftASN1", package: "swift-asn1"),
+                .product(name: "Logging", package: "swift-log"),
+            ]
+        ),
+        // Caller authentication: Kubernetes service-account JWT verification.
+        .target(
+            name: "WorkloadAuthentication",
+            dependencies: [
+                "SDSModel",
+                .product(name: "JWTKit", package: "jwt-kit"),
+                .product(name: "Logging", package: "swift-log"),
+            ]
+        ),
+        // Small shared value types.
+        .target(name: "SDSModel"),
+        // Generated from Protos/ by scripts/generate-protos.sh. Do not edit.
+        .target(
+            name: "EnvoyAPI",
+            dependencies: [
+                .product(name: "SwiftProtobuf", package: "swift-protobuf"),
+                .product(name: "GRPCCore", package: "grpc-swift-2"),
+                .product(name: "GRPCProtobuf", package: "grpc-swift-protobuf"),
+            ],
+            exclude: ["PROTOS.sha256"]
+        ),
+
+        .testTarget(name: "SDSModelTests", dependencies: ["SDSModel"]),
+        .testTarget(
+            name: "WorkloadAuthenticationTests",
+            dependencies: ["WorkloadAuthentication", "TestSupport", .product(name: "Crypto", package: "swift-crypto")]
+        ),
+        .testTarget(
+            name: "CertificateAuthorityTests",
+            dependencies: [
+                "CertificateAuthority", "TestSupport",
+                .product(name: "X509", package: "swift-certificates"),
+                .product(name: "Crypto", package: "swift-crypto"),
+            ]
+        ),
+        .testTarget(
+            name: "SecretCacheTests",
+            dependencies: ["SecretCache", "TestSupport", .product(name: "X509", package: "swift-certificates")]
+        ),
+        .testTarget(
+            name: "SDSServerTests",
+            dependencies: [
+                "SDSServer", "EnvoyAPI", "TestSupport", "SecretCache", "WorkloadAuthentication",
+                .product(name: "GRPCCore", package: "grpc-swift-2"),
+                .product(name: "GRPCInProcessTransport", package: "grpc-swift-2"),
+                .product(name: "X509", package: "swift-certificates"),
+            ]
+        ),
+        .testTarget(
+            name: "SDSAgentTests",
+            dependencies: [
+                "SDSAgent", "SDSServer", "EnvoyAPI", "TestSupport",
+                .product(name: "GRPCCore", package: "grpc-swift-2"),
+                .product(name: "GRPCNIOTransportHTTP2", package: "grpc-swift-nio-transport"),
+            ]
+        ),
+        // PKI and token fixtures built in code, shared by the test targets.
+        .target(
+            name: "TestSupport",
+            dependencies: [
+                "SDSModel", "CertificateAuthority", "EnvoyAPI",
+                .product(name: "Crypto", package: "swift-crypto"),
+                .product(name: "Logging", package: "swift-log"),
+                .product(name: "GRPCCore", package: "grpc-swift-2"),
+            ],
+            path: "Tests/TestSupport"
+        ),
+    ],
+    swiftLanguageModes: [.v6]
+)

@@ -1,0 +1,126 @@
+import Foundation
+import Logging
+import SwiftASN1
+import X509
+
+/// Where the embedded CA's signing material comes from: a state directory, or PEM files.
+///
+/// In a state directory the root is generated at first start and reused on every restart:
+/// `<dir>/ca/root-cert.pem` and `<dir>/ca/root-key.pem` (mode 0600, directory 0700).
+public enum RootCAStore {
+    /// Loads the root from `stateDirectory`, or creates and persists one when none exists or the
+    /// persisted one has expired.
+    public static func loadOrCreate(
+        stateDirectory: String, trustDomain: String, ttl: Duration, now: Date, logger: Logger
+    ) throws(CAStoreError) -> SigningAuthority {
+        let directory = URL(fileURLWithPath: stateDirectory).appendingPathComponent("ca")
+        let certPath = directory.appendingPathComponent("root-cert.pem").path
+        let keyPath = directory.appendingPathComponent("root-key.pem").path
+        let fm = FileManager.default
+
+        if fm.fileExists(atPath: certPath) || fm.fileExists(atPath: keyPath) {
+            let authority = try load(certificateFile: certPath, keyFile: keyPath)
+            if authority.certificate.notValidAfter > now {
+                logger.info(
+                    "loaded embedded CA root",
+                    metadata: [
+                        "path": "\(certPath)", "serial": "\(authority.certificate.serialNumber.hexString)",
+                        "not_after": "\(authority.certificate.notValidAfter.formatted(.iso8601))",
+                    ])
+                return authority
+            }
+            logger.warning(
+                "persisted CA root has expired; generating a new one (workloads must fetch the new bundle)",
+                metadata: ["path": "\(certPath)", "expired_at": "\(authority.certificate.notValidAfter.formatted(.iso8601))"])
+        }
+
+        let authority: SigningAuthority
+        do {
+            authority = try SigningAuthority.makeSelfSignedRoot(trustDomain: trustDomain, ttl: ttl, now: now)
+        } catch {
+            throw CAStoreError("cannot generate a root CA: \(error)")
+        }
+        do {
+            try fm.createDirectory(at: directory, withIntermediateDirectories: true, attributes: [.posixPermissions: 0o700])
+            try fm.setAttributes([.posixPermissions: 0o700], ofItemAtPath: directory.path)
+            let keyPEM = try authority.privateKey.serializeAsPEM().pemString + "\n"
+            let certPEM = try authority.certificate.serializeAsPEM().pemString + "\n"
+            // The key is written to a 0600 temporary file and renamed, so it is never readable by others.
+            try writeAtomically(keyPEM, to: keyPath, mode: 0o600)
+            try writeAtomically(certPEM, to: certPath, mode: 0o644)
+        } catch let error as CAStoreError {
+            throw error
+        } catch {
+            throw CAStoreError("cannot persist the root CA in \(directory.path): \(error)")
+        }
+        logger.notice(
+            "generated embedded CA root",
+            metadata: [
+                "path": "\(certPath)", "serial": "\(authority.certificate.serialNumber.hexString)",
+                "not_after": "\(authority.certificate.notValidAfter.formatted(.iso8601))",
+            ])
+        return authority
+    }
+
+    /// Loads signing material from PEM files. The certificate file holds the signing certificate
+    /// first, then any intermediates; the last self-signed certificate in it is the root. When the
+    /// file has no self-signed certificate, `bundleFile` must name the roots.
+    public static func load(certificateFile: String, keyFile: String, bundleFile: String? = nil)
+        throws(CAStoreError) -> SigningAuthority
+    {
+        let certificates = try readCertificates(certificateFile)
+        guard let signing = certificates.first else { throw CAStoreError("\(certificateFile) holds no certificate") }
+        let key: Certificate.PrivateKey
+        do {
+            key = try Certificate.PrivateKey(pemEncoded: try String(contentsOfFile: keyFile, encoding: .utf8))
+        } catch {
+            throw CAStoreError("cannot read the CA private key \(keyFile): \(error)")
+        }
+        guard key.publicKey == signing.publicKey else {
+            throw CAStoreError("the key in \(keyFile) does not match the certificate in \(certificateFile)")
+        }
+        let selfSigned = certificates.filter { $0.issuer == $0.subject }
+        let roots = try bundleFile.map { path throws(CAStoreError) in try readCertificates(path) } ?? selfSigned
+        guard !roots.isEmpty else {
+            throw CAStoreError("\(certificateFile) has no self-signed root; name the roots with a bundle file")
+        }
+        let intermediates = certificates.dropFirst().filter { $0.issuer != $0.subject }
+        return SigningAuthority(certificate: signing, privateKey: key, intermediates: Array(intermediates), roots: roots)
+    }
+
+    private static func readCertificates(_ path: String) throws(CAStoreError) -> [Certificate] {
+        do {
+            let text = try String(contentsOfFile: path, encoding: .utf8)
+            return try PEMDocument.parseMultiple(pemString: text).map { try Certificate(pemDocument: $0) }
+        } catch {
+            throw CAStoreError("cannot read certificates from \(path): \(error)")
+        }
+    }
+
+    /// Writes through a temporary file created with `mode` (so a key is never readable by others,
+    /// even for a moment), then renames it into place.
+    private static func writeAtomically(_ text: String, to path: String, mode: mode_t) throws(CAStoreError) {
+        let temporary = path + ".tmp"
+        unlink(temporary)
+        let fd = open(temporary, O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC, mode)
+        guard fd >= 0 else { throw CAStoreError("cannot create \(temporary): \(String(cString: strerror(errno)))") }
+        defer { close(fd) }
+        fchmod(fd, mode)  // the umask may have narrowed it; make it exactly `mode`
+        let bytes = Array(text.utf8)
+        let written = bytes.withUnsafeBytes { write(fd, $0.baseAddress, $0.count) }
+        guard written == bytes.count, fsync(fd) == 0 else {
+            throw CAStoreError("cannot write \(temporary): \(String(cString: strerror(errno)))")
+        }
+        guard rename(temporary, path) == 0 else {
+            throw CAStoreError("cannot rename \(temporary) to \(path): \(String(cString: strerror(errno)))")
+        }
+    }
+}
+
+/// CA material that cannot be loaded or stored; the message names the path.
+public struct CAStoreError: Error, Sendable, CustomStringConvertible {
+    /// What went wrong, in words.
+    public var message: String
+    init(_ message: String) { self.message = message }
+    public var description: String { message }
+}

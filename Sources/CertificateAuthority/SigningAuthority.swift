@@ -1,0 +1,63 @@
+import Crypto
+import Foundation
+import X509
+
+/// A CA certificate and key that sign workload certificates, and the roots they chain to.
+public struct SigningAuthority: Sendable {
+    /// The certificate whose key signs leaves (a root, or an intermediate).
+    public var certificate: Certificate
+    /// The signing key; held in memory only once loaded.
+    public var privateKey: Certificate.PrivateKey
+    /// Certificates between `certificate` and the root, nearest first (empty when `certificate` is the root).
+    public var intermediates: [Certificate]
+    /// The trust anchors served to workloads as the validation context.
+    public var roots: [Certificate]
+
+    public init(
+        certificate: Certificate, privateKey: Certificate.PrivateKey, intermediates: [Certificate] = [],
+        roots: [Certificate]
+    ) {
+        self.certificate = certificate
+        self.privateKey = privateKey
+        self.intermediates = intermediates
+        self.roots = roots
+    }
+
+    /// Creates a self-signed ECDSA P-256 root for `trustDomain`, valid from `now` for `ttl`.
+    public static func makeSelfSignedRoot(trustDomain: String, ttl: Duration, now: Date) throws -> SigningAuthority {
+        let key = Certificate.PrivateKey(P256.Signing.PrivateKey())
+        let name = try DistinguishedName {
+            OrganizationName("sds-agent")
+            CommonName("sds-agent root CA for \(trustDomain)")
+        }
+        let extensions = try Certificate.Extensions {
+            Critical(BasicConstraints.isCertificateAuthority(maxPathLength: nil))
+            Critical(KeyUsage(digitalSignature: true, keyCertSign: true, cRLSign: true))
+            SubjectKeyIdentifier(hash: key.publicKey)
+            SubjectAlternativeNames([.uniformResourceIdentifier("spiffe://\(trustDomain)")])
+        }
+        let certificate = try Certificate(
+            version: .v3, serialNumber: Certificate.SerialNumber(), publicKey: key.publicKey,
+            notValidBefore: now.addingTimeInterval(-60), notValidAfter: now.addingTimeInterval(ttl.timeInterval),
+            issuer: name, subject: name, extensions: extensions,
+            issuerPrivateKey: key)
+        return SigningAuthority(certificate: certificate, privateKey: key, roots: [certificate])
+    }
+}
+
+extension Duration {
+    /// The duration in seconds, as Foundation counts time.
+    public var timeInterval: TimeInterval {
+        Double(components.seconds) + Double(components.attoseconds) / 1e18
+    }
+}
+
+extension Certificate.SerialNumber {
+    /// Lowercase hex of the serial's bytes, as `openssl x509 -serial` and Envoy's `/certs` print it.
+    public var hexString: String {
+        bytes.map { byte in
+            let hex = String(byte, radix: 16)
+            return byte < 16 ? "0" + hex : hex
+        }.joined()
+    }
+}

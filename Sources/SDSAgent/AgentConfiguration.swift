@@ -1,0 +1,102 @@
+import Foundation
+import SDSModel
+
+/// Everything `sds-agent serve` needs, validated before anything starts.
+public struct AgentConfiguration: Sendable {
+    /// Path of the Unix domain socket Envoys connect to.
+    public var socketPath: String
+    /// File mode of the socket (default 0o660: owner and group; see README for Kubernetes).
+    public var socketMode: UInt16
+    /// SPIFFE trust domain, e.g. `cluster.local`.
+    public var trustDomain: String
+    /// JWKS file with the keys that sign service-account tokens.
+    public var jwksFile: String
+    /// Accepted token issuers.
+    public var issuers: [String]
+    /// Accepted token audiences.
+    public var audiences: [String]
+    /// Tolerated clock skew for token times.
+    public var clockSkew: Duration
+    /// Lifetime of workload certificates.
+    public var certificateTTL: Duration
+    /// Directory for the embedded CA's root (created; key file mode 0600).
+    public var stateDirectory: String
+    /// Lifetime of a root the embedded CA generates.
+    public var caTTL: Duration
+    /// PEM certificate (chain) of a CA to sign with instead of a generated root.
+    public var caCertificateFile: String?
+    /// PEM private key for `caCertificateFile`.
+    public var caKeyFile: String?
+    /// PEM roots to serve when `caCertificateFile` holds no self-signed root.
+    public var caBundleFile: String?
+    /// Name of the workload certificate secret.
+    public var workloadSecretName: String
+    /// Names the trust bundle is served under; empty means `ROOTCA` and `spiffe://<trust-domain>`.
+    public var validationContextNames: [String]
+    /// Metadata key carrying the token.
+    public var tokenHeader: String
+    /// Most concurrent streams one Envoy connection may open.
+    public var maxStreamsPerConnection: Int
+
+    public init(
+        socketPath: String = "/var/run/sds-agent/sds.sock", socketMode: UInt16 = 0o660,
+        trustDomain: String = "cluster.local", jwksFile: String, issuers: [String] = ["https://kubernetes.default.svc.cluster.local"],
+        audiences: [String] = ["sds-agent"], clockSkew: Duration = .seconds(30), certificateTTL: Duration = .seconds(24 * 3600),
+        stateDirectory: String = "/var/lib/sds-agent", caTTL: Duration = .seconds(365 * 24 * 3600),
+        caCertificateFile: String? = nil, caKeyFile: String? = nil, caBundleFile: String? = nil,
+        workloadSecretName: String = "default", validationContextNames: [String] = [],
+        tokenHeader: String = "istio_sds_credentials_header-bin", maxStreamsPerConnection: Int = 100
+    ) {
+        self.socketPath = socketPath
+        self.socketMode = socketMode
+        self.trustDomain = trustDomain
+        self.jwksFile = jwksFile
+        self.issuers = issuers
+        self.audiences = audiences
+        self.clockSkew = clockSkew
+        self.certificateTTL = certificateTTL
+        self.stateDirectory = stateDirectory
+        self.caTTL = caTTL
+        self.caCertificateFile = caCertificateFile
+        self.caKeyFile = caKeyFile
+        self.caBundleFile = caBundleFile
+        self.workloadSecretName = workloadSecretName
+        self.validationContextNames = validationContextNames
+        self.tokenHeader = tokenHeader
+        self.maxStreamsPerConnection = maxStreamsPerConnection
+    }
+
+    /// The validation-context names actually served.
+    public var effectiveValidationContextNames: Set<String> {
+        validationContextNames.isEmpty ? ["ROOTCA", "spiffe://\(trustDomain)"] : Set(validationContextNames)
+    }
+
+    /// Checks the configuration; the error says which setting is wrong and why.
+    public func validate() throws(ConfigurationError) {
+        func fail(_ message: String) -> ConfigurationError { ConfigurationError(message: message) }
+        guard SPIFFEID.isValidTrustDomain(trustDomain) else {
+            throw fail("--trust-domain '\(trustDomain)' is not a valid trust domain (lowercase letters, digits, '.', '-', '_')")
+        }
+        guard !issuers.isEmpty else { throw fail("at least one --issuer is required") }
+        guard !audiences.isEmpty else { throw fail("at least one --audience is required") }
+        guard certificateTTL >= .seconds(10) else { throw fail("--cert-ttl must be at least 10s") }
+        guard caTTL > certificateTTL else { throw fail("--ca-ttl must be longer than --cert-ttl") }
+        guard socketMode <= 0o777 else { throw fail("--socket-mode must be an octal mode such as 0660") }
+        guard !workloadSecretName.isEmpty, !effectiveValidationContextNames.contains(workloadSecretName) else {
+            throw fail("--workload-secret-name must be non-empty and differ from every --validation-context-name")
+        }
+        guard (caCertificateFile == nil) == (caKeyFile == nil) else {
+            throw fail("--ca-cert and --ca-key go together")
+        }
+        guard !tokenHeader.isEmpty else { throw fail("--token-header must not be empty") }
+        guard maxStreamsPerConnection > 0 else { throw fail("--max-streams-per-connection must be positive") }
+    }
+}
+
+/// A configuration that cannot work; the message names the flag.
+public struct ConfigurationError: Error, Sendable, CustomStringConvertible {
+    /// What is wrong, in words.
+    public var message: String
+    public init(message: String) { self.message = message }
+    public var description: String { message }
+}

@@ -1,0 +1,118 @@
+/// Fills `envoy-bootstrap/envoy-sidecar.yaml` for one Envoy sidecar.
+///
+/// Each property is one `{{PLACEHOLDER}}` of the template. SPIFFE ID lists become
+/// `match_typed_subject_alt_names` matchers: an entry ending in `/*` matches by prefix, any other
+/// entry exactly; an empty list accepts any identity that chains to the trust bundle.
+public struct SidecarBootstrap: Sendable {
+    /// The agent's Unix socket.
+    public var sdsSocket: String
+    /// The projected service-account token file Envoy sends with every SDS stream.
+    public var tokenFile: String
+    /// gRPC metadata key for the token.
+    public var tokenHeader: String = "istio_sds_credentials_header-bin"
+    /// Envoy's node id (e.g. the pod name).
+    public var nodeID: String
+    /// Envoy's node cluster (e.g. the service name).
+    public var nodeCluster: String
+    /// Admin port on 127.0.0.1.
+    public var adminPort: Int
+    /// Address of the inbound mTLS listener.
+    public var inboundAddress: String = "0.0.0.0"
+    /// Port of the inbound mTLS listener.
+    public var inboundPort: Int
+    /// The local app's port on 127.0.0.1, behind the inbound listener.
+    public var appPort: Int
+    /// Port of the outbound plain-HTTP listener on 127.0.0.1.
+    public var outboundPort: Int
+    /// Host name or address of the upstream's inbound mTLS listener.
+    public var upstreamAddress: String
+    /// Port of the upstream's inbound mTLS listener.
+    public var upstreamPort: Int
+    /// SPIFFE IDs allowed to call this workload (inbound).
+    public var inboundAllowedIDs: [String]
+    /// SPIFFE IDs the upstream may present (outbound).
+    public var upstreamIDs: [String]
+    /// Name of the validation context secret: `ROOTCA` or `spiffe://<trust-domain>`.
+    public var validationContextName: String = "ROOTCA"
+    /// Name of the workload certificate secret.
+    public var workloadSecretName: String = "default"
+    /// How long Envoy waits for SDS before serving without the secret; `0s` waits forever.
+    public var initialFetchTimeout: String = "0s"
+
+    public init(
+        sdsSocket: String, tokenFile: String, nodeID: String, nodeCluster: String, adminPort: Int, inboundPort: Int,
+        appPort: Int, outboundPort: Int, upstreamAddress: String, upstreamPort: Int, inboundAllowedIDs: [String],
+        upstreamIDs: [String]
+    ) {
+        self.sdsSocket = sdsSocket
+        self.tokenFile = tokenFile
+        self.nodeID = nodeID
+        self.nodeCluster = nodeCluster
+        self.adminPort = adminPort
+        self.inboundPort = inboundPort
+        self.appPort = appPort
+        self.outboundPort = outboundPort
+        self.upstreamAddress = upstreamAddress
+        self.upstreamPort = upstreamPort
+        self.inboundAllowedIDs = inboundAllowedIDs
+        self.upstreamIDs = upstreamIDs
+    }
+
+    /// The placeholder values, keyed by placeholder name.
+    public func values() throws(ConfigurationError) -> [String: String] {
+        let strings: [String: String] = [
+            "SDS_SOCKET": sdsSocket, "TOKEN_FILE": tokenFile, "TOKEN_HEADER": tokenHeader, "NODE_ID": nodeID,
+            "NODE_CLUSTER": nodeCluster, "INBOUND_ADDRESS": inboundAddress, "UPSTREAM_ADDRESS": upstreamAddress,
+            "VALIDATION_CONTEXT_NAME": validationContextName, "WORKLOAD_SECRET_NAME": workloadSecretName,
+            "INITIAL_FETCH_TIMEOUT": initialFetchTimeout,
+        ]
+        for (name, value) in strings {
+            guard !value.isEmpty, !value.contains(where: { $0 == "\"" || $0 == "\\" || $0.isNewline || $0 == "{" || $0 == "}" })
+            else { throw ConfigurationError(message: "bootstrap value \(name) '\(value)' is empty or has a quote, backslash, brace or newline") }
+        }
+        let ports = ["ADMIN_PORT": adminPort, "INBOUND_PORT": inboundPort, "APP_PORT": appPort,
+                     "OUTBOUND_PORT": outboundPort, "UPSTREAM_PORT": upstreamPort]
+        for (name, port) in ports where !(1...65535).contains(port) {
+            throw ConfigurationError(message: "bootstrap value \(name) \(port) is not a TCP port")
+        }
+        var values = strings
+        for (name, port) in ports { values[name] = String(port) }
+        values["INBOUND_SAN_MATCHERS"] = try Self.sanMatchers(inboundAllowedIDs)
+        values["UPSTREAM_SAN_MATCHERS"] = try Self.sanMatchers(upstreamIDs)
+        return values
+    }
+
+    /// Replaces every `{{NAME}}` in `template`; fails on a placeholder it has no value for.
+    public func render(template: String) throws(ConfigurationError) -> String {
+        let values = try values()
+        var output = ""
+        var rest = template[...]
+        while let open = rest.range(of: "{{") {
+            output += rest[..<open.lowerBound]
+            guard let close = rest[open.upperBound...].range(of: "}}") else {
+                throw ConfigurationError(message: "template has an unclosed '{{'")
+            }
+            let name = String(rest[open.upperBound..<close.lowerBound])
+            guard let value = values[name] else {
+                throw ConfigurationError(message: "template placeholder {{\(name)}} has no value")
+            }
+            output += value
+            rest = rest[close.upperBound...]
+        }
+        return output + rest
+    }
+
+    /// A YAML flow list of URI SAN matchers.
+    static func sanMatchers(_ ids: [String]) throws(ConfigurationError) -> String {
+        let matchers = try ids.map { id throws(ConfigurationError) -> String in
+            guard id.hasPrefix("spiffe://"), !id.contains(where: { $0 == "\"" || $0 == "\\" || $0.isWhitespace }) else {
+                throw ConfigurationError(message: "'\(id)' is not a SPIFFE ID (spiffe://...)")
+            }
+            if id.hasSuffix("/*") {
+                return "{san_type: URI, matcher: {prefix: \"\(id.dropLast())\"}}"
+            }
+            return "{san_type: URI, matcher: {exact: \"\(id)\"}}"
+        }
+        return "[" + matchers.joined(separator: ", ") + "]"
+    }
+}

@@ -1,0 +1,99 @@
+import Foundation
+
+/// Creates the agent's listening Unix domain socket.
+///
+/// The parent directory is created; a stale socket file from an earlier run is replaced (but a
+/// regular file or a socket another process is listening on is never removed); the mode is set
+/// between `bind` and `listen`, so no client can connect while it is wider than asked.
+enum UnixSocketListener {
+    /// Returns a listening socket descriptor bound to `path` with file mode `mode`.
+    static func bind(path: String, mode: mode_t, backlog: Int32 = 1024) throws(ListenerError) -> Int32 {
+        let maxPath = MemoryLayout.size(ofValue: sockaddr_un().sun_path) - 1
+        guard path.utf8.count <= maxPath else {
+            throw ListenerError(path: path, "socket path is \(path.utf8.count) bytes; Unix sockets allow \(maxPath)")
+        }
+        let directory = (path as NSString).deletingLastPathComponent
+        if !directory.isEmpty {
+            do {
+                try FileManager.default.createDirectory(atPath: directory, withIntermediateDirectories: true)
+            } catch {
+                throw ListenerError(path: path, "cannot create directory \(directory): \(error.localizedDescription)")
+            }
+        }
+        try removeStaleSocket(at: path)
+
+        let fd = socket(AF_UNIX, Int32(SOCK_STREAM.rawValue), 0)
+        guard fd >= 0 else { throw ListenerError(path: path, "socket(): \(errnoText())") }
+        var address = sockaddr_un()
+        address.sun_family = sa_family_t(AF_UNIX)
+        withUnsafeMutableBytes(of: &address.sun_path) { buffer in
+            buffer.copyBytes(from: path.utf8)
+            buffer[path.utf8.count] = 0
+        }
+        let bound = withUnsafePointer(to: &address) {
+            $0.withMemoryRebound(to: sockaddr.self, capacity: 1) {
+                Foundation.bind(fd, $0, socklen_t(MemoryLayout<sockaddr_un>.size))
+            }
+        }
+        guard bound == 0 else {
+            let text = errnoText()
+            close(fd)
+            throw ListenerError(path: path, "bind(): \(text)")
+        }
+        guard chmod(path, mode) == 0 else {
+            let text = errnoText()
+            close(fd)
+            throw ListenerError(path: path, "chmod(\(String(mode, radix: 8))): \(text)")
+        }
+        guard listen(fd, backlog) == 0 else {
+            let text = errnoText()
+            close(fd)
+            throw ListenerError(path: path, "listen(): \(text)")
+        }
+        return fd
+    }
+
+    private static func removeStaleSocket(at path: String) throws(ListenerError) {
+        var info = stat()
+        guard lstat(path, &info) == 0 else { return }  // nothing there
+        guard (info.st_mode & S_IFMT) == S_IFSOCK else {
+            throw ListenerError(path: path, "exists and is not a socket; refusing to replace it")
+        }
+        // A socket someone still listens on belongs to a running agent: do not steal it.
+        let probe = socket(AF_UNIX, Int32(SOCK_STREAM.rawValue), 0)
+        defer { close(probe) }
+        var address = sockaddr_un()
+        address.sun_family = sa_family_t(AF_UNIX)
+        withUnsafeMutableBytes(of: &address.sun_path) { buffer in
+            buffer.copyBytes(from: path.utf8)
+            buffer[path.utf8.count] = 0
+        }
+        let connected = withUnsafePointer(to: &address) {
+            $0.withMemoryRebound(to: sockaddr.self, capacity: 1) {
+                connect(probe, $0, socklen_t(MemoryLayout<sockaddr_un>.size))
+            }
+        }
+        if connected == 0 {
+            throw ListenerError(path: path, "another process is listening on this socket (is an agent already running?)")
+        }
+        guard unlink(path) == 0 else { throw ListenerError(path: path, "cannot remove stale socket: \(errnoText())") }
+    }
+
+    private static func errnoText() -> String {
+        let code = errno
+        return "\(String(cString: strerror(code))) (errno \(code))"
+    }
+}
+
+/// The socket could not be set up; names the path and the system's reason.
+public struct ListenerError: Error, Sendable, CustomStringConvertible {
+    /// The socket path.
+    public var path: String
+    /// What failed, with errno text.
+    public var message: String
+    init(path: String, _ message: String) {
+        self.path = path
+        self.message = message
+    }
+    public var description: String { "socket \(path): \(message)" }
+}

@@ -1,0 +1,25 @@
+/// Which secret names the server answers and how callers present their token.
+public struct SDSServerConfiguration: Sendable {
+    /// The name under which a workload gets its own certificate and key (Istio's `default`).
+    public var workloadSecretName: String
+    /// Names under which the trust bundle is served (e.g. `ROOTCA`, `spiffe://cluster.local`).
+    public var validationContextNames: Set<String>
+    /// gRPC metadata key carrying the raw token (Envoy's file-based call credentials).
+    /// `authorization: Bearer <token>` is accepted as well.
+    public var tokenHeaderKey: String
+    /// Most resource names accepted in one request (a guard against garbage, not a real limit).
+    public var maxResourceNamesPerRequest: Int
+
+    public init(
+        workloadSecretName: String = "default", validationContextNames: Set<String>,
+        tokenHeaderKey: String = "istio_sds_credentials_header-bin", maxResourceNamesPerRequest: Int = 64
+    ) {
+        self.workloadSecretName = workloadSecretName
+        self.validationContextNames = validationContextNames
+        self.tokenHeaderKey = tokenHeaderKey.lowercased()
+        self.maxResourceNamesPerRequest = maxResourceNamesPerRequest
+    }
+
+    /// Every name this server answers, sorted, for error messages.
+    var servedNames: [String] { ([workloadSecretName] + validationContextNames.sorted()) }
+}

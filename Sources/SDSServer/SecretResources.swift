@@ -1,0 +1,36 @@
+import EnvoyAPI
+import Foundation
+import SDSModel
+import SwiftProtobuf
+
+/// Builds Envoy's `Secret` resources from the agent's own types. The only place that knows the protos.
+package enum SecretResources {
+    /// The type URL of `envoy.extensions.transport_sockets.tls.v3.Secret`.
+    package static let typeURL = "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.Secret"
+
+    /// A `tls_certificate` secret: the full chain and the private key, inline.
+    package static func tlsCertificate(named name: String, from secret: WorkloadSecret)
+        -> Envoy_Extensions_TransportSockets_Tls_V3_Secret
+    {
+        var resource = Envoy_Extensions_TransportSockets_Tls_V3_Secret()
+        resource.name = name
+        resource.tlsCertificate.certificateChain.inlineBytes = Data(secret.certificateChainPEM.utf8)
+        resource.tlsCertificate.privateKey.inlineBytes = Data(secret.privateKeyPEM.utf8)
+        return resource
+    }
+
+    /// A `validation_context` secret: the trust bundle's roots as `trusted_ca`.
+    package static func validationContext(named name: String, from bundle: TrustBundle)
+        -> Envoy_Extensions_TransportSockets_Tls_V3_Secret
+    {
+        var resource = Envoy_Extensions_TransportSockets_Tls_V3_Secret()
+        resource.name = name
+        resource.validationContext.trustedCa.inlineBytes = Data(bundle.rootsPEM.utf8)
+        return resource
+    }
+
+    /// Packs a secret into `Any` with Envoy's type URL.
+    package static func pack(_ secret: Envoy_Extensions_TransportSockets_Tls_V3_Secret) throws -> Google_Protobuf_Any {
+        try Google_Protobuf_Any(message: secret)
+    }
+}

@@ -1,0 +1,27 @@
+import SDSModel
+
+/// What the SDS server needs from the cache: an identity's current secret and the trust bundle.
+public protocol SecretSource: Sendable {
+    /// The current certificate and key for `identity`, issuing one if there is none yet.
+    ///
+    /// The caller must have authenticated `identity`; the source does not check it again.
+    func workloadSecret(for identity: SPIFFEID) async throws(SecretError) -> WorkloadSecret
+
+    /// The current trust bundle.
+    func trustBundle() async -> TrustBundle
+}
+
+/// A secret that could not be produced.
+public struct SecretError: Error, Sendable, CustomStringConvertible {
+    /// Whether retrying later may help (the CA is unavailable) or not (the request was refused).
+    public var isTransient: Bool
+    /// What went wrong, in words.
+    public var message: String
+
+    public init(isTransient: Bool, message: String) {
+        self.isTransient = isTransient
+        self.message = message
+    }
+
+    public var description: String { message }
+}

@@ -1,0 +1,27 @@
+import Foundation
+
+/// The two header fields checked before any signature work: `alg` and `kid`.
+struct JWTHeaderFields: Decodable {
+    var alg: String?
+    var kid: String?
+
+    /// Decodes the header of a compact JWS, or returns nil when it is not one.
+    static func decode(compactToken token: Substring) -> JWTHeaderFields? {
+        let parts = token.split(separator: ".", omittingEmptySubsequences: false)
+        guard parts.count == 3, parts.allSatisfy({ !$0.isEmpty }),
+            let headerData = Data(base64URLEncoded: parts[0])
+        else { return nil }
+        return try? JSONDecoder().decode(JWTHeaderFields.self, from: headerData)
+    }
+}
+
+extension Data {
+    /// Decodes unpadded base64url, as used in JWTs.
+    init?(base64URLEncoded string: Substring) {
+        var base64 = string.replacingOccurrences(of: "-", with: "+").replacingOccurrences(of: "_", with: "/")
+        let remainder = base64.utf8.count % 4
+        if remainder == 1 { return nil }
+        if remainder > 0 { base64 += String(repeating: "=", count: 4 - remainder) }
+        self.init(base64Encoded: base64)
+    }
+}

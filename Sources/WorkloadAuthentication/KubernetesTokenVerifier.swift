@@ -1,0 +1,170 @@
+import Foundation
+import JWTKit
+import SDSModel
+
+/// Verifies Kubernetes service-account JWTs locally against a JWKS, and maps them to SPIFFE IDs.
+///
+/// Checks, in order: size, `alg` against an allow-list (never `none` or HMAC), `kid` present in
+/// the key set, signature, then `iss`, `aud`, `exp`, `nbf`/`iat` with a configurable clock skew
+/// (jwt-kit has none, so these are done here after the signature is verified), and finally
+/// namespace and service account from the `kubernetes.io` claim, falling back to the
+/// `system:serviceaccount:<ns>:<sa>` form of `sub`. Tokens without `exp` are rejected.
+public struct KubernetesTokenVerifier: WorkloadAuthenticator {
+    /// What the verifier accepts.
+    public struct Configuration: Sendable {
+        /// The SPIFFE trust domain identities are minted in.
+        public var trustDomain: String
+        /// Accepted `iss` values; at least one.
+        public var issuers: [String]
+        /// Accepted audiences; a token must name at least one of them in `aud`.
+        public var audiences: [String]
+        /// Tolerated clock difference for `exp`, `nbf` and `iat`.
+        public var clockSkew: Duration
+        /// Largest token accepted, in bytes.
+        public var maxTokenBytes: Int
+        /// Signature algorithms accepted in the token header.
+        public var allowedAlgorithms: Set<String>
+
+        /// Asymmetric algorithms a Kubernetes API server can sign with.
+        public static let defaultAlgorithms: Set<String> = [
+            "RS256", "RS384", "RS512", "PS256", "PS384", "PS512", "ES256", "ES384", "ES512",
+        ]
+
+        public init(
+            trustDomain: String, issuers: [String], audiences: [String], clockSkew: Duration = .seconds(30),
+            maxTokenBytes: Int = 16 * 1024, allowedAlgorithms: Set<String> = Self.defaultAlgorithms
+        ) {
+            self.trustDomain = trustDomain
+            self.issuers = issuers
+            self.audiences = audiences
+            self.clockSkew = clockSkew
+            self.maxTokenBytes = maxTokenBytes
+            self.allowedAlgorithms = allowedAlgorithms
+        }
+    }
+
+    private let configuration: Configuration
+    private let keys: VerificationKeySet
+    private let now: @Sendable () -> Date
+
+    /// Creates a verifier; `now` is injectable for tests.
+    public init(
+        configuration: Configuration, keys: VerificationKeySet, now: @escaping @Sendable () -> Date = { Date() }
+    ) {
+        self.configuration = configuration
+        self.keys = keys
+        self.now = now
+    }
+
+    public func authenticate(token: String) async throws(AuthenticationError) -> AuthenticatedCaller {
+        let token = token.trimmingCharacters(in: .whitespacesAndNewlines)
+        guard !token.isEmpty else {
+            throw AuthenticationError(code: .missingCredential, message: "the call carries an empty token")
+        }
+        guard token.utf8.count <= configuration.maxTokenBytes else {
+            throw AuthenticationError(
+                code: .tokenTooLarge,
+                message: "token is \(token.utf8.count) bytes; the limit is \(configuration.maxTokenBytes)")
+        }
+        guard let header = JWTHeaderFields.decode(compactToken: token[...]) else {
+            throw AuthenticationError(
+                code: .malformedToken, message: "not a JWT (expected three base64url parts with a JSON header)")
+        }
+        let kid = header.kid
+        guard let alg = header.alg, configuration.allowedAlgorithms.contains(alg) else {
+            throw AuthenticationError(
+                code: .disallowedAlgorithm,
+                message: "algorithm '\(header.alg ?? "<none>")' is not allowed; allowed: \(configuration.allowedAlgorithms.sorted().joined(separator: ","))",
+                keyID: kid)
+        }
+        guard let kid, keys.keyIDs.contains(kid) else {
+            throw AuthenticationError(
+                code: .unknownKey, message: "key ID '\(kid ?? "<none>")' is not in the verification key set",
+                keyID: kid)
+        }
+
+        let claims: ServiceAccountClaims
+        do {
+            claims = try await keys.collection.verify(token, as: ServiceAccountClaims.self)
+        } catch let error as JWTError where error.errorType == .malformedToken {
+            throw AuthenticationError(code: .malformedToken, message: "token payload is not valid JSON claims", keyID: kid)
+        } catch is DecodingError {
+            throw AuthenticationError(code: .malformedToken, message: "token claims have unexpected types", keyID: kid)
+        } catch {
+            throw AuthenticationError(code: .badSignature, message: "signature does not verify with key '\(kid)'", keyID: kid)
+        }
+        return try check(claims, keyID: kid)
+    }
+
+    private func check(_ claims: ServiceAccountClaims, keyID: String) throws(AuthenticationError) -> AuthenticatedCaller {
+        let sub = claims.sub
+        func fail(_ code: AuthenticationError.Code, _ message: String) -> AuthenticationError {
+            AuthenticationError(code: code, message: message, keyID: keyID, subject: sub)
+        }
+        guard let iss = claims.iss, configuration.issuers.contains(iss) else {
+            throw fail(.wrongIssuer, "issuer '\(claims.iss ?? "<none>")' is not accepted; accepted: \(configuration.issuers.joined(separator: ","))")
+        }
+        let audiences = claims.aud?.value ?? []
+        guard audiences.contains(where: configuration.audiences.contains) else {
+            throw fail(.wrongAudience, "audience \(audiences) names none of \(configuration.audiences)")
+        }
+        let now = self.now().timeIntervalSince1970
+        let skew = Double(configuration.clockSkew.components.seconds)
+            + Double(configuration.clockSkew.components.attoseconds) / 1e18
+        guard let exp = claims.exp else {
+            throw fail(.expired, "token has no 'exp': non-expiring (legacy secret-based) tokens are not accepted")
+        }
+        guard now < exp + skew else {
+            throw fail(.expired, "token expired at \(Self.format(exp)) (now \(Self.format(now)), skew \(Int(skew))s)")
+        }
+        if let nbf = claims.nbf, now + skew < nbf {
+            throw fail(.notYetValid, "token not valid before \(Self.format(nbf)) (now \(Self.format(now)))")
+        }
+        if let iat = claims.iat, now + skew < iat {
+            throw fail(.notYetValid, "token issued in the future at \(Self.format(iat)) (now \(Self.format(now)))")
+        }
+
+        let (namespace, serviceAccount) = try serviceAccount(of: claims, fail: fail)
+        let spiffeID: SPIFFEID
+        do {
+            spiffeID = try SPIFFEID(
+                trustDomain: configuration.trustDomain, namespace: namespace, serviceAccount: serviceAccount)
+        } catch {
+            throw fail(.missingClaims, "cannot form a SPIFFE ID: \(error)")
+        }
+        return AuthenticatedCaller(
+            spiffeID: spiffeID, namespace: namespace, serviceAccount: serviceAccount,
+            credentialExpiry: Date(timeIntervalSince1970: exp), podName: claims.kubernetes?.pod?.name,
+            podUID: claims.kubernetes?.pod?.uid, subject: sub ?? "", keyID: keyID)
+    }
+
+    /// Namespace and service account from `kubernetes.io`, else from `sub`; both must agree when both exist.
+    private func serviceAccount(
+        of claims: ServiceAccountClaims, fail: (AuthenticationError.Code, String) -> AuthenticationError
+    ) throws(AuthenticationError) -> (String, String) {
+        var fromSub: (String, String)?
+        if let sub = claims.sub {
+            let parts = sub.split(separator: ":", omittingEmptySubsequences: false)
+            if parts.count == 4, parts[0] == "system", parts[1] == "serviceaccount", !parts[2].isEmpty, !parts[3].isEmpty {
+                fromSub = (String(parts[2]), String(parts[3]))
+            }
+        }
+        if let k8s = claims.kubernetes {
+            guard let namespace = k8s.namespace, let name = k8s.serviceaccount?.name else {
+                throw fail(.missingClaims, "'kubernetes.io' claim lacks namespace or serviceaccount.name")
+            }
+            if let fromSub, fromSub != (namespace, name) {
+                throw fail(.missingClaims, "'sub' names \(fromSub.0)/\(fromSub.1) but 'kubernetes.io' names \(namespace)/\(name)")
+            }
+            return (namespace, name)
+        }
+        guard let fromSub else {
+            throw fail(.missingClaims, "no 'kubernetes.io' claim and 'sub' is not system:serviceaccount:<ns>:<sa>")
+        }
+        return fromSub
+    }
+
+    private static func format(_ seconds: Double) -> String {
+        Date(timeIntervalSince1970: seconds).formatted(.iso8601)
+    }
+}

@@ -1,0 +1,32 @@
+import JWTKit
+
+/// The claims of a Kubernetes service-account token (bound or legacy).
+///
+/// `verify(using:)` checks nothing: jwt-kit has no clock skew, so ``KubernetesTokenVerifier``
+/// checks time, issuer and audience itself after the signature is verified.
+struct ServiceAccountClaims: JWTPayload {
+    struct Kubernetes: Codable, Sendable {
+        struct Reference: Codable, Sendable {
+            var name: String?
+            var uid: String?
+        }
+        var namespace: String?
+        var serviceaccount: Reference?
+        var pod: Reference?
+    }
+
+    var iss: String?
+    var sub: String?
+    var aud: AudienceClaim?
+    var exp: Double?
+    var nbf: Double?
+    var iat: Double?
+    var kubernetes: Kubernetes?
+
+    enum CodingKeys: String, CodingKey {
+        case iss, sub, aud, exp, nbf, iat
+        case kubernetes = "kubernetes.io"
+    }
+
+    func verify(using algorithm: some JWTAlgorithm) async throws {}
+}

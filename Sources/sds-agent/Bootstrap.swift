@@ -1,0 +1,77 @@
+import ArgumentParser
+import Foundation
+import SDSAgent
+
+/// `sds-agent bootstrap`: renders the Envoy sidecar bootstrap template.
+struct Bootstrap: ParsableCommand {
+    static let configuration = CommandConfiguration(
+        abstract: "Render envoy-bootstrap/envoy-sidecar.yaml for one sidecar (see envoy-bootstrap/README.md).")
+
+    @Option(help: "Template file.")
+    var template = "envoy-bootstrap/envoy-sidecar.yaml"
+    @Option(help: "Where to write the bootstrap ('-' for standard output).")
+    var output = "-"
+    @Option(help: "The agent's Unix socket.")
+    var socket = "/var/run/sds-agent/sds.sock"
+    @Option(help: "Service-account token file sent with every SDS stream.")
+    var tokenFile = "/var/run/secrets/sds-agent/token"
+    @Option(help: "gRPC metadata key for the token (must match the agent's --token-header).")
+    var tokenHeader = "istio_sds_credentials_header-bin"
+    @Option(help: "Envoy node id (e.g. the pod name).")
+    var nodeId: String
+    @Option(help: "Envoy node cluster (e.g. the service name).")
+    var nodeCluster: String
+    @Option(help: "Admin port on 127.0.0.1.")
+    var adminPort = 15000
+    @Option(help: "Address of the inbound mTLS listener.")
+    var inboundAddress = "0.0.0.0"
+    @Option(help: "Port of the inbound mTLS listener.")
+    var inboundPort = 15006
+    @Option(help: "The local app's port on 127.0.0.1.")
+    var appPort = 8080
+    @Option(help: "Port of the outbound plain-HTTP listener on 127.0.0.1.")
+    var outboundPort = 15001
+    @Option(help: "Upstream's address (its inbound mTLS listener).")
+    var upstreamAddress = "127.0.0.1"
+    @Option(help: "Upstream's port (its inbound mTLS listener).")
+    var upstreamPort = 15006
+    @Option(help: "SPIFFE ID allowed to call this workload (repeatable; 'spiffe://td/ns/x/*' matches a prefix).")
+    var allowId: [String] = []
+    @Option(help: "SPIFFE ID the upstream must present (repeatable; prefix form as for --allow-id).")
+    var upstreamId: [String] = []
+    @Option(help: "Validation context name: ROOTCA or spiffe://<trust-domain>.")
+    var validationContextName = "ROOTCA"
+    @Option(help: "Workload certificate secret name.")
+    var workloadSecretName = "default"
+    @Option(help: "How long Envoy waits for its secrets; 0s waits for as long as it takes.")
+    var initialFetchTimeout = "0s"
+
+    func run() throws {
+        var bootstrap = SidecarBootstrap(
+            sdsSocket: socket, tokenFile: tokenFile, nodeID: nodeId, nodeCluster: nodeCluster, adminPort: adminPort,
+            inboundPort: inboundPort, appPort: appPort, outboundPort: outboundPort, upstreamAddress: upstreamAddress,
+            upstreamPort: upstreamPort, inboundAllowedIDs: allowId, upstreamIDs: upstreamId)
+        bootstrap.tokenHeader = tokenHeader
+        bootstrap.inboundAddress = inboundAddress
+        bootstrap.validationContextName = validationContextName
+        bootstrap.workloadSecretName = workloadSecretName
+        bootstrap.initialFetchTimeout = initialFetchTimeout
+        let text: String
+        do {
+            text = try String(contentsOfFile: template, encoding: .utf8)
+        } catch {
+            throw ValidationError("cannot read template \(template): \(error.localizedDescription)")
+        }
+        let rendered: String
+        do {
+            rendered = try bootstrap.render(template: text)
+        } catch {
+            throw ValidationError(error.message)
+        }
+        if output == "-" {
+            print(rendered, terminator: "")
+        } else {
+            try rendered.write(toFile: output, atomically: true, encoding: .utf8)
+        }
+    }
+}

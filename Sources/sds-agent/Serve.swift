@@ -1,0 +1,103 @@
+import ArgumentParser
+import Foundation
+import Logging
+import SDSAgent
+import ServiceLifecycle
+
+/// `sds-agent serve`: the agent itself. Its flags are a public contract (scripts, manifests).
+struct Serve: AsyncParsableCommand {
+    static let configuration = CommandConfiguration(
+        abstract: "Serve SDS on a Unix socket: authenticate each Envoy by its service-account token, issue certificates from the embedded CA.")
+
+    @Option(help: "Unix socket Envoys connect to (its directory is created).")
+    var socket = "/var/run/sds-agent/sds.sock"
+
+    @Option(help: "Octal file mode of the socket.")
+    var socketMode = "0660"
+
+    @Option(help: "SPIFFE trust domain of the identities issued.")
+    var trustDomain = "cluster.local"
+
+    @Option(help: "JWKS file with the public keys that sign service-account tokens.")
+    var jwks: String
+
+    @Option(help: "Accepted token issuer (repeatable).")
+    var issuer: [String] = []
+
+    @Option(help: "Accepted token audience (repeatable; default sds-agent).")
+    var audience: [String] = []
+
+    @Option(help: "Tolerated clock skew for token exp/nbf/iat, e.g. 30s.", transform: parseDuration)
+    var clockSkew: Duration = .seconds(30)
+
+    @Option(help: "Workload certificate lifetime, e.g. 24h, 90s.", transform: parseDuration)
+    var certTtl: Duration = .seconds(24 * 3600)
+
+    @Option(help: "Directory for the embedded CA's root (key file mode 0600).")
+    var stateDir = "/var/lib/sds-agent"
+
+    @Option(help: "Lifetime of a root the embedded CA generates, e.g. 8760h.", transform: parseDuration)
+    var caTtl: Duration = .seconds(365 * 24 * 3600)
+
+    @Option(help: "PEM certificate (signing cert first, then intermediates) to sign with instead of a generated root.")
+    var caCert: String?
+
+    @Option(help: "PEM private key for --ca-cert.")
+    var caKey: String?
+
+    @Option(help: "PEM roots to serve when --ca-cert has no self-signed root.")
+    var caBundle: String?
+
+    @Option(help: "Name under which each workload's certificate is served.")
+    var workloadSecretName = "default"
+
+    @Option(help: "Name the trust bundle is served under (repeatable; default: ROOTCA and spiffe://<trust-domain>).")
+    var validationContextName: [String] = []
+
+    @Option(help: "gRPC metadata key with the token ('authorization: Bearer' is accepted too).")
+    var tokenHeader = "istio_sds_credentials_header-bin"
+
+    @Option(help: "Most concurrent SDS streams on one connection.")
+    var maxStreamsPerConnection = 100
+
+    @Option(help: "Log level: trace, debug, info, notice, warning, error.")
+    var logLevel = "info"
+
+    func run() async throws {
+        let level = Logger.Level(rawValue: logLevel) ?? .info
+        LoggingSystem.bootstrap { label in
+            var handler = StreamLogHandler.standardError(label: label)
+            handler.logLevel = level
+            return handler
+        }
+        let logger = Logger(label: "sds-agent")
+        guard let mode = UInt16(socketMode, radix: 8) else {
+            throw ValidationError("--socket-mode '\(socketMode)' is not an octal mode such as 0660")
+        }
+        let configuration = AgentConfiguration(
+            socketPath: socket, socketMode: mode, trustDomain: trustDomain, jwksFile: jwks,
+            issuers: issuer.isEmpty ? ["https://kubernetes.default.svc.cluster.local"] : issuer,
+            audiences: audience.isEmpty ? ["sds-agent"] : audience, clockSkew: clockSkew, certificateTTL: certTtl,
+            stateDirectory: stateDir, caTTL: caTtl, caCertificateFile: caCert, caKeyFile: caKey, caBundleFile: caBundle,
+            workloadSecretName: workloadSecretName, validationContextNames: validationContextName,
+            tokenHeader: tokenHeader, maxStreamsPerConnection: maxStreamsPerConnection)
+        do {
+            let agent = try await Agent.make(configuration: configuration, logger: logger)
+            let group = ServiceGroup(
+                configuration: .init(
+                    services: [.init(service: agent)], gracefulShutdownSignals: [.sigterm, .sigint],
+                    cancellationSignals: [], logger: logger))
+            try await group.run()
+        } catch {
+            logger.critical("sds-agent stopped: \(error)")
+            throw ExitCode.failure
+        }
+    }
+}
+
+func parseDuration(_ text: String) throws -> Duration {
+    guard let duration = DurationText.parse(text) else {
+        throw ValidationError("'\(text)' is not a duration such as 24h, 30m, 90s or 1h30m")
+    }
+    return duration
+}

@@ -1,0 +1,152 @@
+import EnvoyAPI
+import Foundation
+import GRPCCore
+import GRPCInProcessTransport
+import SDSServer
+import SecretCache
+import TestSupport
+import Testing
+import WorkloadAuthentication
+import X509
+
+/// The SDS service over gRPC's in-process transport: real gRPC framing, no socket.
+@Suite(.timeLimit(.minutes(1))) struct SecretDiscoveryServiceTests {
+    let tokens = TokenFactory()
+
+    @discardableResult
+    func withClient<Result: Sendable>(
+        _ body: @Sendable @escaping (Envoy_Service_Secret_V3_SecretDiscoveryService.Client<InProcessTransport.Client>, SecretCache) async throws -> Result
+    ) async throws -> Result {
+        let keys = try await VerificationKeySet(jwksJSON: tokens.jwksJSON())
+        let authenticator = KubernetesTokenVerifier(
+            configuration: .init(trustDomain: "cluster.local", issuers: [TokenFactory.issuer], audiences: [TokenFactory.audience]),
+            keys: keys)
+        let cache = SecretCache(issuer: TestPKI.ca(), configuration: .init(), logger: TestPKI.quietLogger)
+        let service = SecretDiscoveryService(
+            configuration: .init(validationContextNames: ["ROOTCA", "spiffe://cluster.local"]),
+            authenticator: authenticator, secrets: cache, logger: TestPKI.quietLogger)
+        let transport = InProcessTransport()
+        return try await withGRPCServer(transport: transport.server, services: [service]) { _ in
+            try await withGRPCClient(transport: transport.client) { client in
+                try await body(Envoy_Service_Secret_V3_SecretDiscoveryService.Client(wrapping: client), cache)
+            }
+        }
+    }
+
+    @Test func streamServesTheCallersCertificateAndNeverAnswersAnACK() async throws {
+        let metadata = SDSTestClient.metadata(token: tokens.token(namespace: "demo", serviceAccount: "frontend"))
+        try await withClient { client, cache in
+            try await SDSTestClient.withStream(client, metadata: metadata) { session in
+                session.send(SDSTestClient.request(["default"], node: true))
+                let first = try #require(try await session.next())
+                #expect(first.typeURL == SDSTestClient.secretTypeURL && first.nonce == "1" && !first.versionInfo.isEmpty)
+                let secret = try #require(try SDSTestClient.secrets(in: first).first)
+                #expect(secret.name == "default")
+                let leaf = try Certificate(pemEncoded: String(decoding: secret.tlsCertificate.certificateChain.inlineBytes, as: UTF8.self))
+                #expect(try leaf.extensions.subjectAlternativeNames.map(Array.init) == [.uniformResourceIdentifier("spiffe://cluster.local/ns/demo/sa/frontend")])
+                #expect(String(decoding: secret.tlsCertificate.privateKey.inlineBytes, as: UTF8.self).contains("PRIVATE KEY"))
+
+                // ACK (no node: set_node_on_first_message_only), then a name change. Had the ACK been
+                // answered, the next response would carry only "default".
+                session.send(SDSTestClient.request(["default"], version: first.versionInfo, nonce: first.nonce))
+                session.send(SDSTestClient.request(["default", "ROOTCA"], version: first.versionInfo, nonce: first.nonce))
+                let second = try #require(try await session.next())
+                #expect(second.nonce == "2")
+                #expect(try SDSTestClient.secrets(in: second).map(\.name).sorted() == ["ROOTCA", "default"])
+            }
+            #expect(await cache.issuedCertificates == 1)
+        }
+    }
+
+    @Test(arguments: ["ROOTCA", "spiffe://cluster.local"])
+    func servesTheTrustBundleUnderEitherName(_ name: String) async throws {
+        let metadata = SDSTestClient.metadata(token: tokens.token())
+        try await withClient { client, _ in
+            try await SDSTestClient.withStream(client, metadata: metadata) { session in
+                session.send(SDSTestClient.request([name]))
+                let response = try #require(try await session.next())
+                let secret = try #require(try SDSTestClient.secrets(in: response).first)
+                #expect(secret.name == name)
+                let pem = String(decoding: secret.validationContext.trustedCa.inlineBytes, as: UTF8.self)
+                #expect(pem.contains("BEGIN CERTIFICATE"))
+            }
+        }
+    }
+
+    @Test(arguments: [nil, "not-a-jwt"] as [String?])
+    func aMissingOrBadTokenIsUnauthenticatedAndIssuesNothing(_ token: String?) async throws {
+        try await withClient { client, cache in
+            do {
+                try await SDSTestClient.withStream(client, metadata: SDSTestClient.metadata(token: token)) { session in
+                    session.send(SDSTestClient.request(["default"]))
+                    _ = try await session.next()
+                }
+                Issue.record("the stream was accepted")
+            } catch let error as RPCError {
+                #expect(error.code == .unauthenticated)
+            }
+            #expect(await cache.issuedCertificates == 0)
+        }
+    }
+
+    @Test func acceptsAnAuthorizationBearerHeader() async throws {
+        var metadata = Metadata()
+        metadata.addString("Bearer \(tokens.token())", forKey: "authorization")
+        let bearer = metadata
+        let response = try await withClient { client, _ in
+            try await client.fetchSecrets(SDSTestClient.request(["default"]), metadata: bearer)
+        }
+        #expect(response.resources.count == 1)
+    }
+
+    @Test func anUnknownNameEndsTheStreamWithNotFound() async throws {
+        let metadata = SDSTestClient.metadata(token: tokens.token())
+        try await withClient { client, cache in
+            do {
+                try await SDSTestClient.withStream(client, metadata: metadata) { session in
+                    session.send(SDSTestClient.request(["kube-system-admin"]))
+                    _ = try await session.next()
+                }
+                Issue.record("an unknown name was answered")
+            } catch let error as RPCError {
+                #expect(error.code == .notFound)
+                #expect(error.message.contains("kube-system-admin") && error.message.contains("default"))
+            }
+            #expect(await cache.issuedCertificates == 0)
+        }
+    }
+
+    @Test func aWrongTypeURLIsInvalidArgument() async throws {
+        var request = SDSTestClient.request(["default"])
+        request.typeURL = "type.googleapis.com/envoy.config.cluster.v3.Cluster"
+        let wrongType = request
+        let metadata = SDSTestClient.metadata(token: tokens.token())
+        try await withClient { client, _ in
+            await #expect(throws: RPCError.self) { try await client.fetchSecrets(wrongType, metadata: metadata) }
+        }
+    }
+
+    @Test func fetchReturnsTheCurrentVersion() async throws {
+        let metadata = SDSTestClient.metadata(token: tokens.token())
+        try await withClient { client, _ in
+            let a = try await client.fetchSecrets(SDSTestClient.request(["default"]), metadata: metadata)
+            let b = try await client.fetchSecrets(SDSTestClient.request(["default"]), metadata: metadata)
+            #expect(a.versionInfo == b.versionInfo && !a.versionInfo.isEmpty)
+        }
+    }
+
+    @Test func deltaIsUnimplementedForNow() async throws {
+        let metadata = SDSTestClient.metadata(token: tokens.token())
+        try await withClient { client, _ in
+            do {
+                let request = StreamingClientRequest<Envoy_Service_Discovery_V3_DeltaDiscoveryRequest>(metadata: metadata) { _ in }
+                try await client.deltaSecrets(request: request) { response in
+                    for try await _ in response.messages {}
+                }
+                Issue.record("delta answered")
+            } catch let error as RPCError {
+                #expect(error.code == .unimplemented)
+            }
+        }
+    }
+}
