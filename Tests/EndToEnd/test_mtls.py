@@ -1,0 +1,70 @@
+"""Two real Envoys get their certificates from the agent and talk mutual TLS."""
+import pytest
+
+from sdsdemo.devtokens import TokenSigner
+from sdsdemo.node import wait_until
+
+TD = "spiffe://cluster.local"
+FRONTEND = f"{TD}/ns/demo/sa/frontend"
+BACKEND = f"{TD}/ns/demo/sa/backend"
+
+
+def pair(node, envoys, validation_context_name, client_sa="frontend", client_token=None, **client_kwargs):
+    app = node.start_app(f"backend-{validation_context_name.replace('/', '_').replace(':', '')}")
+    server = envoys("backend", node.token_file("backend", "demo", "backend"), app_port=app,
+                    allow_ids=[FRONTEND], validation_context_name=validation_context_name)
+    token = client_token or node.token_file(client_sa, "demo", client_sa)
+    client = envoys(client_sa, token, upstream_port=server.inbound_port, upstream_ids=[BACKEND],
+                    validation_context_name=validation_context_name, **client_kwargs)
+    return server, client
+
+
+@pytest.mark.parametrize("validation_context_name", ["ROOTCA", TD])
+def test_mtls_between_two_envoys(node, envoys, validation_context_name):
+    server, client = pair(node, envoys, validation_context_name)
+
+    status, body = client.get("/hello")
+    assert status == 200, body
+    # The backend app sees the identity Envoy verified in the frontend's certificate.
+    assert f"caller identity: {FRONTEND}" in body
+
+    for envoy, identity in ((client, FRONTEND), (server, BACKEND)):
+        sans = [san.get("uri") for cert in envoy.sds_certificates() for san in cert.get("subject_alt_names", [])]
+        assert identity in sans, f"{envoy.name} holds {sans}"
+        assert TD in sans  # the root, from the validation context
+        stats = envoy.stats()
+        stat_name = "sds.spiffe_cluster.local" if validation_context_name == TD else f"sds.{validation_context_name}"
+        assert stats.get(f"{stat_name}.update_success", 0) >= 1, sorted(k for k in stats if k.startswith("sds."))
+        assert stats.get("sds.default.update_rejected", 0) == 0
+
+
+def test_server_refuses_an_identity_it_does_not_allow(node, envoys):
+    server, intruder = pair(node, envoys, "ROOTCA", client_sa="intruder")
+
+    status, _ = intruder.get("/hello")
+    assert status == 503
+    # The intruder has a valid certificate for its own identity; the backend's SAN matcher refused it.
+    assert any(f"{TD}/ns/demo/sa/intruder" == san.get("uri")
+               for cert in intruder.sds_certificates() for san in cert.get("subject_alt_names", []))
+    failures = wait_until(lambda: sum(v for k, v in server.stats().items() if k.endswith("ssl.fail_verify_san")),
+                          10, "the backend to count a SAN verification failure")
+    assert failures >= 1
+
+
+def test_a_bad_token_gets_no_certificate_and_tls_fails(node, envoys):
+    # Right shape and the trusted key's kid, but signed by another key.
+    impostor = TokenSigner()
+    forged = impostor.sign(impostor.claims("demo", "frontend"), kid=node.signer.kid)
+    forged_file = node.token_file("forged", "demo", "frontend", token=forged)
+    # A short initial_fetch_timeout lets this Envoy go LIVE without a certificate, so the
+    # failure shows as a failed TLS handshake rather than an Envoy that never starts.
+    server, client = pair(node, envoys, "ROOTCA", client_token=forged_file, initial_fetch_timeout="1s")
+
+    status, _ = client.get("/hello")
+    assert status == 503
+    assert not any(san.get("uri") == FRONTEND
+                   for cert in client.sds_certificates() for san in cert.get("subject_alt_names", []))
+    log = node.agent.output()
+    assert "token failed verification" in log and "reason=bad_signature" in log
+    assert forged not in log, "the agent must never log a token"
+    assert client.stats().get("sds.default.update_success", 0) == 0

@@ -1,0 +1,51 @@
+"""Protos/ must use Envoy's exact package, message and field names and numbers.
+
+Compiles Protos/ with protoc and compares every message, field and method with the descriptors
+Envoy publishes (PyPI xds-protos).
+"""
+import os
+import subprocess
+
+from google.protobuf import descriptor_pb2, descriptor_pool
+from google.protobuf import descriptor as _d
+import envoy.service.secret.v3.sds_pb2  # noqa: F401  (registers Envoy's descriptors)
+import envoy.extensions.transport_sockets.tls.v3.secret_pb2  # noqa: F401
+
+REPO = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", ".."))
+
+
+def our_files(tmp_path):
+    out = tmp_path / "ours.pb"
+    protos = [os.path.relpath(os.path.join(d, f), os.path.join(REPO, "Protos"))
+              for d, _, files in os.walk(os.path.join(REPO, "Protos")) for f in files if f.endswith(".proto")]
+    subprocess.run(["protoc", "--proto_path", os.path.join(REPO, "Protos"), "--include_imports",
+                    "--descriptor_set_out", out, *protos], check=True, timeout=60)
+    return descriptor_pb2.FileDescriptorSet.FromString(out.read_bytes()).file
+
+
+def test_every_message_and_field_matches_envoy(tmp_path):
+    envoy_pool = descriptor_pool.Default()
+    checked = 0
+    for file in our_files(tmp_path):
+        if file.package.startswith("google.protobuf"):
+            continue
+        for message in file.message_type:
+            full = f"{file.package}.{message.name}"
+            theirs = envoy_pool.FindMessageTypeByName(full)
+            for field in message.field:
+                assert field.name in theirs.fields_by_name, f"{full}.{field.name} is not in Envoy's API"
+                their = theirs.fields_by_name[field.name]
+                assert field.number == their.number, f"{full}.{field.name}: ours {field.number}, Envoy {their.number}"
+                assert field.type == their.type, f"{full}.{field.name}: type differs"
+                if field.type_name:
+                    assert field.type_name.lstrip(".") == their.message_type.full_name, f"{full}.{field.name}"
+                checked += 1
+        for service in file.service:
+            theirs = envoy_pool.FindServiceByName(f"{file.package}.{service.name}")
+            for method in service.method:
+                their = theirs.methods_by_name[method.name]
+                assert method.input_type.lstrip(".") == their.input_type.full_name
+                assert method.output_type.lstrip(".") == their.output_type.full_name
+                assert method.client_streaming == their.client_streaming
+                assert method.server_streaming == their.server_streaming
+    assert checked >= 30

@@ -1,0 +1,19 @@
+#!/usr/bin/env bash
+# Runs every test: the generated-code check, the Swift unit and socket suites, and the
+# end-to-end suites with real Envoys. Installs what it needs (apt, project-local .venv).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+export PATH="/opt/swift/usr/bin:$PATH"
+
+scripts/install-deps.sh
+scripts/check-generated.sh
+scripts/setup-venv.sh
+
+echo "== swift test" >&2
+swift build --build-tests
+swift test --skip-build
+
+echo "== end-to-end with real Envoys" >&2
+swift build --product sds-agent
+SDS_AGENT_BIN="$(swift build --show-bin-path)/sds-agent" ENVOY_BIN="$PWD/.venv/bin/envoy" \
+  .venv/bin/python -m pytest -q -p no:cacheprovider Tests/EndToEnd "$@"
