@@ -19,13 +19,14 @@ let package = Package(
         .package(url: "https://github.com/apple/swift-argument-parser.git", from: "1.8.2"),
         .package(url: "https://github.com/apple/swift-log.git", from: "1.16.2"),
         .package(url: "https://github.com/swift-server/swift-service-lifecycle.git", from: "2.13.0"),
+        .package(url: "https://github.com/apple/swift-async-algorithms.git", from: "1.1.4"),
     ],
     targets: [
         // Executable: parses the command line, bootstraps logging, runs the agent. Thin.
         .executableTarget(
             name: "sds-agent",
             dependencies: [
-                "SDSAgent", "SDSServer", "EnvoyAPI",
+                "SDSAgent", "SDSServer", "SecretCache", "EnvoyAPI",
                 .product(name: "ArgumentParser", package: "swift-argument-parser"),
                 .product(name: "GRPCCore", package: "grpc-swift-2"),
                 .product(name: "GRPCNIOTransportHTTP2", package: "grpc-swift-nio-transport"),
@@ -41,6 +42,8 @@ let package = Package(
                 .product(name: "GRPCCore", package: "grpc-swift-2"),
                 .product(name: "GRPCNIOTransportHTTP2", package: "grpc-swift-nio-transport"),
                 .product(name: "ServiceLifecycle", package: "swift-service-lifecycle"),
+                .product(name: "UnixSignals", package: "swift-service-lifecycle"),
+                .product(name: "X509", package: "swift-certificates"),
                 .product(name: "Logging", package: "swift-log"),
             ]
         ),
@@ -50,6 +53,7 @@ let package = Package(
             dependencies: [
                 "SDSModel", "EnvoyAPI", "SecretCache", "WorkloadAuthentication",
                 .product(name: "GRPCCore", package: "grpc-swift-2"),
+                .product(name: "AsyncAlgorithms", package: "swift-async-algorithms"),
                 .product(name: "Logging", package: "swift-log"),
             ]
         ),
@@ -61,6 +65,7 @@ let package = Package(
                 .product(name: "Crypto", package: "swift-crypto"),
                 .product(name: "X509", package: "swift-certificates"),
                 .product(name: "Logging", package: "swift-log"),
+                .product(name: "ServiceLifecycle", package: "swift-service-lifecycle"),
             ]
         ),
         // CertificateIssuer protocol and the embedded CA (root generation, persistence, signing).
@@ -72,6 +77,7 @@ let package = Package(
                 .product(name: "X509", package: "swift-certificates"),
                 .product(name: "SwiftASN1", package: "swift-asn1"),
                 .product(name: "Logging", package: "swift-log"),
+                .product(name: "ServiceLifecycle", package: "swift-service-lifecycle"),
             ]
         ),
         // Caller authentication: Kubernetes service-account JWT verification.
@@ -125,7 +131,7 @@ let package = Package(
         .testTarget(
             name: "SDSAgentTests",
             dependencies: [
-                "SDSAgent", "SDSServer", "EnvoyAPI", "TestSupport",
+                "SDSAgent", "SDSServer", "SecretCache", "EnvoyAPI", "TestSupport",
                 .product(name: "GRPCCore", package: "grpc-swift-2"),
                 .product(name: "GRPCNIOTransportHTTP2", package: "grpc-swift-nio-transport"),
             ]

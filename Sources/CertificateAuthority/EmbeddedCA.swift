@@ -5,45 +5,149 @@ import SDSModel
 import Synchronization
 import X509
 
-/// The CA built into the agent: signs workload certificates with a local signing key.
+/// The CA built into the agent: signs workload certificates with a local signing key, and can
+/// roll to a new root without breaking any connection.
 ///
-/// Every issued chain is verified against the CA's own roots before it is returned, with a
-/// policy that requires exactly the caller's SPIFFE ID in the (critical) URI SAN.
+/// Root rotation has three steps (SPIRE's prepared/active slots):
+/// 1. ``prepareRotation(ttl:)`` makes the next root and adds it to the trust bundle (old + new);
+/// 2. ``activatePrepared()`` signs with the next root from then on (the agent then re-issues every
+///    leaf, pushed to every stream);
+/// 3. ``retireExpiredRoots()`` drops an old root once the last leaf it signed has expired.
+/// Every issued chain is verified against the current roots before it is returned.
 public final class EmbeddedCA: CertificateIssuer {
-    private let authority: Mutex<SigningAuthority>
+    /// What changed, for whoever must tell the streams.
+    public enum Change: Sendable, Equatable {
+        /// The set of trusted roots changed.
+        case bundleChanged
+        /// New leaves are signed by another key; existing ones should be re-issued.
+        case signerChanged
+    }
+
+    struct RetiringRoot {
+        var root: Certificate
+        var lastLeafNotAfter: Date
+    }
+
+    struct State {
+        var active: SigningAuthority
+        var prepared: SigningAuthority?
+        var retiring: [RetiringRoot] = []
+        var lastLeafNotAfter: Date = .distantPast
+
+        var roots: [Certificate] {
+            var all = active.roots + (prepared?.roots ?? []) + retiring.map(\.root)
+            var seen = Set<Certificate>()
+            all.removeAll { !seen.insert($0).inserted }
+            return all
+        }
+    }
+
+    private let state: Mutex<State>
     private let trustDomain: String
     private let now: @Sendable () -> Date
     private let logger: Logger
+    private let onChange: @Sendable (Change, EmbeddedCA) -> Void
 
-    /// Creates a CA that signs with `authority` for identities in `trustDomain`.
+    /// Creates a CA that signs with `authority` for identities in `trustDomain`. `additionalRoots`
+    /// (e.g. a root being retired, from the state directory) stay trusted until `retireAfter`.
     public init(
-        authority: SigningAuthority, trustDomain: String, logger: Logger,
-        now: @escaping @Sendable () -> Date = { Date() }
+        authority: SigningAuthority, trustDomain: String, logger: Logger, additionalRoots: [Certificate] = [],
+        retireAfter: Date = .distantPast, now: @escaping @Sendable () -> Date = { Date() },
+        onChange: @escaping @Sendable (Change, EmbeddedCA) -> Void = { _, _ in }
     ) {
-        self.authority = Mutex(authority)
+        var state = State(active: authority)
+        state.retiring = additionalRoots.filter { !authority.roots.contains($0) }.map {
+            RetiringRoot(root: $0, lastLeafNotAfter: retireAfter)
+        }
+        self.state = Mutex(state)
         self.trustDomain = trustDomain
         self.logger = logger
         self.now = now
+        self.onChange = onChange
     }
 
+    /// The signing material in use now.
+    public var activeAuthority: SigningAuthority { state.withLock { $0.active } }
+
+    /// The certificate that signs leaves now.
+    public var activeCertificate: Certificate { state.withLock { $0.active.certificate } }
+
+    /// The next root, between ``prepareRotation(ttl:)`` and ``activatePrepared()``.
+    public var preparedCertificate: Certificate? { state.withLock { $0.prepared?.certificate } }
+
+    /// Every root currently trusted.
+    public var roots: [Certificate] { state.withLock { $0.roots } }
+
     public func trustBundle() async -> TrustBundle {
-        let roots = authority.withLock { $0.roots }
+        let roots = self.roots
         let pem = roots.compactMap { try? $0.serializeAsPEM().pemString }.joined(separator: "\n") + "\n"
         let digest = SHA256.hash(data: Data(pem.utf8)).prefix(8).map { String(format: "%02x", $0) }.joined()
         return TrustBundle(trustDomain: trustDomain, rootsPEM: pem, version: digest)
+    }
+
+    /// Step 1: makes the next self-signed root and publishes it in the bundle next to the current one.
+    @discardableResult
+    public func prepareRotation(ttl: Duration) throws -> Certificate {
+        let next = try SigningAuthority.makeSelfSignedRoot(trustDomain: trustDomain, ttl: ttl, now: now())
+        let replaced = state.withLock { state -> Bool in
+            defer { state.prepared = next }
+            return state.prepared != nil
+        }
+        logger.notice(
+            "CA rotation: prepared the next root; trust bundle now holds old and new",
+            metadata: ["serial": "\(next.certificate.serialNumber.hexString)", "replaced_prepared": "\(replaced)"])
+        onChange(.bundleChanged, self)
+        return next.certificate
+    }
+
+    /// Step 2: signs with the prepared root from now on. Returns false when none is prepared.
+    @discardableResult
+    public func activatePrepared() -> Bool {
+        let activated = state.withLock { state -> SigningAuthority? in
+            guard let next = state.prepared else { return nil }
+            for root in state.active.roots where !next.roots.contains(root) {
+                state.retiring.append(RetiringRoot(root: root, lastLeafNotAfter: state.lastLeafNotAfter))
+            }
+            state.active = next
+            state.prepared = nil
+            state.lastLeafNotAfter = .distantPast
+            return next
+        }
+        guard let activated else { return false }
+        logger.notice(
+            "CA rotation: now signing with the new root; old root stays trusted until its last leaf expires",
+            metadata: ["serial": "\(activated.certificate.serialNumber.hexString)"])
+        onChange(.signerChanged, self)
+        return true
+    }
+
+    /// Step 3: drops old roots whose last leaf has expired. Returns whether the bundle changed.
+    @discardableResult
+    public func retireExpiredRoots() -> Bool {
+        let now = self.now()
+        let retired = state.withLock { state -> [Certificate] in
+            let done = state.retiring.filter { $0.lastLeafNotAfter < now }.map(\.root)
+            state.retiring.removeAll { $0.lastLeafNotAfter < now }
+            return done
+        }
+        guard !retired.isEmpty else { return false }
+        logger.notice(
+            "CA rotation: retired old root(s); every leaf they signed has expired",
+            metadata: ["serials": "\(retired.map { $0.serialNumber.hexString })"])
+        onChange(.bundleChanged, self)
+        return true
     }
 
     public func issue(csr: CertificateSigningRequest, for identity: SPIFFEID, ttl: Duration) async throws(IssuanceError)
         -> [Certificate]
     {
         guard identity.trustDomain == trustDomain else {
-            throw IssuanceError(
-                code: .identityRejected, message: "\(identity) is outside trust domain \(trustDomain)")
+            throw IssuanceError(code: .identityRejected, message: "\(identity) is outside trust domain \(trustDomain)")
         }
         if let reason = CSRPolicy.evaluate(csr, for: identity) {
             throw IssuanceError(code: .csrRejected, message: reason)
         }
-        let authority = self.authority.withLock { $0 }
+        let (authority, roots) = state.withLock { ($0.active, $0.roots) }
         let now = self.now()
         guard authority.certificate.notValidAfter > now else {
             throw IssuanceError(
@@ -75,7 +179,15 @@ public final class EmbeddedCA: CertificateIssuer {
         }
 
         let chain = [leaf] + authority.intermediates
-        try await verify(chain: chain, roots: authority.roots, identity: identity, at: now)
+        try await verify(chain: chain, roots: roots, identity: identity, at: now)
+        state.withLock { state in
+            // Only leaves of the key that is still active count towards its retirement.
+            if state.active.certificate == authority.certificate {
+                state.lastLeafNotAfter = max(state.lastLeafNotAfter, notAfter)
+            } else if let index = state.retiring.firstIndex(where: { authority.roots.contains($0.root) }) {
+                state.retiring[index].lastLeafNotAfter = max(state.retiring[index].lastLeafNotAfter, notAfter)
+            }
+        }
         logger.debug(
             "issued certificate",
             metadata: [

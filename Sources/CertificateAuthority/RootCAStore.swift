@@ -62,6 +62,31 @@ public enum RootCAStore {
         return authority
     }
 
+    /// Persists a rotated root: the active root and key replace `root-*.pem`, and every trusted
+    /// root goes to `trust-bundle.pem`, so a restart signs with the new root and still trusts the old.
+    public static func persist(active: SigningAuthority, roots: [Certificate], stateDirectory: String) throws(CAStoreError) {
+        let directory = URL(fileURLWithPath: stateDirectory).appendingPathComponent("ca")
+        do {
+            let keyPEM = try active.privateKey.serializeAsPEM().pemString + "\n"
+            let certPEM = try active.certificate.serializeAsPEM().pemString + "\n"
+            let bundlePEM = try roots.map { try $0.serializeAsPEM().pemString }.joined(separator: "\n") + "\n"
+            try writeAtomically(bundlePEM, to: directory.appendingPathComponent("trust-bundle.pem").path, mode: 0o644)
+            try writeAtomically(keyPEM, to: directory.appendingPathComponent("root-key.pem").path, mode: 0o600)
+            try writeAtomically(certPEM, to: directory.appendingPathComponent("root-cert.pem").path, mode: 0o644)
+        } catch let error as CAStoreError {
+            throw error
+        } catch {
+            throw CAStoreError("cannot persist the rotated root in \(directory.path): \(error)")
+        }
+    }
+
+    /// Roots trusted besides the active one (from an unfinished rotation), still valid at `now`.
+    public static func additionalRoots(stateDirectory: String, now: Date) -> [Certificate] {
+        let path = URL(fileURLWithPath: stateDirectory).appendingPathComponent("ca/trust-bundle.pem").path
+        guard FileManager.default.fileExists(atPath: path), let roots = try? readCertificates(path) else { return [] }
+        return roots.filter { $0.notValidAfter > now }
+    }
+
     /// Loads signing material from PEM files. The certificate file holds the signing certificate
     /// first, then any intermediates; the last self-signed certificate in it is the root. When the
     /// file has no self-signed certificate, `bundleFile` must name the roots.

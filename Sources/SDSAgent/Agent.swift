@@ -7,16 +7,23 @@ import SDSModel
 import SDSServer
 import SecretCache
 import ServiceLifecycle
+import UnixSignals
 import WorkloadAuthentication
+import X509
 
-/// The running agent: the SDS gRPC server on the Unix socket, wired to its components.
+/// The running agent: the SDS gRPC server on the Unix socket, the certificate rotator, the CA
+/// rotator, wired to their components.
 ///
-/// Built by ``make(configuration:logger:)``, which loads every input (JWKS, CA) before anything
-/// listens, so a bad setting fails at start with a message that names it.
+/// Built by ``make(configuration:logger:now:)``, which loads every input (JWKS, CA) before
+/// anything listens, so a bad setting fails at start with a message that names it.
 public struct Agent: Service {
     private let configuration: AgentConfiguration
     private let service: SecretDiscoveryService
+    private let ca: EmbeddedCA
+    private let caChanges: AsyncStream<EmbeddedCA.Change>
+    private let canRotateCA: Bool
     private let logger: Logger
+    private let now: @Sendable () -> Date
     /// The cache, exposed for tests and diagnostics.
     public let cache: SecretCache
 
@@ -33,39 +40,61 @@ public struct Agent: Service {
             keys: keys, now: now)
 
         let authority: SigningAuthority
+        var additionalRoots: [Certificate] = []
+        let loadedFromFiles = configuration.caCertificateFile != nil
         if let certFile = configuration.caCertificateFile, let keyFile = configuration.caKeyFile {
             authority = try RootCAStore.load(certificateFile: certFile, keyFile: keyFile, bundleFile: configuration.caBundleFile)
         } else {
             authority = try RootCAStore.loadOrCreate(
                 stateDirectory: configuration.stateDirectory, trustDomain: configuration.trustDomain,
                 ttl: configuration.caTTL, now: now(), logger: logger)
+            additionalRoots = RootCAStore.additionalRoots(stateDirectory: configuration.stateDirectory, now: now())
         }
-        let ca = EmbeddedCA(authority: authority, trustDomain: configuration.trustDomain, logger: logger, now: now)
+        let (caChanges, changeSink) = AsyncStream.makeStream(of: EmbeddedCA.Change.self)
+        // Leaves an old root signed before a restart expire within one certificate lifetime.
+        let ca = EmbeddedCA(
+            authority: authority, trustDomain: configuration.trustDomain, logger: logger,
+            additionalRoots: additionalRoots, retireAfter: now().addingTimeInterval(configuration.certificateTTL.timeInterval),
+            now: now, onChange: { change, _ in changeSink.yield(change) })
         let cache = SecretCache(
-            issuer: ca, configuration: .init(certificateTTL: configuration.certificateTTL), logger: logger, now: now)
+            issuer: ca,
+            configuration: .init(
+                certificateTTL: configuration.certificateTTL, rotation: configuration.rotation, idleTTL: configuration.idleTTL),
+            logger: logger, now: now)
         let service = SecretDiscoveryService(
             configuration: .init(
                 workloadSecretName: configuration.workloadSecretName,
                 validationContextNames: configuration.effectiveValidationContextNames,
-                tokenHeaderKey: configuration.tokenHeader),
-            authenticator: authenticator, secrets: cache, logger: logger)
+                tokenHeaderKey: configuration.tokenHeader, tokenExpiryMargin: configuration.tokenExpiryMargin),
+            authenticator: authenticator, secrets: cache, logger: logger, now: now)
         logger.info(
             "keys and CA loaded",
             metadata: [
                 "jwks": "\(configuration.jwksFile)", "key_ids": "\(keys.keyIDs.sorted())",
-                "trust_domain": "\(configuration.trustDomain)",
+                "trust_domain": "\(configuration.trustDomain)", "roots": "\(ca.roots.count)",
             ])
-        return Agent(configuration: configuration, service: service, logger: logger, cache: cache)
+        return Agent(
+            configuration: configuration, service: service, ca: ca, caChanges: caChanges, canRotateCA: !loadedFromFiles,
+            logger: logger, now: now, cache: cache)
     }
 
-    private init(configuration: AgentConfiguration, service: SecretDiscoveryService, logger: Logger, cache: SecretCache) {
+    private init(
+        configuration: AgentConfiguration, service: SecretDiscoveryService, ca: EmbeddedCA,
+        caChanges: AsyncStream<EmbeddedCA.Change>, canRotateCA: Bool, logger: Logger, now: @escaping @Sendable () -> Date,
+        cache: SecretCache
+    ) {
         self.configuration = configuration
         self.service = service
+        self.ca = ca
+        self.caChanges = caChanges
+        self.canRotateCA = canRotateCA
         self.logger = logger
+        self.now = now
         self.cache = cache
     }
 
-    /// Listens on the socket and serves until graceful shutdown (SIGTERM/SIGINT through the ServiceGroup).
+    /// Listens on the socket and serves until graceful shutdown (SIGTERM/SIGINT through the
+    /// ServiceGroup). `SIGUSR1` starts a root rotation of the embedded CA.
     public func run() async throws {
         let path = configuration.socketPath
         let fd = try UnixSocketListener.bind(path: path, mode: mode_t(configuration.socketMode))
@@ -82,13 +111,56 @@ public struct Agent: Service {
                 "socket": "\(path)", "mode": "\(String(configuration.socketMode, radix: 8))",
                 "workload_secret": "\(configuration.workloadSecretName)",
                 "validation_contexts": "\(configuration.effectiveValidationContextNames.sorted())",
-                "cert_ttl": "\(configuration.certificateTTL)",
+                "cert_ttl": "\(configuration.certificateTTL)", "pid": "\(getpid())",
             ])
+        let (triggers, trigger) = AsyncStream.makeStream(of: Void.self, bufferingPolicy: .bufferingNewest(1))
+        let rotator = Rotator(cache: cache)
+        let caRotator = CARotator(
+            ca: ca, schedule: .init(rootTTL: configuration.caTTL, activationDelay: configuration.caActivationDelay),
+            triggers: triggers, logger: logger, now: now)
+
         try await withGracefulShutdownHandler {
-            try await server.serve()
+            try await withThrowingDiscardingTaskGroup { group in
+                group.addTask { try await server.serve() }
+                group.addTask { try await rotator.run() }
+                if canRotateCA { group.addTask { try await caRotator.run() } }
+                group.addTask { await relayCAChanges() }
+                group.addTask {
+                    for await _ in await UnixSignalsSequence(trapping: .sigusr1) {
+                        guard canRotateCA else {
+                            logger.warning("SIGUSR1: a CA loaded from --ca-cert is rotated by replacing its files, not by the agent")
+                            continue
+                        }
+                        logger.notice("SIGUSR1: starting a CA root rotation")
+                        trigger.yield()
+                    }
+                }
+                try await gracefulShutdown()
+                group.cancelAll()
+            }
         } onGracefulShutdown: {
             logger.notice("shutting down: no new streams; open streams end")
             server.beginGracefulShutdown()
+        }
+    }
+
+    /// Tells the cache (and through it every stream) what the CA changed, and persists a new root.
+    private func relayCAChanges() async {
+        for await change in caChanges {
+            switch change {
+            case .bundleChanged:
+                cache.bundleChanged()
+            case .signerChanged:
+                await cache.renewAll()
+                if canRotateCA {
+                    do {
+                        try RootCAStore.persist(
+                            active: ca.activeAuthority, roots: ca.roots, stateDirectory: configuration.stateDirectory)
+                    } catch {
+                        logger.error("CA rotation: cannot persist the new root; a restart would go back to the old one", metadata: ["error": "\(error)"])
+                    }
+                }
+            }
         }
     }
 }

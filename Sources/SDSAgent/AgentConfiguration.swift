@@ -1,5 +1,6 @@
 import Foundation
 import SDSModel
+import SecretCache
 
 /// Everything `sds-agent serve` needs, validated before anything starts.
 public struct AgentConfiguration: Sendable {
@@ -37,6 +38,14 @@ public struct AgentConfiguration: Sendable {
     public var tokenHeader: String
     /// Most concurrent streams one Envoy connection may open.
     public var maxStreamsPerConnection: Int
+    /// When certificates are renewed (fraction of lifetime and jitter).
+    public var rotation: RotationPolicy = RotationPolicy()
+    /// How long an identity no stream watches stays cached.
+    public var idleTTL: Duration = .seconds(300)
+    /// A stream ends this long before the token it was opened with expires.
+    public var tokenExpiryMargin: Duration = .seconds(30)
+    /// After a manual CA rotation (SIGUSR1), how long old + new roots are published before the switch.
+    public var caActivationDelay: Duration = .seconds(30)
 
     public init(
         socketPath: String = "/var/run/sds-agent/sds.sock", socketMode: UInt16 = 0o660,
@@ -90,6 +99,9 @@ public struct AgentConfiguration: Sendable {
         }
         guard !tokenHeader.isEmpty else { throw fail("--token-header must not be empty") }
         guard maxStreamsPerConnection > 0 else { throw fail("--max-streams-per-connection must be positive") }
+        guard (0.1...0.9).contains(rotation.fraction) else { throw fail("--rotation-fraction must be between 0.1 and 0.9") }
+        guard (0...0.5).contains(rotation.jitter) else { throw fail("--rotation-jitter must be between 0 and 0.5") }
+        guard tokenExpiryMargin >= .zero else { throw fail("--token-expiry-margin must not be negative") }
     }
 }
 

@@ -38,6 +38,10 @@ public struct SidecarBootstrap: Sendable {
     public var workloadSecretName: String = "default"
     /// How long Envoy waits for SDS before serving without the secret; `0s` waits forever.
     public var initialFetchTimeout: String = "0s"
+    /// Requests per upstream connection before Envoy opens a new one (and a new TLS handshake).
+    public var upstreamMaxRequestsPerConnection: Int = 1000
+    /// `GRPC` (state of the world) or `DELTA_GRPC` (incremental) for the SDS source.
+    public var sdsAPIType: String = "GRPC"
 
     public init(
         sdsSocket: String, tokenFile: String, nodeID: String, nodeCluster: String, adminPort: Int, inboundPort: Int,
@@ -64,7 +68,7 @@ public struct SidecarBootstrap: Sendable {
             "SDS_SOCKET": sdsSocket, "TOKEN_FILE": tokenFile, "TOKEN_HEADER": tokenHeader, "NODE_ID": nodeID,
             "NODE_CLUSTER": nodeCluster, "INBOUND_ADDRESS": inboundAddress, "UPSTREAM_ADDRESS": upstreamAddress,
             "VALIDATION_CONTEXT_NAME": validationContextName, "WORKLOAD_SECRET_NAME": workloadSecretName,
-            "INITIAL_FETCH_TIMEOUT": initialFetchTimeout,
+            "INITIAL_FETCH_TIMEOUT": initialFetchTimeout, "SDS_API_TYPE": sdsAPIType,
         ]
         for (name, value) in strings {
             guard !value.isEmpty, !value.contains(where: { $0 == "\"" || $0 == "\\" || $0.isNewline || $0 == "{" || $0 == "}" })
@@ -75,8 +79,15 @@ public struct SidecarBootstrap: Sendable {
         for (name, port) in ports where !(1...65535).contains(port) {
             throw ConfigurationError(message: "bootstrap value \(name) \(port) is not a TCP port")
         }
+        guard ["GRPC", "DELTA_GRPC"].contains(sdsAPIType) else {
+            throw ConfigurationError(message: "SDS API type must be GRPC or DELTA_GRPC, not \(sdsAPIType)")
+        }
+        guard upstreamMaxRequestsPerConnection >= 1 else {
+            throw ConfigurationError(message: "upstream max requests per connection must be at least 1")
+        }
         var values = strings
         for (name, port) in ports { values[name] = String(port) }
+        values["UPSTREAM_MAX_REQUESTS_PER_CONNECTION"] = String(upstreamMaxRequestsPerConnection)
         values["INBOUND_SAN_MATCHERS"] = try Self.sanMatchers(inboundAllowedIDs)
         values["UPSTREAM_SAN_MATCHERS"] = try Self.sanMatchers(upstreamIDs)
         return values

@@ -9,11 +9,15 @@ public struct SDSServerConfiguration: Sendable {
     public var tokenHeaderKey: String
     /// Most resource names accepted in one request (a guard against garbage, not a real limit).
     public var maxResourceNamesPerRequest: Int
+    /// A stream ends this long before the token it was opened with expires.
+    public var tokenExpiryMargin: Duration
 
     public init(
         workloadSecretName: String = "default", validationContextNames: Set<String>,
-        tokenHeaderKey: String = "istio_sds_credentials_header-bin", maxResourceNamesPerRequest: Int = 64
+        tokenHeaderKey: String = "istio_sds_credentials_header-bin", maxResourceNamesPerRequest: Int = 64,
+        tokenExpiryMargin: Duration = .seconds(30)
     ) {
+        self.tokenExpiryMargin = tokenExpiryMargin
         self.workloadSecretName = workloadSecretName
         self.validationContextNames = validationContextNames
         self.tokenHeaderKey = tokenHeaderKey.lowercased()
@@ -21,5 +25,5 @@ public struct SDSServerConfiguration: Sendable {
     }
 
     /// Every name this server answers, sorted, for error messages.
-    var servedNames: [String] { ([workloadSecretName] + validationContextNames.sorted()) }
+    package var servedNames: [String] { ([workloadSecretName] + validationContextNames.sorted()) }
 }

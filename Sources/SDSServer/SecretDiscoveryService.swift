@@ -9,22 +9,26 @@ import WorkloadAuthentication
 /// Envoy's `envoy.service.secret.v3.SecretDiscoveryService` over the agent's cache.
 ///
 /// Data flows one way: call metadata -> authenticate (once, when the stream opens; the verified
-/// identity is bound to the stream) -> per-stream SotW state machine -> cache -> response.
+/// identity is bound to the stream) -> per-stream state machine -> cache -> response; and cache
+/// updates -> the identity's streams -> push. A stream ends with `unavailable` shortly before the
+/// token it was opened with expires, so Envoy reconnects with its re-read token file.
 /// Uses the generated `ServiceProtocol` (not the simple one) because the token is call metadata.
 public struct SecretDiscoveryService: Envoy_Service_Secret_V3_SecretDiscoveryService.ServiceProtocol {
-    private let configuration: SDSServerConfiguration
-    private let authenticator: any WorkloadAuthenticator
-    private let secrets: any SecretSource
-    private let logger: Logger
+    let configuration: SDSServerConfiguration
+    let authenticator: any WorkloadAuthenticator
+    let secrets: any SecretSource
+    let logger: Logger
+    let now: @Sendable () -> Date
 
     public init(
         configuration: SDSServerConfiguration, authenticator: any WorkloadAuthenticator, secrets: any SecretSource,
-        logger: Logger
+        logger: Logger, now: @escaping @Sendable () -> Date = { Date() }
     ) {
         self.configuration = configuration
         self.authenticator = authenticator
         self.secrets = secrets
         self.logger = logger
+        self.now = now
     }
 
     // MARK: StreamSecrets (state of the world)
@@ -33,54 +37,26 @@ public struct SecretDiscoveryService: Envoy_Service_Secret_V3_SecretDiscoverySer
         request: StreamingServerRequest<Envoy_Service_Discovery_V3_DiscoveryRequest>, context: ServerContext
     ) async throws -> StreamingServerResponse<Envoy_Service_Discovery_V3_DiscoveryResponse> {
         let caller = try await authenticate(request.metadata, context: context)
-        var logger = self.logger
-        logger[metadataKey: "peer"] = "\(context.remotePeer)"
-        logger[metadataKey: "spiffe_id"] = "\(caller.spiffeID)"
-        let streamLogger = logger
-
+        let stream = SotWStream(resolver: resolver(for: caller, context: context), configuration: configuration)
+        let wait = streamLifetime(for: caller)
         return StreamingServerResponse { writer in
-            var machine = StreamStateMachine()
-            var node: NodeSummary?
-            let opened = ContinuousClock.now
-            do {
-                for try await message in request.messages {
-                    if node == nil, message.hasNode { node = NodeSummary(message.node) }
-                    try validate(message)
-                    let action = machine.receive(
-                        .init(
-                            versionInfo: message.versionInfo, resourceNames: message.resourceNames,
-                            responseNonce: message.responseNonce,
-                            errorMessage: message.hasErrorDetail ? message.errorDetail.message : nil))
-                    switch action {
-                    case .respond(let names, let nonce):
-                        var response = try await makeResponse(for: names, caller: caller, logger: streamLogger)
-                        response.nonce = nonce
-                        try await writer.write(response)
-                        streamLogger.debug(
-                            "sent secrets",
-                            metadata: ["names": "\(names)", "version": "\(response.versionInfo)", "nonce": "\(nonce)"])
-                    case .acknowledged(let version):
-                        streamLogger.debug("Envoy accepted secrets", metadata: ["version": "\(version)"])
-                    case .rejected(let nonce, let message):
-                        streamLogger.warning(
-                            "Envoy rejected secrets (NACK); keeping them unsent until they change",
-                            metadata: [
-                                "names": "\(machine.subscribed)", "nonce": "\(nonce)", "envoy_error": "\(message)",
-                                "node": "\(node?.description ?? "?")",
-                            ])
-                    case .stale(let nonce):
-                        streamLogger.debug("ignored a request for an older response", metadata: ["nonce": "\(nonce)"])
-                    }
-                }
-            } catch {
-                streamLogger.info(
-                    "SDS stream ended",
-                    metadata: Self.endMetadata(node: node, names: machine.subscribed, since: opened, reason: "\(error)"))
-                throw error
-            }
-            streamLogger.info(
-                "SDS stream ended",
-                metadata: Self.endMetadata(node: node, names: machine.subscribed, since: opened, reason: "Envoy closed it"))
+            let events = StreamEvents.merged(request.messages, secrets.updates(for: caller.spiffeID), credentialExpiresIn: wait)
+            try await stream.run(events, writer: writer)
+            return [:]
+        }
+    }
+
+    // MARK: DeltaSecrets (incremental)
+
+    public func deltaSecrets(
+        request: StreamingServerRequest<Envoy_Service_Discovery_V3_DeltaDiscoveryRequest>, context: ServerContext
+    ) async throws -> StreamingServerResponse<Envoy_Service_Discovery_V3_DeltaDiscoveryResponse> {
+        let caller = try await authenticate(request.metadata, context: context)
+        let stream = DeltaStream(resolver: resolver(for: caller, context: context), configuration: configuration)
+        let wait = streamLifetime(for: caller)
+        return StreamingServerResponse { writer in
+            let events = StreamEvents.merged(request.messages, secrets.updates(for: caller.spiffeID), credentialExpiresIn: wait)
+            try await stream.run(events, writer: writer)
             return [:]
         }
     }
@@ -91,23 +67,27 @@ public struct SecretDiscoveryService: Envoy_Service_Secret_V3_SecretDiscoverySer
         request: ServerRequest<Envoy_Service_Discovery_V3_DiscoveryRequest>, context: ServerContext
     ) async throws -> ServerResponse<Envoy_Service_Discovery_V3_DiscoveryResponse> {
         let caller = try await authenticate(request.metadata, context: context)
-        try validate(request.message)
-        let response = try await makeResponse(for: request.message.resourceNames, caller: caller, logger: logger)
-        return ServerResponse(message: response)
-    }
-
-    // MARK: DeltaSecrets
-
-    public func deltaSecrets(
-        request: StreamingServerRequest<Envoy_Service_Discovery_V3_DeltaDiscoveryRequest>, context: ServerContext
-    ) async throws -> StreamingServerResponse<Envoy_Service_Discovery_V3_DeltaDiscoveryResponse> {
-        logger.warning(
-            "an Envoy asked for DeltaSecrets, which this agent does not serve yet; use api_type: GRPC",
-            metadata: ["peer": "\(context.remotePeer)"])
-        throw RPCError(code: .unimplemented, message: "DeltaSecrets is not implemented; configure api_type: GRPC")
+        let resolver = resolver(for: caller, context: context)
+        try validate(typeURL: request.message.typeURL, names: request.message.resourceNames, resolver: resolver)
+        let names = request.message.resourceNames.isEmpty ? resolver.allNames : request.message.resourceNames
+        return ServerResponse(message: try await resolver.sotwResponse(for: names))
     }
 
     // MARK: Shared steps
+
+    private func resolver(for caller: AuthenticatedCaller, context: ServerContext) -> ResourceResolver {
+        var logger = self.logger
+        logger[metadataKey: "spiffe_id"] = "\(caller.spiffeID)"
+        logger[metadataKey: "method"] = "\(context.descriptor.method)"
+        if let pod = caller.podName { logger[metadataKey: "pod"] = "\(caller.namespace)/\(pod)" }
+        return ResourceResolver(configuration: configuration, secrets: secrets, caller: caller, logger: logger)
+    }
+
+    /// How long the stream may live: until the token's expiry minus the margin (at least a second).
+    private func streamLifetime(for caller: AuthenticatedCaller) -> Duration {
+        let seconds = caller.credentialExpiry.timeIntervalSince(now()) - configuration.tokenExpiryMargin.seconds
+        return .milliseconds(Int64(max(1, seconds) * 1000))
+    }
 
     /// Verifies the caller's token; every failure is `unauthenticated` with the reason, never the token.
     private func authenticate(_ metadata: Metadata, context: ServerContext) async throws -> AuthenticatedCaller {
@@ -117,8 +97,7 @@ public struct SecretDiscoveryService: Envoy_Service_Secret_V3_SecretDiscoverySer
                 level: isProbe ? .debug : .warning,
                 "rejected SDS call: no service-account token in the call",
                 metadata: [
-                    "peer": "\(context.remotePeer)", "method": "\(context.descriptor.method)",
-                    "expected_header": "\(configuration.tokenHeaderKey)",
+                    "method": "\(context.descriptor.method)", "expected_header": "\(configuration.tokenHeaderKey)",
                 ])
             throw RPCError(
                 code: .unauthenticated,
@@ -130,84 +109,37 @@ public struct SecretDiscoveryService: Envoy_Service_Secret_V3_SecretDiscoverySer
             logger.warning(
                 "rejected SDS call: token failed verification",
                 metadata: [
-                    "peer": "\(context.remotePeer)", "method": "\(context.descriptor.method)", "reason": "\(error.code)",
-                    "detail": "\(error.message)", "kid": "\(error.keyID ?? "-")", "sub": "\(error.subject ?? "-")",
+                    "method": "\(context.descriptor.method)", "reason": "\(error.code)", "detail": "\(error.message)",
+                    "kid": "\(error.keyID ?? "-")", "sub": "\(error.subject ?? "-")",
                 ])
             throw RPCError(code: .unauthenticated, message: "token rejected: \(error)")
         }
     }
+}
 
-    private func validate(_ request: Envoy_Service_Discovery_V3_DiscoveryRequest) throws {
-        guard request.typeURL.isEmpty || request.typeURL == SecretResources.typeURL else {
-            throw RPCError(
-                code: .invalidArgument, message: "type_url '\(request.typeURL)' is not \(SecretResources.typeURL)")
+extension SecretDiscoveryService {
+    /// Checks a request's type URL and names; the error tells Envoy's operator what is served.
+    func validate(typeURL: String, names: [String], resolver: ResourceResolver) throws {
+        guard typeURL.isEmpty || typeURL == SecretResources.typeURL else {
+            throw RPCError(code: .invalidArgument, message: "type_url '\(typeURL)' is not \(SecretResources.typeURL)")
         }
-        guard request.resourceNames.count <= configuration.maxResourceNamesPerRequest else {
+        try Self.validate(names: names, configuration: configuration, resolver: resolver)
+    }
+
+    static func validate(names: [String], configuration: SDSServerConfiguration, resolver: ResourceResolver) throws {
+        guard names.count <= configuration.maxResourceNamesPerRequest else {
             throw RPCError(
                 code: .invalidArgument,
-                message: "\(request.resourceNames.count) resource names in one request; the limit is \(configuration.maxResourceNamesPerRequest)")
+                message: "\(names.count) resource names in one request; the limit is \(configuration.maxResourceNamesPerRequest)")
         }
-        let unknown = request.resourceNames.filter {
-            $0 != configuration.workloadSecretName && !configuration.validationContextNames.contains($0)
-        }
+        let unknown = resolver.unknown(names.filter { $0 != "*" })
         guard unknown.isEmpty else {
             throw RPCError(
-                code: .notFound,
-                message: "unknown secret name(s) \(unknown); this agent serves \(configuration.servedNames)")
+                code: .notFound, message: "unknown secret name(s) \(unknown); this agent serves \(configuration.servedNames)")
         }
-    }
-
-    /// The current resources for `names`; the version is derived from their contents.
-    private func makeResponse(for names: [String], caller: AuthenticatedCaller, logger: Logger) async throws
-        -> Envoy_Service_Discovery_V3_DiscoveryResponse
-    {
-        var response = Envoy_Service_Discovery_V3_DiscoveryResponse()
-        response.typeURL = SecretResources.typeURL
-        var versions: [String] = []
-        for name in Set(names).sorted() {
-            let resource: Envoy_Extensions_TransportSockets_Tls_V3_Secret
-            if name == configuration.workloadSecretName {
-                let secret: WorkloadSecret
-                do {
-                    secret = try await secrets.workloadSecret(for: caller.spiffeID)
-                } catch {
-                    logger.error("no certificate for the caller", metadata: ["error": "\(error.message)"])
-                    throw RPCError(
-                        code: error.isTransient ? .unavailable : .internalError,
-                        message: "cannot issue a certificate for \(caller.spiffeID): \(error.message)")
-                }
-                resource = SecretResources.tlsCertificate(named: name, from: secret)
-                versions.append(secret.version)
-            } else {
-                let bundle = await secrets.trustBundle()
-                resource = SecretResources.validationContext(named: name, from: bundle)
-                versions.append(bundle.version)
-            }
-            response.resources.append(try SecretResources.pack(resource))
-        }
-        response.versionInfo = versions.joined(separator: ".")
-        return response
-    }
-
-    private static func endMetadata(node: NodeSummary?, names: [String], since opened: ContinuousClock.Instant, reason: String)
-        -> Logger.Metadata
-    {
-        [
-            "node": "\(node?.description ?? "?")", "names": "\(names)", "reason": "\(reason)",
-            "duration": "\(ContinuousClock.now - opened)",
-        ]
     }
 }
 
-/// The few Node fields worth remembering per stream (Envoy sends the ~61 KB Node once).
-struct NodeSummary: Sendable, CustomStringConvertible {
-    var id: String
-    var cluster: String
-
-    init(_ node: Envoy_Config_Core_V3_Node) {
-        self.id = node.id
-        self.cluster = node.cluster
-    }
-
-    var description: String { "\(id)/\(cluster)" }
+extension Duration {
+    var seconds: Double { Double(components.seconds) + Double(components.attoseconds) / 1e18 }
 }

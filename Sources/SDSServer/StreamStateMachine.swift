@@ -5,7 +5,8 @@
 ///   (after an agent restart Envoy resends the last version it accepted from the old process);
 /// - a later request whose nonce is not the last one sent is stale and ignored;
 /// - a request with the current nonce is an ACK, or a NACK when it carries `error_detail`;
-/// - answer again only when the set of names changes (or, later, on a push); never answer an ACK.
+/// - answer again only when the set of names changes, or push when their content changes;
+///   never answer an ACK.
 package struct StreamStateMachine: Sendable {
     /// The parts of a DiscoveryRequest the rules look at.
     package struct Request: Sendable, Equatable {
@@ -59,6 +60,12 @@ package struct StreamStateMachine: Sendable {
             return .rejected(nonce: request.responseNonce, message: message)
         }
         return .acknowledged(version: request.versionInfo)
+    }
+
+    /// A push of new content for the current names, or nil before the first response.
+    package mutating func push() -> Action? {
+        guard lastNonce != nil else { return nil }
+        return respond(to: subscribed)
     }
 
     private mutating func respond(to names: [String]) -> Action {

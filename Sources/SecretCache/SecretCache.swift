@@ -8,32 +8,46 @@ import X509
 /// One current secret per identity, shared by every stream and every Envoy that asks for it.
 ///
 /// The first request for an identity generates an ECDSA P-256 key in memory, builds a CSR and
-/// has it signed through the ``CertificateIssuer`` seam. Concurrent requests for the same identity
-/// wait for that one issuance (check, lock, check again) rather than minting their own. A cached
-/// certificate is reused until `refreshFraction` of its lifetime has passed.
+/// has it signed through the ``CertificateIssuer`` seam; concurrent requests wait for that one
+/// issuance (check, lock, check again). ``maintain()`` (driven by ``Rotator``) renews each
+/// certificate at its ``RotationPolicy`` time with a fresh key and signals the identity's
+/// streams; a failed renewal is retried with backoff while the old certificate, still valid,
+/// keeps being served. Identities no stream has watched for `idleTTL` are dropped, so memory
+/// follows the live pods.
 public actor SecretCache: SecretSource {
-    /// How certificates are minted.
+    /// How certificates are minted and kept.
     public struct Configuration: Sendable {
         /// Lifetime requested for each workload certificate.
         public var certificateTTL: Duration
-        /// Fraction of a certificate's lifetime after which a request gets a fresh one.
-        public var refreshFraction: Double
+        /// When to renew.
+        public var rotation: RotationPolicy
+        /// How long an identity no stream watches stays cached.
+        public var idleTTL: Duration
 
-        public init(certificateTTL: Duration = .seconds(24 * 3600), refreshFraction: Double = 0.5) {
+        public init(
+            certificateTTL: Duration = .seconds(24 * 3600), rotation: RotationPolicy = RotationPolicy(),
+            idleTTL: Duration = .seconds(300)
+        ) {
             self.certificateTTL = certificateTTL
-            self.refreshFraction = refreshFraction
+            self.rotation = rotation
+            self.idleTTL = idleTTL
         }
     }
 
-    private enum Entry {
-        case ready(WorkloadSecret)
-        case issuing(Task<WorkloadSecret, any Error>)
+    private struct Entry {
+        var secret: WorkloadSecret?
+        var renewAt: Date = .distantPast
+        var issuing: Task<WorkloadSecret, any Error>?
+        var failures = 0
+        var nextAttempt: Date = .distantPast
+        var lastWatched: Date
     }
 
     private let issuer: any CertificateIssuer
     private let configuration: Configuration
     private let logger: Logger
     private let now: @Sendable () -> Date
+    private let updates = SecretUpdates()
     private var entries: [SPIFFEID: Entry] = [:]
     private var issuedCount = 0
 
@@ -50,42 +64,100 @@ public actor SecretCache: SecretSource {
     /// How many certificates this cache has had issued (for tests and diagnostics).
     public var issuedCertificates: Int { issuedCount }
 
+    /// The identities currently cached.
+    public var cachedIdentities: Set<SPIFFEID> { Set(entries.keys) }
+
     public func trustBundle() async -> TrustBundle { await issuer.trustBundle() }
 
+    public nonisolated func updates(for identity: SPIFFEID) -> AsyncStream<Void> { updates.watch(identity) }
+
     public func workloadSecret(for identity: SPIFFEID) async throws(SecretError) -> WorkloadSecret {
-        switch entries[identity] {
-        case .ready(let secret) where isFresh(secret):
-            return secret
-        case .issuing(let task):
-            return try await Self.value(of: task)
-        case .ready, .none:
-            break
+        let now = self.now()
+        if let entry = entries[identity] {
+            if let secret = entry.secret, now < secret.notAfter { return secret }
+            if let task = entry.issuing { return try await Self.value(of: task) }
         }
-        let issuer = self.issuer
-        let ttl = configuration.certificateTTL
-        let task = Task { try await Self.mint(for: identity, issuer: issuer, ttl: ttl) }
-        entries[identity] = .issuing(task)
-        do {
-            let secret = try await Self.value(of: task)
-            entries[identity] = .ready(secret)
-            issuedCount += 1
-            logger.info(
-                "issued workload certificate",
-                metadata: [
-                    "spiffe_id": "\(identity)", "serial": "\(secret.serialNumberHex)",
-                    "not_after": "\(secret.notAfter.formatted(.iso8601))",
-                ])
-            return secret
-        } catch {
+        return try await issue(for: identity, reason: "first request")
+    }
+
+    /// Renews what is due, retries what failed, drops what nobody watches. Called every tick.
+    public func maintain() async {
+        let now = self.now()
+        let watched = updates.watchedIdentities
+        for identity in entries.keys {
+            if watched.contains(identity) { entries[identity]?.lastWatched = now }
+        }
+        let idle = configuration.idleTTL.timeInterval
+        for (identity, entry) in entries where entry.issuing == nil && now.timeIntervalSince(entry.lastWatched) > idle {
             entries[identity] = nil
-            logger.error("cannot issue workload certificate", metadata: ["spiffe_id": "\(identity)", "error": "\(error)"])
-            throw error
+            logger.info("dropped idle identity: no stream has asked for it", metadata: ["spiffe_id": "\(identity)"])
+        }
+        let due = entries.filter { _, entry in
+            entry.secret != nil && entry.issuing == nil && now >= entry.renewAt && now >= entry.nextAttempt
+        }.keys
+        for identity in due.sorted() {
+            _ = try? await issue(for: identity, reason: "rotation")
         }
     }
 
-    private func isFresh(_ secret: WorkloadSecret) -> Bool {
-        let lifetime = secret.notAfter.timeIntervalSince(secret.notBefore)
-        return now() < secret.notBefore.addingTimeInterval(lifetime * configuration.refreshFraction)
+    /// Renews every cached certificate at the next ``maintain()`` (after the CA changed its signer).
+    public func renewAll() {
+        for identity in entries.keys {
+            entries[identity]?.renewAt = .distantPast
+            entries[identity]?.nextAttempt = .distantPast
+        }
+    }
+
+    /// Tells every stream that the trust bundle changed.
+    public nonisolated func bundleChanged() { updates.bundleChanged() }
+
+    private func issue(for identity: SPIFFEID, reason: String) async throws(SecretError) -> WorkloadSecret {
+        if let task = entries[identity]?.issuing { return try await Self.value(of: task) }
+        let issuer = self.issuer
+        let ttl = configuration.certificateTTL
+        let task = Task { try await Self.mint(for: identity, issuer: issuer, ttl: ttl) }
+        let issuedAt = now()
+        entries[identity, default: Entry(lastWatched: issuedAt)].issuing = task
+        do {
+            let secret = try await Self.value(of: task)
+            let previous = entries[identity]?.secret
+            entries[identity, default: Entry(lastWatched: now())].secret = secret
+            entries[identity]?.issuing = nil
+            entries[identity]?.failures = 0
+            entries[identity]?.nextAttempt = .distantPast
+            // Measured from issuance, not from the backdated notBefore: with a short lifetime the
+            // backdating would otherwise put the renewal point in the past.
+            entries[identity]?.renewAt = configuration.rotation.renewalTime(
+                notBefore: max(secret.notBefore, issuedAt), notAfter: secret.notAfter)
+            issuedCount += 1
+            logger.info(
+                previous == nil ? "issued workload certificate" : "rotated workload certificate",
+                metadata: [
+                    "spiffe_id": "\(identity)", "serial": "\(secret.serialNumberHex)", "reason": "\(reason)",
+                    "not_after": "\(secret.notAfter.formatted(.iso8601))",
+                    "renew_at": "\(entries[identity]?.renewAt.formatted(.iso8601) ?? "-")",
+                ])
+            if previous != nil { updates.certificateChanged(for: identity) }
+            return secret
+        } catch {
+            entries[identity]?.issuing = nil
+            if let current = entries[identity]?.secret {
+                let failures = (entries[identity]?.failures ?? 0) + 1
+                let delay = RotationPolicy.retryDelay(afterFailure: failures)
+                entries[identity]?.failures = failures
+                entries[identity]?.nextAttempt = now().addingTimeInterval(delay.timeInterval)
+                logger.error(
+                    "CERTIFICATE RENEWAL FAILED; still serving the current certificate while it is valid",
+                    metadata: [
+                        "spiffe_id": "\(identity)", "error": "\(error.message)", "attempt": "\(failures)",
+                        "retry_in": "\(delay)", "current_not_after": "\(current.notAfter.formatted(.iso8601))",
+                    ])
+            } else {
+                entries[identity] = nil
+                logger.error("cannot issue workload certificate", metadata: ["spiffe_id": "\(identity)", "error": "\(error.message)"])
+            }
+            throw error
+        }
     }
 
     private static func value(of task: Task<WorkloadSecret, any Error>) async throws(SecretError) -> WorkloadSecret {

@@ -1,6 +1,7 @@
 import SDSModel
 
-/// What the SDS server needs from the cache: an identity's current secret and the trust bundle.
+/// What the SDS server needs from the cache: an identity's current secret, the trust bundle, and
+/// a signal when either changes.
 public protocol SecretSource: Sendable {
     /// The current certificate and key for `identity`, issuing one if there is none yet.
     ///
@@ -9,6 +10,10 @@ public protocol SecretSource: Sendable {
 
     /// The current trust bundle.
     func trustBundle() async -> TrustBundle
+
+    /// Signals (newest only) when `identity`'s certificate or the trust bundle changes.
+    /// The watch ends when the returned stream is dropped.
+    func updates(for identity: SPIFFEID) -> AsyncStream<Void>
 }
 
 /// A secret that could not be produced.

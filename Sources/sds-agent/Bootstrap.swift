@@ -46,6 +46,11 @@ struct Bootstrap: ParsableCommand {
     @Option(help: "How long Envoy waits for its secrets; 0s waits for as long as it takes.")
     var initialFetchTimeout = "0s"
 
+    @Option(help: "Requests per upstream connection before a new connection (and TLS handshake).")
+    var upstreamMaxRequestsPerConnection = 1000
+    @Option(help: "SDS API type: GRPC (state of the world) or DELTA_GRPC (incremental).")
+    var sdsApiType = "GRPC"
+
     func run() throws {
         var bootstrap = SidecarBootstrap(
             sdsSocket: socket, tokenFile: tokenFile, nodeID: nodeId, nodeCluster: nodeCluster, adminPort: adminPort,
@@ -56,6 +61,8 @@ struct Bootstrap: ParsableCommand {
         bootstrap.validationContextName = validationContextName
         bootstrap.workloadSecretName = workloadSecretName
         bootstrap.initialFetchTimeout = initialFetchTimeout
+        bootstrap.upstreamMaxRequestsPerConnection = upstreamMaxRequestsPerConnection
+        bootstrap.sdsAPIType = sdsApiType
         let text: String
         do {
             text = try String(contentsOfFile: template, encoding: .utf8)

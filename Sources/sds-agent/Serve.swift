@@ -2,6 +2,7 @@ import ArgumentParser
 import Foundation
 import Logging
 import SDSAgent
+import SecretCache
 import ServiceLifecycle
 
 /// `sds-agent serve`: the agent itself. Its flags are a public contract (scripts, manifests).
@@ -60,6 +61,21 @@ struct Serve: AsyncParsableCommand {
     @Option(help: "Most concurrent SDS streams on one connection.")
     var maxStreamsPerConnection = 100
 
+    @Option(help: "Renew a certificate after this fraction of its lifetime (0.1-0.9).")
+    var rotationFraction = 0.5
+
+    @Option(help: "Random spread of the renewal point, relative (0.1 = ±10%).")
+    var rotationJitter = 0.1
+
+    @Option(help: "Drop an identity no stream has asked for in this long, e.g. 5m.", transform: parseDuration)
+    var idleTtl: Duration = .seconds(300)
+
+    @Option(help: "End a stream this long before the token it was opened with expires, e.g. 30s.", transform: parseDuration)
+    var tokenExpiryMargin: Duration = .seconds(30)
+
+    @Option(help: "After a manual CA rotation (SIGUSR1), publish old + new roots this long before switching, e.g. 30s.", transform: parseDuration)
+    var caActivationDelay: Duration = .seconds(30)
+
     @Option(help: "Log level: trace, debug, info, notice, warning, error.")
     var logLevel = "info"
 
@@ -74,13 +90,17 @@ struct Serve: AsyncParsableCommand {
         guard let mode = UInt16(socketMode, radix: 8) else {
             throw ValidationError("--socket-mode '\(socketMode)' is not an octal mode such as 0660")
         }
-        let configuration = AgentConfiguration(
+        var configuration = AgentConfiguration(
             socketPath: socket, socketMode: mode, trustDomain: trustDomain, jwksFile: jwks,
             issuers: issuer.isEmpty ? ["https://kubernetes.default.svc.cluster.local"] : issuer,
             audiences: audience.isEmpty ? ["sds-agent"] : audience, clockSkew: clockSkew, certificateTTL: certTtl,
             stateDirectory: stateDir, caTTL: caTtl, caCertificateFile: caCert, caKeyFile: caKey, caBundleFile: caBundle,
             workloadSecretName: workloadSecretName, validationContextNames: validationContextName,
             tokenHeader: tokenHeader, maxStreamsPerConnection: maxStreamsPerConnection)
+        configuration.rotation = RotationPolicy(fraction: rotationFraction, jitter: rotationJitter)
+        configuration.idleTTL = idleTtl
+        configuration.tokenExpiryMargin = tokenExpiryMargin
+        configuration.caActivationDelay = caActivationDelay
         do {
             let agent = try await Agent.make(configuration: configuration, logger: logger)
             let group = ServiceGroup(

@@ -15,15 +15,18 @@ import X509
 
     @discardableResult
     func withClient<Result: Sendable>(
+        clock: ManualClock = ManualClock(), tokenExpiryMargin: Duration = .seconds(30),
         _ body: @Sendable @escaping (Envoy_Service_Secret_V3_SecretDiscoveryService.Client<InProcessTransport.Client>, SecretCache) async throws -> Result
     ) async throws -> Result {
         let keys = try await VerificationKeySet(jwksJSON: tokens.jwksJSON())
         let authenticator = KubernetesTokenVerifier(
             configuration: .init(trustDomain: "cluster.local", issuers: [TokenFactory.issuer], audiences: [TokenFactory.audience]),
             keys: keys)
-        let cache = SecretCache(issuer: TestPKI.ca(), configuration: .init(), logger: TestPKI.quietLogger)
+        let cache = SecretCache(
+            issuer: TestPKI.ca(now: { clock.now }), configuration: .init(certificateTTL: .seconds(3600), rotation: .init(jitter: 0)),
+            logger: TestPKI.quietLogger, now: { clock.now })
         let service = SecretDiscoveryService(
-            configuration: .init(validationContextNames: ["ROOTCA", "spiffe://cluster.local"]),
+            configuration: .init(validationContextNames: ["ROOTCA", "spiffe://cluster.local"], tokenExpiryMargin: tokenExpiryMargin),
             authenticator: authenticator, secrets: cache, logger: TestPKI.quietLogger)
         let transport = InProcessTransport()
         return try await withGRPCServer(transport: transport.server, services: [service]) { _ in
@@ -56,6 +59,46 @@ import X509
             }
             #expect(await cache.issuedCertificates == 1)
         }
+    }
+
+    @Test func aRotationIsPushedOnTheOpenStreamAndANACKIsNotAnswered() async throws {
+        let clock = ManualClock()
+        let metadata = SDSTestClient.metadata(token: tokens.token())
+        try await withClient(clock: clock) { client, cache in
+            try await SDSTestClient.withStream(client, metadata: metadata) { session in
+                session.send(SDSTestClient.request(["default"], node: true))
+                let first = try #require(try await session.next())
+                // Envoy rejects it (NACK): nothing is sent back for that.
+                session.send(SDSTestClient.request(["default"], nonce: first.nonce, error: "Failed to load certificate chain"))
+                clock.advance(1801)
+                await cache.maintain()
+                let pushed = try #require(try await session.next())
+                #expect(pushed.nonce == "2" && pushed.versionInfo != first.versionInfo)
+                let old = try #require(try SDSTestClient.secrets(in: first).first)
+                let new = try #require(try SDSTestClient.secrets(in: pushed).first)
+                #expect(old.tlsCertificate.privateKey != new.tlsCertificate.privateKey, "rotation re-keys")
+            }
+        }
+    }
+
+    @Test func aStreamEndsWithUnavailableBeforeItsTokenExpires() async throws {
+        // Token valid for 31 s, margin 30 s: the stream must end after about a second.
+        let metadata = SDSTestClient.metadata(token: tokens.token(ttl: 31))
+        let started = ContinuousClock.now
+        try await withClient(tokenExpiryMargin: .seconds(30)) { client, _ in
+            do {
+                try await SDSTestClient.withStream(client, metadata: metadata) { session in
+                    session.send(SDSTestClient.request(["default"]))
+                    _ = try #require(try await session.next())
+                    while try await session.next() != nil {}
+                }
+                Issue.record("the stream outlived its token")
+            } catch let error as RPCError {
+                #expect(error.code == .unavailable)
+                #expect(error.message.contains("token"))
+            }
+        }
+        #expect(ContinuousClock.now - started < .seconds(10))
     }
 
     @Test(arguments: ["ROOTCA", "spiffe://cluster.local"])
@@ -135,18 +178,36 @@ import X509
         }
     }
 
-    @Test func deltaIsUnimplementedForNow() async throws {
+    @Test func deltaServesSubscriptionsAndSkipsWhatEnvoyAlreadyHas() async throws {
         let metadata = SDSTestClient.metadata(token: tokens.token())
         try await withClient { client, _ in
-            do {
-                let request = StreamingClientRequest<Envoy_Service_Discovery_V3_DeltaDiscoveryRequest>(metadata: metadata) { _ in }
-                try await client.deltaSecrets(request: request) { response in
-                    for try await _ in response.messages {}
-                }
-                Issue.record("delta answered")
-            } catch let error as RPCError {
-                #expect(error.code == .unimplemented)
+            let (stream, continuation) = AsyncStream.makeStream(of: Envoy_Service_Discovery_V3_DeltaDiscoveryRequest.self)
+            let request = StreamingClientRequest<Envoy_Service_Discovery_V3_DeltaDiscoveryRequest>(metadata: metadata) { writer in
+                for await message in stream { try await writer.write(message) }
+            }
+            try await client.deltaSecrets(request: request) { response in
+                defer { continuation.finish() }
+                var responses = response.messages.makeAsyncIterator()
+                var subscribe = Envoy_Service_Discovery_V3_DeltaDiscoveryRequest()
+                subscribe.typeURL = SDSTestClient.secretTypeURL
+                subscribe.resourceNamesSubscribe = ["default"]
+                continuation.yield(subscribe)
+                let first = try #require(try await responses.next())
+                #expect(first.resources.map(\.name) == ["default"] && first.nonce == "1" && !first.resources[0].version.isEmpty)
+                let secret = try EnvoySecret(unpackingAny: first.resources[0].resource)
+                #expect(!secret.tlsCertificate.certificateChain.inlineBytes.isEmpty)
+
+                var ack = Envoy_Service_Discovery_V3_DeltaDiscoveryRequest()
+                ack.responseNonce = first.nonce
+                continuation.yield(ack)
+                var more = Envoy_Service_Discovery_V3_DeltaDiscoveryRequest()
+                more.responseNonce = first.nonce
+                more.resourceNamesSubscribe = ["ROOTCA"]
+                continuation.yield(more)
+                let second = try #require(try await responses.next())
+                #expect(second.resources.map(\.name) == ["ROOTCA"] && second.nonce == "2", "the ACK is not answered")
             }
         }
     }
+
 }

@@ -49,3 +49,15 @@ import Testing
         #expect(machine.subscribed == ["a", "b"])
     }
 }
+
+@Suite struct StreamStateMachinePushTests {
+    @Test func noPushBeforeTheFirstResponseThenANewNonceForTheSameNames() {
+        var machine = StreamStateMachine()
+        #expect(machine.push() == nil)
+        _ = machine.receive(.init(resourceNames: ["default"]))
+        #expect(machine.push() == .respond(names: ["default"], nonce: "2"))
+        // Envoy's ACK of the push uses its nonce; an ACK of the older response is now stale.
+        #expect(machine.receive(.init(versionInfo: "v1", resourceNames: ["default"], responseNonce: "1")) == .stale(nonce: "1"))
+        #expect(machine.receive(.init(versionInfo: "v2", resourceNames: ["default"], responseNonce: "2")) == .acknowledged(version: "v2"))
+    }
+}

@@ -7,13 +7,28 @@ import TestSupport
 import Testing
 import X509
 
-@Suite struct SecretCacheTests {
-    final class ManualNow: Sendable {
-        private let value: Mutex<Date>
-        init(_ date: Date) { value = Mutex(date) }
-        func advance(_ seconds: TimeInterval) { value.withLock { $0 += seconds } }
-        var now: Date { value.withLock { $0 } }
+/// An issuer that fails while `failing` is set, counting attempts.
+final class FlakyIssuer: CertificateIssuer, @unchecked Sendable {
+    let ca: EmbeddedCA
+    private let state = Mutex<(failing: Bool, attempts: Int)>((false, 0))
+    init(ca: EmbeddedCA) { self.ca = ca }
+    var failing: Bool {
+        get { state.withLock { $0.failing } }
+        set { state.withLock { $0.failing = newValue } }
     }
+    var attempts: Int { state.withLock { $0.attempts } }
+    func issue(csr: CertificateSigningRequest, for identity: SPIFFEID, ttl: Duration) async throws(IssuanceError) -> [Certificate] {
+        let failing = state.withLock { state -> Bool in
+            state.attempts += 1
+            return state.failing
+        }
+        if failing { throw IssuanceError(code: .unavailable, message: "CA offline") }
+        return try await ca.issue(csr: csr, for: identity, ttl: ttl)
+    }
+    func trustBundle() async -> TrustBundle { await ca.trustBundle() }
+}
+
+@Suite struct SecretCacheTests {
 
     @Test func concurrentRequestsForOneIdentityShareOneCertificate() async throws {
         let cache = SecretCache(issuer: TestPKI.ca(), configuration: .init(certificateTTL: .seconds(3600)), logger: TestPKI.quietLogger)
@@ -36,18 +51,71 @@ import X509
         #expect(a.privateKeyPEM.hasPrefix("-----BEGIN PRIVATE KEY-----"))
     }
 
-    @Test func reissuesOnceHalfTheLifetimeHasPassed() async throws {
-        let clock = ManualNow(Date())
+    @Test func maintainRotatesWhenDueAndSignalsTheIdentitysStreams() async throws {
+        let clock = ManualClock()
         let ca = TestPKI.ca(now: { clock.now })
         let cache = SecretCache(
-            issuer: ca, configuration: .init(certificateTTL: .seconds(1000)), logger: TestPKI.quietLogger, now: { clock.now })
+            issuer: ca, configuration: .init(certificateTTL: .seconds(1000), rotation: .init(fraction: 0.5, jitter: 0)),
+            logger: TestPKI.quietLogger, now: { clock.now })
         let identity = TestPKI.identity()
+        let other = TestPKI.identity("demo", "other")
         let first = try await cache.workloadSecret(for: identity)
-        clock.advance(300)
-        #expect(try await cache.workloadSecret(for: identity) == first)
-        clock.advance(300)  // past 50% of (1000 s + 60 s backdating)
+        _ = try await cache.workloadSecret(for: other)
+        var updates = cache.updates(for: identity).makeAsyncIterator()
+        var otherUpdates = cache.updates(for: other).makeAsyncIterator()
+
+        clock.advance(400)
+        await cache.maintain()
+        #expect(try await cache.workloadSecret(for: identity) == first, "not due yet: same certificate")
+        clock.advance(99)
+        await cache.maintain()
+        #expect(try await cache.workloadSecret(for: identity) == first, "499 s of 1000 s: still not due")
+
+        clock.advance(2)  // past 50% of the 1000 s from issuance
+        await cache.maintain()
         let second = try await cache.workloadSecret(for: identity)
         #expect(second.serialNumberHex != first.serialNumberHex)
+        #expect(second.privateKeyPEM != first.privateKeyPEM, "rotation re-keys")
+        #expect(await updates.next() != nil)
+        #expect(await otherUpdates.next() != nil)  // `other` was due too
+    }
+
+    @Test func identitiesNobodyWatchesAreDropped() async throws {
+        let clock = ManualClock()
+        let cache = SecretCache(
+            issuer: TestPKI.ca(now: { clock.now }), configuration: .init(idleTTL: .seconds(60)), logger: TestPKI.quietLogger,
+            now: { clock.now })
+        let watched = TestPKI.identity("demo", "watched")
+        let idle = TestPKI.identity("demo", "idle")
+        _ = try await cache.workloadSecret(for: watched)
+        _ = try await cache.workloadSecret(for: idle)
+        let stream = cache.updates(for: watched)
+        clock.advance(61)
+        await cache.maintain()
+        #expect(await cache.cachedIdentities == [watched])
+        _ = stream  // the watch lasts while the stream is held
+    }
+
+    @Test func aFailedRenewalKeepsServingTheCurrentCertificateAndRetries() async throws {
+        let clock = ManualClock()
+        let issuer = FlakyIssuer(ca: TestPKI.ca(now: { clock.now }))
+        let cache = SecretCache(
+            issuer: issuer, configuration: .init(certificateTTL: .seconds(1000), rotation: .init(fraction: 0.5, jitter: 0)),
+            logger: TestPKI.quietLogger, now: { clock.now })
+        let identity = TestPKI.identity()
+        let first = try await cache.workloadSecret(for: identity)
+        let watch = cache.updates(for: identity)  // a stream is open for it, so it is not dropped as idle
+        defer { _ = watch }
+        issuer.failing = true
+        clock.advance(600)
+        await cache.maintain()
+        #expect(try await cache.workloadSecret(for: identity) == first)
+        await cache.maintain()  // within the 1 s backoff: no new attempt
+        #expect(issuer.attempts == 2)
+        issuer.failing = false
+        clock.advance(1.5)
+        await cache.maintain()
+        #expect(try await cache.workloadSecret(for: identity) != first)
     }
 
     @Test func aRefusedIssuanceIsNotCached() async throws {

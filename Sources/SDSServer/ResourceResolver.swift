@@ -1,0 +1,66 @@
+import EnvoyAPI
+import GRPCCore
+import Logging
+import SDSModel
+import SecretCache
+import SwiftProtobuf
+
+/// Turns secret names into Envoy resources for one caller, each with an opaque version.
+struct ResourceResolver: Sendable {
+    struct Resolved: Sendable {
+        var name: String
+        var version: String
+        var resource: Google_Protobuf_Any
+    }
+
+    let configuration: SDSServerConfiguration
+    let secrets: any SecretSource
+    let caller: AuthenticatedCaller
+    let logger: Logger
+
+    /// Every name this caller may ask for: what a wildcard subscription means for SDS.
+    var allNames: [String] { configuration.servedNames }
+
+    /// Names that are neither the workload secret nor a validation context.
+    func unknown(_ names: some Sequence<String>) -> [String] {
+        names.filter { $0 != configuration.workloadSecretName && !configuration.validationContextNames.contains($0) }
+    }
+
+    /// The current resources for `names`, sorted by name.
+    func resolve(_ names: some Sequence<String>) async throws -> [Resolved] {
+        var resolved: [Resolved] = []
+        for name in Set(names).sorted() {
+            let resource: Envoy_Extensions_TransportSockets_Tls_V3_Secret
+            let version: String
+            if name == configuration.workloadSecretName {
+                let secret: WorkloadSecret
+                do {
+                    secret = try await secrets.workloadSecret(for: caller.spiffeID)
+                } catch {
+                    logger.error("no certificate for the caller", metadata: ["error": "\(error.message)"])
+                    throw RPCError(
+                        code: error.isTransient ? .unavailable : .internalError,
+                        message: "cannot issue a certificate for \(caller.spiffeID): \(error.message)")
+                }
+                resource = SecretResources.tlsCertificate(named: name, from: secret)
+                version = secret.version
+            } else {
+                let bundle = await secrets.trustBundle()
+                resource = SecretResources.validationContext(named: name, from: bundle)
+                version = bundle.version
+            }
+            resolved.append(Resolved(name: name, version: version, resource: try SecretResources.pack(resource)))
+        }
+        return resolved
+    }
+
+    /// A state-of-the-world response for `names`; its version is derived from the resources'.
+    func sotwResponse(for names: [String]) async throws -> Envoy_Service_Discovery_V3_DiscoveryResponse {
+        let resolved = try await resolve(names)
+        var response = Envoy_Service_Discovery_V3_DiscoveryResponse()
+        response.typeURL = SecretResources.typeURL
+        response.resources = resolved.map(\.resource)
+        response.versionInfo = resolved.map(\.version).joined(separator: ".")
+        return response
+    }
+}

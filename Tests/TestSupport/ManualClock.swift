@@ -1,0 +1,10 @@
+import Foundation
+import Synchronization
+
+/// A wall clock that moves only when told: inject `{ clock.now }` wherever code takes a `now`.
+public final class ManualClock: Sendable {
+    private let value: Mutex<Date>
+    public init(_ start: Date = Date()) { value = Mutex(start) }
+    public var now: Date { value.withLock { $0 } }
+    public func advance(_ seconds: TimeInterval) { value.withLock { $0 += seconds } }
+}
