@@ -96,9 +96,17 @@ class Envoy:
         status, body = self.admin("/ready")
         return body.strip()
 
+    def server_info(self) -> dict:
+        return json.loads(self.admin("/server_info")[1])
+
     def stats(self) -> dict:
         _, body = self.admin("/stats?format=json")
         return {s["name"]: s.get("value") for s in json.loads(body)["stats"] if "value" in s}
+
+    def serials_for(self, uri: str) -> set:
+        """Serials of the SDS certificates Envoy holds whose URI SAN is `uri`."""
+        return {c["serial_number"] for c in self.sds_certificates()
+                if any(s.get("uri") == uri for s in c.get("subject_alt_names", []))}
 
     def sds_certificates(self) -> list:
         """The certificates Envoy holds from SDS (path "<inline>"), from /certs."""
@@ -112,6 +120,44 @@ class Envoy:
 
     def get(self, path: str = "/"):
         return http_get(f"http://127.0.0.1:{self.outbound_port}{path}")
+
+
+class Load:
+    """Requests sent continuously through an Envoy from background threads, bounded in time."""
+
+    def __init__(self, envoy, threads=2, max_seconds=300):
+        import threading
+        self.envoy = envoy
+        self.results = {}
+        self.errors = []
+        self._stop = threading.Event()
+        self._lock = threading.Lock()
+        self._deadline = time.monotonic() + max_seconds
+        self._threads = [threading.Thread(target=self._run, daemon=True) for _ in range(threads)]
+        for t in self._threads:
+            t.start()
+
+    def _run(self):
+        while not self._stop.is_set() and time.monotonic() < self._deadline:
+            try:
+                status, body = self.envoy.get("/load")
+            except Exception as error:  # connection refused, reset...
+                status, body = "error", repr(error)
+            with self._lock:
+                self.results[status] = self.results.get(status, 0) + 1
+                if status != 200 and len(self.errors) < 20:
+                    self.errors.append((status, body[:200]))
+
+    @property
+    def total(self):
+        with self._lock:
+            return sum(self.results.values())
+
+    def stop(self):
+        self._stop.set()
+        for t in self._threads:
+            t.join(timeout=30)
+        return dict(self.results)
 
 
 class Node:
@@ -155,7 +201,8 @@ class Node:
         return port
 
     def start_envoy(self, name, token_file, app_port=None, allow_ids=(), upstream_port=None, upstream_ids=(),
-                    validation_context_name="ROOTCA", initial_fetch_timeout="0s", wait_live=True) -> Envoy:
+                    validation_context_name="ROOTCA", initial_fetch_timeout="0s", wait_live=True,
+                    api_type="GRPC", max_requests_per_connection=1000) -> Envoy:
         admin, inbound, outbound = free_port(), free_port(), free_port()
         bootstrap = os.path.join(self.workdir, f"envoy-{name}.yaml")
         args = [self.agent_bin, "bootstrap", "--template", os.path.join(REPO, "envoy-bootstrap", "envoy-sidecar.yaml"),
@@ -165,7 +212,8 @@ class Node:
                 "--app-port", str(app_port or free_port()), "--outbound-port", str(outbound),
                 "--upstream-port", str(upstream_port or free_port()),
                 "--validation-context-name", validation_context_name,
-                "--initial-fetch-timeout", initial_fetch_timeout]
+                "--initial-fetch-timeout", initial_fetch_timeout, "--sds-api-type", api_type,
+                "--upstream-max-requests-per-connection", str(max_requests_per_connection)]
         for spiffe_id in allow_ids:
             args += ["--allow-id", spiffe_id]
         for spiffe_id in upstream_ids:
