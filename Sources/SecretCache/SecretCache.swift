@@ -64,6 +64,9 @@ public actor SecretCache: SecretSource {
     /// How many certificates this cache has had issued (for tests and diagnostics).
     public var issuedCertificates: Int { issuedCount }
 
+    /// How many streams are watching for updates (all identities).
+    public nonisolated var watcherCount: Int { updates.count }
+
     /// The identities currently cached.
     public var cachedIdentities: Set<SPIFFEID> { Set(entries.keys) }
 

@@ -7,13 +7,17 @@ and requires zero failed requests, no Envoy restart, and the new serials in Envo
 import os
 import signal
 import shutil
+import subprocess
 import tempfile
+
+from cryptography import x509
 
 import pytest
 
 from conftest import AGENT_BIN, ENVOY_BIN
 from sdsdemo.devtokens import TokenSigner
 from sdsdemo.node import Load, Node, wait_until
+from test_served_secrets import fetch
 
 TD = "spiffe://cluster.local"
 FRONTEND = f"{TD}/ns/demo/sa/frontend"
@@ -87,7 +91,7 @@ def test_certificates_rotate_under_load_with_no_failed_request_and_no_restart(fr
     assert ("pushed new secrets (delta)" if api_type == "DELTA_GRPC" else "pushed new secrets") in log
 
 
-def test_ca_root_rotation_under_load(fresh_node):
+def test_ca_root_rotation_under_load(fresh_node, tmp_path):
     node = fresh_node("--cert-ttl", "20s", "--ca-activation-delay", "2s")
     server, (front,) = mesh(node, "GRPC")
     old_root = front.serials_for(TD)
@@ -106,14 +110,21 @@ def test_ca_root_rotation_under_load(fresh_node):
     finally:
         results = load.stop()
     assert results.get(200, 0) > 50 and set(results) == {200}, f"{results} {load.errors}"
-    certs = [c for c in front.sds_certificates()
-             if any(s.get("uri") == FRONTEND for s in c.get("subject_alt_names", []))]
-    # The leaf now chains to the new root (its issuer's key is the new root's).
+    # The leaf Envoy holds (the identity's one certificate) now chains to the new root alone.
+    _, secrets = fetch(node, node.signer.token("demo", "frontend"), ["default", "ROOTCA"])
+    leaf_serials = {format(x509.load_pem_x509_certificate(
+        secrets["default"].tls_certificate.certificate_chain.inline_bytes).serial_number, "x")}
+    assert {s.lstrip("0") for s in front.serials_for(FRONTEND)} == {s.lstrip("0") for s in leaf_serials}
+    (tmp_path / "chain.pem").write_bytes(secrets["default"].tls_certificate.certificate_chain.inline_bytes)
+    (tmp_path / "bundle.pem").write_bytes(secrets["ROOTCA"].validation_context.trusted_ca.inline_bytes)
+    assert secrets["ROOTCA"].validation_context.trusted_ca.inline_bytes.count(b"BEGIN CERTIFICATE") == 1
+    verify = subprocess.run(["openssl", "verify", "-CAfile", tmp_path / "bundle.pem", tmp_path / "chain.pem"],
+                            capture_output=True, text=True, timeout=30)
+    assert verify.returncode == 0, verify.stdout + verify.stderr
     log = node.agent.output()
     for phase in ("prepared the next root", "now signing with the new root", "retired old root"):
         assert phase in log, phase
     assert front.stats()["server.hot_restart_epoch"] == 0
-    assert certs
 
 
 def test_stream_ends_before_the_token_expires_and_envoy_reconnects_with_the_new_one(fresh_node):

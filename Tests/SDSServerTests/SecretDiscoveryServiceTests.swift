@@ -81,6 +81,43 @@ import X509
         }
     }
 
+    @Test func manyStreamsOfOneIdentityShareOneCertificateAllGetTheRotationAndLeaveNoWatchers() async throws {
+        let clock = ManualClock()
+        let metadata = SDSTestClient.metadata(token: tokens.token())
+        let firstResponses = Counter()
+        try await withClient(clock: clock) { client, cache in
+            let serials = try await withThrowingTaskGroup(of: [String].self) { group in
+                for _ in 0..<20 {
+                    group.addTask {
+                        try await SDSTestClient.withStream(client, metadata: metadata) { session in
+                            session.send(SDSTestClient.request(["default"]))
+                            let first = try #require(try await session.next())
+                            firstResponses.increment()
+                            let second = try #require(try await session.next())  // the push
+                            return [first.versionInfo, second.versionInfo]
+                        }
+                    }
+                }
+                // Rotate once all 20 streams have their first response.
+                let deadline = ContinuousClock.now + .seconds(20)
+                while firstResponses.count < 20 {
+                    guard ContinuousClock.now < deadline else { throw CancellationError() }
+                    try await Task.sleep(for: .milliseconds(10))
+                }
+                clock.advance(1801)
+                await cache.maintain()
+                return try await group.reduce(into: [[String]]()) { $0.append($1) }
+            }
+            #expect(Set(serials.map { $0[0] }).count == 1, "one certificate for the identity")
+            #expect(Set(serials.map { $0[1] }).count == 1 && serials[0][1] != serials[0][0], "every stream got the rotation")
+            #expect(await cache.issuedCertificates == 2)
+            // Every stream ended: every watcher is gone.
+            let deadline = ContinuousClock.now + .seconds(10)
+            while cache.watcherCount > 0 && ContinuousClock.now < deadline { try await Task.sleep(for: .milliseconds(10)) }
+            #expect(cache.watcherCount == 0)
+        }
+    }
+
     @Test func aStreamEndsWithUnavailableBeforeItsTokenExpires() async throws {
         // Token valid for 31 s, margin 30 s: the stream must end after about a second.
         let metadata = SDSTestClient.metadata(token: tokens.token(ttl: 31))

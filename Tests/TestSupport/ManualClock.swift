@@ -8,3 +8,11 @@ public final class ManualClock: Sendable {
     public var now: Date { value.withLock { $0 } }
     public func advance(_ seconds: TimeInterval) { value.withLock { $0 += seconds } }
 }
+
+/// A counter that concurrent test tasks can share.
+public final class Counter: Sendable {
+    private let value = Mutex(0)
+    public init() {}
+    public func increment() { value.withLock { $0 += 1 } }
+    public var count: Int { value.withLock { $0 } }
+}
