@@ -13,6 +13,9 @@ echo "== swift test" >&2
 swift build --build-tests
 swift test --skip-build
 
+echo "== release build (the container image's build stage: Deploy/Dockerfile)" >&2
+scripts/build-release.sh run/release
+
 echo "== end-to-end with real Envoys" >&2
 swift build --product sds-agent
 SDS_AGENT_BIN="$(swift build --show-bin-path)/sds-agent" ENVOY_BIN="$PWD/.venv/bin/envoy" \

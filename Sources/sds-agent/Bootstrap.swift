@@ -3,7 +3,7 @@ import Foundation
 import SDSAgent
 
 /// `sds-agent bootstrap`: renders the Envoy sidecar bootstrap template.
-struct Bootstrap: ParsableCommand {
+struct Bootstrap: AsyncParsableCommand {
     static let configuration = CommandConfiguration(
         abstract: "Render envoy-bootstrap/envoy-sidecar.yaml for one sidecar (see envoy-bootstrap/README.md).")
 
@@ -51,7 +51,13 @@ struct Bootstrap: ParsableCommand {
     @Option(help: "SDS API type: GRPC (state of the world) or DELTA_GRPC (incremental).")
     var sdsApiType = "GRPC"
 
-    func run() throws {
+    @Option(help: "First wait (up to this long, e.g. 120s) until the agent answers on --socket: a sidecar's start gate.", transform: parseDuration)
+    var waitForAgent: Duration?
+
+    func run() async throws {
+        if let waitForAgent {
+            try await AgentProbe.waitUntilServing(socket: socket, wait: waitForAgent)
+        }
         var bootstrap = SidecarBootstrap(
             sdsSocket: socket, tokenFile: tokenFile, nodeID: nodeId, nodeCluster: nodeCluster, adminPort: adminPort,
             inboundPort: inboundPort, appPort: appPort, outboundPort: outboundPort, upstreamAddress: upstreamAddress,

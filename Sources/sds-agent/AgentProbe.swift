@@ -1,0 +1,48 @@
+import ArgumentParser
+import EnvoyAPI
+import Foundation
+import GRPCCore
+import GRPCNIOTransportHTTP2
+import SDSServer
+
+/// Asks an agent on a socket whether it serves: an unauthenticated FetchSecrets call, to which a
+/// serving agent answers `unauthenticated`. Used by `check` and `bootstrap --wait-for-agent`.
+enum AgentProbe {
+    /// Returns once an agent answers on `socket`, retrying for up to `wait`; throws otherwise.
+    static func waitUntilServing(socket: String, wait: Duration) async throws {
+        let clock = ContinuousClock()
+        let deadline = clock.now + wait
+        var lastError = "no attempt made"
+        repeat {
+            if FileManager.default.fileExists(atPath: socket) {
+                do {
+                    try await probe(socket)
+                    return
+                } catch {
+                    lastError = "\(error)"
+                }
+            } else {
+                lastError = "\(socket) does not exist"
+            }
+            if clock.now < deadline { try await Task.sleep(for: .milliseconds(100)) }
+        } while clock.now < deadline
+        throw ValidationError("no sds-agent answering on \(socket) after \(wait): \(lastError)")
+    }
+
+    private static func probe(_ socket: String) async throws {
+        try await withGRPCClient(
+            transport: .http2NIOPosix(target: .unixDomainSocket(path: socket), transportSecurity: .plaintext)
+        ) { client in
+            let sds = Envoy_Service_Secret_V3_SecretDiscoveryService.Client(wrapping: client)
+            var options = CallOptions.defaults
+            options.timeout = .seconds(2)
+            do {
+                _ = try await sds.fetchSecrets(
+                    Envoy_Service_Discovery_V3_DiscoveryRequest(), metadata: [CallerToken.probeHeader: "1"],
+                    options: options)
+            } catch let error as RPCError where error.code == .unauthenticated {
+                return  // the agent answered, and refused an anonymous caller, as it should
+            }
+        }
+    }
+}

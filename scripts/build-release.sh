@@ -1,0 +1,26 @@
+#!/usr/bin/env bash
+# build-release.sh OUT_DIR: the release build the container image ships (Deploy/Dockerfile runs
+# exactly this, and so does CI, which proves the recipe without a Docker engine):
+# a release sds-agent with the Swift runtime linked statically, and the sidecar template.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+export PATH="/opt/swift/usr/bin:$PATH"
+out=${1:?usage: build-release.sh OUT_DIR}
+scratch=${SDS_RELEASE_SCRATCH:-.build-release}
+
+swift build -c release --static-swift-stdlib --product sds-agent --scratch-path "$scratch"
+bin=$(swift build -c release --static-swift-stdlib --scratch-path "$scratch" --show-bin-path)
+
+mkdir -p "$out/bin" "$out/etc/sds-agent"
+install -m 0755 "$bin/sds-agent" "$out/bin/sds-agent"
+strip "$out/bin/sds-agent"  # symbols are half its size; the image ships the stripped binary
+install -m 0644 envoy-bootstrap/envoy-sidecar.yaml "$out/etc/sds-agent/envoy-sidecar.yaml"
+
+# The image has no Swift runtime: the binary must not need one.
+if ldd "$out/bin/sds-agent" | grep -q 'libswift\|libFoundation\|libdispatch'; then
+  echo "sds-agent links the Swift runtime dynamically:" >&2
+  ldd "$out/bin/sds-agent" >&2
+  exit 1
+fi
+"$out/bin/sds-agent" --help >/dev/null
+echo "built $out/bin/sds-agent ($(du -h "$out/bin/sds-agent" | cut -f1))"
