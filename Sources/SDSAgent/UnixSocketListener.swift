@@ -24,17 +24,7 @@ enum UnixSocketListener {
 
         let fd = socket(AF_UNIX, Int32(SOCK_STREAM.rawValue), 0)
         guard fd >= 0 else { throw ListenerError(path: path, "socket(): \(errnoText())") }
-        var address = sockaddr_un()
-        address.sun_family = sa_family_t(AF_UNIX)
-        withUnsafeMutableBytes(of: &address.sun_path) { buffer in
-            buffer.copyBytes(from: path.utf8)
-            buffer[path.utf8.count] = 0
-        }
-        let bound = withUnsafePointer(to: &address) {
-            $0.withMemoryRebound(to: sockaddr.self, capacity: 1) {
-                Foundation.bind(fd, $0, socklen_t(MemoryLayout<sockaddr_un>.size))
-            }
-        }
+        let bound = withAddress(of: path) { Foundation.bind(fd, $0, $1) }
         guard bound == 0 else {
             let text = errnoText()
             close(fd)
@@ -62,21 +52,24 @@ enum UnixSocketListener {
         // A socket someone still listens on belongs to a running agent: do not steal it.
         let probe = socket(AF_UNIX, Int32(SOCK_STREAM.rawValue), 0)
         defer { close(probe) }
+        let connected = withAddress(of: path) { connect(probe, $0, $1) }
+        if connected == 0 {
+            throw ListenerError(path: path, "another process is listening on this socket (is an agent already running?)")
+        }
+        guard unlink(path) == 0 else { throw ListenerError(path: path, "cannot remove stale socket: \(errnoText())") }
+    }
+
+    /// Calls `body` with `path` as a `sockaddr_un` (the caller has checked its length).
+    private static func withAddress<T>(of path: String, _ body: (UnsafePointer<sockaddr>, socklen_t) -> T) -> T {
         var address = sockaddr_un()
         address.sun_family = sa_family_t(AF_UNIX)
         withUnsafeMutableBytes(of: &address.sun_path) { buffer in
             buffer.copyBytes(from: path.utf8)
             buffer[path.utf8.count] = 0
         }
-        let connected = withUnsafePointer(to: &address) {
-            $0.withMemoryRebound(to: sockaddr.self, capacity: 1) {
-                connect(probe, $0, socklen_t(MemoryLayout<sockaddr_un>.size))
-            }
+        return withUnsafePointer(to: &address) {
+            $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { body($0, socklen_t(MemoryLayout<sockaddr_un>.size)) }
         }
-        if connected == 0 {
-            throw ListenerError(path: path, "another process is listening on this socket (is an agent already running?)")
-        }
-        guard unlink(path) == 0 else { throw ListenerError(path: path, "cannot remove stale socket: \(errnoText())") }
     }
 
     private static func errnoText() -> String {

@@ -51,9 +51,7 @@ struct DeltaStream: Sendable {
                 switch event {
                 case .request(let message):
                     if node == nil, message.hasNode { node = NodeSummary(message.node) }
-                    guard message.typeURL.isEmpty || message.typeURL == SecretResources.typeURL else {
-                        throw RPCError(code: .invalidArgument, message: "type_url '\(message.typeURL)' is not \(SecretResources.typeURL)")
-                    }
+                    try SecretResources.checkTypeURL(message.typeURL)
                     try SecretDiscoveryService.validate(
                         names: message.resourceNamesSubscribe, configuration: configuration, resolver: resolver)
                     let action = machine.receive(
@@ -83,14 +81,8 @@ struct DeltaStream: Sendable {
                     break loop
                 }
             }
-        } catch let error as RPCError {
-            reason = "\(error.code): \(error.message)"
-            throw error
-        } catch is CancellationError {
-            reason = "Envoy went away, or the agent is shutting down"
-            throw CancellationError()
         } catch {
-            reason = "\(error)"
+            reason = StreamEvents.endReason(error)
             throw error
         }
     }

@@ -120,9 +120,7 @@ public struct SecretDiscoveryService: Envoy_Service_Secret_V3_SecretDiscoverySer
 extension SecretDiscoveryService {
     /// Checks a request's type URL and names; the error tells Envoy's operator what is served.
     func validate(typeURL: String, names: [String], resolver: ResourceResolver) throws {
-        guard typeURL.isEmpty || typeURL == SecretResources.typeURL else {
-            throw RPCError(code: .invalidArgument, message: "type_url '\(typeURL)' is not \(SecretResources.typeURL)")
-        }
+        try SecretResources.checkTypeURL(typeURL)
         try Self.validate(names: names, configuration: configuration, resolver: resolver)
     }
 

@@ -1,5 +1,6 @@
 import EnvoyAPI
 import Foundation
+import GRPCCore
 import SDSModel
 import SwiftProtobuf
 
@@ -7,6 +8,13 @@ import SwiftProtobuf
 package enum SecretResources {
     /// The type URL of `envoy.extensions.transport_sockets.tls.v3.Secret`.
     package static let typeURL = "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.Secret"
+
+    /// Refuses a request for another resource type (an empty type URL is tolerated).
+    package static func checkTypeURL(_ typeURL: String) throws {
+        guard typeURL.isEmpty || typeURL == Self.typeURL else {
+            throw RPCError(code: .invalidArgument, message: "type_url '\(typeURL)' is not \(Self.typeURL)")
+        }
+    }
 
     /// A `tls_certificate` secret: the full chain and the private key, inline.
     package static func tlsCertificate(named name: String, from secret: WorkloadSecret)

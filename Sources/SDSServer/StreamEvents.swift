@@ -24,6 +24,15 @@ enum StreamEvents {
                 .map { _ in StreamEvent<Request>.credentialExpiring })
     }
 
+    /// Why a stream ended, in words, for its one closing log line.
+    static func endReason(_ error: any Error) -> String {
+        switch error {
+        case let error as RPCError: "\(error.code): \(error.message)"
+        case is CancellationError: "Envoy went away, or the agent is shutting down"
+        default: "\(error)"
+        }
+    }
+
     /// The error that ends a stream whose token is about to expire: Envoy reconnects at once
     /// with the token file it re-reads for every new stream.
     static func credentialExpiring(_ expiry: Date) -> RPCError {
