@@ -26,7 +26,7 @@ let package = Package(
         .executableTarget(
             name: "sds-agent",
             dependencies: [
-                "SDSAgent", "SDSServer", "SecretCache", "EnvoyAPI",
+                "SDSAgent", "SDSServer", "SecretCache", "WorkloadAuthentication", "EnvoyAPI",
                 .product(name: "ArgumentParser", package: "swift-argument-parser"),
                 .product(name: "GRPCCore", package: "grpc-swift-2"),
                 .product(name: "GRPCNIOTransportHTTP2", package: "grpc-swift-nio-transport"),
@@ -131,7 +131,7 @@ let package = Package(
         .testTarget(
             name: "SDSAgentTests",
             dependencies: [
-                "SDSAgent", "SDSServer", "SecretCache", "EnvoyAPI", "TestSupport",
+                "SDSAgent", "SDSServer", "SecretCache", "WorkloadAuthentication", "EnvoyAPI", "TestSupport",
                 .product(name: "GRPCCore", package: "grpc-swift-2"),
                 .product(name: "GRPCNIOTransportHTTP2", package: "grpc-swift-nio-transport"),
             ]

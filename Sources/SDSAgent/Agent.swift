@@ -65,7 +65,8 @@ public struct Agent: Service {
             configuration: .init(
                 workloadSecretName: configuration.workloadSecretName,
                 validationContextNames: configuration.effectiveValidationContextNames,
-                tokenHeaderKey: configuration.tokenHeader, tokenExpiryMargin: configuration.tokenExpiryMargin),
+                tokenHeaderKey: configuration.tokenHeader, tokenExpiryMargin: configuration.tokenExpiryMargin,
+                authorization: configuration.authorization),
             authenticator: authenticator, secrets: cache, logger: logger, now: now)
         logger.info(
             "keys and CA loaded",

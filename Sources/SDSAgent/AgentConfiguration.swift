@@ -1,6 +1,7 @@
 import Foundation
 import SDSModel
 import SecretCache
+import WorkloadAuthentication
 
 /// Everything `sds-agent serve` needs, validated before anything starts.
 public struct AgentConfiguration: Sendable {
@@ -46,6 +47,8 @@ public struct AgentConfiguration: Sendable {
     public var tokenExpiryMargin: Duration = .seconds(30)
     /// After a manual CA rotation (SIGUSR1), how long old + new roots are published before the switch.
     public var caActivationDelay: Duration = .seconds(30)
+    /// Who may get identities (allow/deny rules on namespaces and service accounts).
+    public var authorization: AuthorizationPolicy = .allowAll
 
     public init(
         socketPath: String = "/var/run/sds-agent/sds.sock", socketMode: UInt16 = 0o660,
@@ -102,6 +105,9 @@ public struct AgentConfiguration: Sendable {
         guard (0.1...0.9).contains(rotation.fraction) else { throw fail("--rotation-fraction must be between 0.1 and 0.9") }
         guard (0...0.5).contains(rotation.jitter) else { throw fail("--rotation-jitter must be between 0 and 0.5") }
         guard tokenExpiryMargin >= .zero else { throw fail("--token-expiry-margin must not be negative") }
+        if let rule = authorization.malformedRule() {
+            throw fail("authorization rule '\(rule)' is malformed: namespaces are NAME or PREFIX*, service accounts NAMESPACE/NAME")
+        }
     }
 }
 

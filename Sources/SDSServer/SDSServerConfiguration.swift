@@ -1,4 +1,6 @@
-/// Which secret names the server answers and how callers present their token.
+import WorkloadAuthentication
+
+/// Which secret names the server answers, how callers present their token, and who is allowed.
 public struct SDSServerConfiguration: Sendable {
     /// The name under which a workload gets its own certificate and key (Istio's `default`).
     public var workloadSecretName: String
@@ -11,12 +13,15 @@ public struct SDSServerConfiguration: Sendable {
     public var maxResourceNamesPerRequest: Int
     /// A stream ends this long before the token it was opened with expires.
     public var tokenExpiryMargin: Duration
+    /// Who may get identities, decided after authentication.
+    public var authorization: AuthorizationPolicy
 
     public init(
         workloadSecretName: String = "default", validationContextNames: Set<String>,
         tokenHeaderKey: String = "istio_sds_credentials_header-bin", maxResourceNamesPerRequest: Int = 64,
-        tokenExpiryMargin: Duration = .seconds(30)
+        tokenExpiryMargin: Duration = .seconds(30), authorization: AuthorizationPolicy = .allowAll
     ) {
+        self.authorization = authorization
         self.tokenExpiryMargin = tokenExpiryMargin
         self.workloadSecretName = workloadSecretName
         self.validationContextNames = validationContextNames

@@ -89,7 +89,8 @@ public struct SecretDiscoveryService: Envoy_Service_Secret_V3_SecretDiscoverySer
         return .milliseconds(Int64(max(1, seconds) * 1000))
     }
 
-    /// Verifies the caller's token; every failure is `unauthenticated` with the reason, never the token.
+    /// Verifies the caller's token (failures: `unauthenticated`, with the reason, never the token),
+    /// then the authorization policy (refusals: `permission_denied`).
     private func authenticate(_ metadata: Metadata, context: ServerContext) async throws -> AuthenticatedCaller {
         guard let token = CallerToken.extract(from: metadata, headerKey: configuration.tokenHeaderKey) else {
             let isProbe = metadata[stringValues: CallerToken.probeHeader].contains { _ in true }
@@ -103,8 +104,9 @@ public struct SecretDiscoveryService: Envoy_Service_Secret_V3_SecretDiscoverySer
                 code: .unauthenticated,
                 message: "no service-account token: send it in '\(configuration.tokenHeaderKey)' or 'authorization: Bearer'")
         }
+        let caller: AuthenticatedCaller
         do {
-            return try await authenticator.authenticate(token: token)
+            caller = try await authenticator.authenticate(token: token)
         } catch {
             logger.warning(
                 "rejected SDS call: token failed verification",
@@ -114,6 +116,16 @@ public struct SecretDiscoveryService: Envoy_Service_Secret_V3_SecretDiscoverySer
                 ])
             throw RPCError(code: .unauthenticated, message: "token rejected: \(error)")
         }
+        if case .denied(let reason) = configuration.authorization.evaluate(caller) {
+            logger.warning(
+                "refused SDS call: caller not authorized by policy",
+                metadata: [
+                    "method": "\(context.descriptor.method)", "spiffe_id": "\(caller.spiffeID)", "reason": "\(reason)",
+                    "sub": "\(caller.subject)", "kid": "\(caller.keyID ?? "-")",
+                ])
+            throw RPCError(code: .permissionDenied, message: "\(caller.spiffeID) is not allowed here: \(reason)")
+        }
+        return caller
     }
 }
 

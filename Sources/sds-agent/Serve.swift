@@ -3,6 +3,7 @@ import Foundation
 import Logging
 import SDSAgent
 import SecretCache
+import WorkloadAuthentication
 import ServiceLifecycle
 
 /// `sds-agent serve`: the agent itself. Its flags are a public contract (scripts, manifests).
@@ -76,6 +77,18 @@ struct Serve: AsyncParsableCommand {
     @Option(help: "After a manual CA rotation (SIGUSR1), publish old + new roots this long before switching, e.g. 30s.", transform: parseDuration)
     var caActivationDelay: Duration = .seconds(30)
 
+    @Option(help: "Only callers in these namespaces get identities (repeatable; 'team-*' matches a prefix).")
+    var allowNamespace: [String] = []
+
+    @Option(help: "Callers in these namespaces never get identities (repeatable; beats any allow rule).")
+    var denyNamespace: [String] = []
+
+    @Option(help: "Only these service accounts get identities, as NAMESPACE/NAME (repeatable; 'demo/*' allowed).")
+    var allowServiceAccount: [String] = []
+
+    @Option(help: "These service accounts never get identities, as NAMESPACE/NAME (repeatable).")
+    var denyServiceAccount: [String] = []
+
     @Option(help: "Log level: trace, debug, info, notice, warning, error.")
     var logLevel = "info"
 
@@ -101,6 +114,9 @@ struct Serve: AsyncParsableCommand {
         configuration.idleTTL = idleTtl
         configuration.tokenExpiryMargin = tokenExpiryMargin
         configuration.caActivationDelay = caActivationDelay
+        configuration.authorization = AuthorizationPolicy(
+            allowNamespaces: allowNamespace, denyNamespaces: denyNamespace,
+            allowServiceAccounts: allowServiceAccount, denyServiceAccounts: denyServiceAccount)
         do {
             let agent = try await Agent.make(configuration: configuration, logger: logger)
             let group = ServiceGroup(

@@ -68,3 +68,28 @@ def test_a_bad_token_gets_no_certificate_and_tls_fails(node, envoys):
     assert "token failed verification" in log and "reason=bad_signature" in log
     assert forged not in log, "the agent must never log a token"
     assert client.stats().get("sds.default.update_success", 0) == 0
+
+
+def test_a_namespace_the_policy_denies_gets_no_certificate_while_an_allowed_one_works(tmp_path):
+    # Its own agent: only namespace `demo` may get identities.
+    from conftest import AGENT_BIN, ENVOY_BIN
+    from sdsdemo.node import Node
+    node = Node(str(tmp_path / "node"), AGENT_BIN, ENVOY_BIN)
+    try:
+        node.start_agent("--allow-namespace", "demo")
+        app = node.start_app("backend")
+        server = node.start_envoy("backend", node.token_file("backend", "demo", "backend"), app_port=app,
+                                  allow_ids=[f"{TD}/ns/demo/*", f"{TD}/ns/other/*"])
+        allowed = node.start_envoy("allowed", node.token_file("allowed", "demo", "frontend"),
+                                   upstream_port=server.inbound_port, upstream_ids=[BACKEND])
+        denied = node.start_envoy("denied", node.token_file("denied", "other", "frontend"),
+                                  upstream_port=server.inbound_port, upstream_ids=[BACKEND], initial_fetch_timeout="1s")
+        assert allowed.get("/hello")[0] == 200
+        assert denied.get("/hello")[0] == 503
+        assert not denied.serials_for(f"{TD}/ns/other/sa/frontend")
+        log = node.agent.output()
+        assert "caller not authorized by policy" in log and "other/frontend matches no allow rule" in log
+        assert "spiffe://cluster.local/ns/other/sa/frontend" not in [
+            line.split("spiffe_id=")[1].split()[0] for line in log.splitlines() if "issued workload certificate" in line]
+    finally:
+        node.stop_all()

@@ -16,6 +16,7 @@ import X509
     @discardableResult
     func withClient<Result: Sendable>(
         clock: ManualClock = ManualClock(), tokenExpiryMargin: Duration = .seconds(30),
+        authorization: AuthorizationPolicy = .allowAll,
         _ body: @Sendable @escaping (Envoy_Service_Secret_V3_SecretDiscoveryService.Client<InProcessTransport.Client>, SecretCache) async throws -> Result
     ) async throws -> Result {
         let keys = try await VerificationKeySet(jwksJSON: tokens.jwksJSON())
@@ -26,7 +27,9 @@ import X509
             issuer: TestPKI.ca(now: { clock.now }), configuration: .init(certificateTTL: .seconds(3600), rotation: .init(jitter: 0)),
             logger: TestPKI.quietLogger, now: { clock.now })
         let service = SecretDiscoveryService(
-            configuration: .init(validationContextNames: ["ROOTCA", "spiffe://cluster.local"], tokenExpiryMargin: tokenExpiryMargin),
+            configuration: .init(
+                validationContextNames: ["ROOTCA", "spiffe://cluster.local"], tokenExpiryMargin: tokenExpiryMargin,
+                authorization: authorization),
             authenticator: authenticator, secrets: cache, logger: TestPKI.quietLogger)
         let transport = InProcessTransport()
         return try await withGRPCServer(transport: transport.server, services: [service]) { _ in
@@ -166,6 +169,23 @@ import X509
                 #expect(error.code == .unauthenticated)
             }
             #expect(await cache.issuedCertificates == 0)
+        }
+    }
+
+    @Test func aCallerThePolicyDeniesGetsPermissionDeniedAndNoCertificate() async throws {
+        let denied = SDSTestClient.metadata(token: tokens.token(namespace: "other", serviceAccount: "frontend"))
+        let allowed = SDSTestClient.metadata(token: tokens.token(namespace: "demo", serviceAccount: "frontend"))
+        try await withClient(authorization: AuthorizationPolicy(allowNamespaces: ["demo"])) { client, cache in
+            do {
+                _ = try await client.fetchSecrets(SDSTestClient.request(["default"]), metadata: denied)
+                Issue.record("a denied namespace was served")
+            } catch let error as RPCError {
+                #expect(error.code == .permissionDenied)
+                #expect(error.message.contains("other/frontend"))
+            }
+            #expect(await cache.issuedCertificates == 0)
+            _ = try await client.fetchSecrets(SDSTestClient.request(["default"]), metadata: allowed)
+            #expect(await cache.issuedCertificates == 1)
         }
     }
 

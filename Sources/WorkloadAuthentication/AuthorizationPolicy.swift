@@ -1,0 +1,64 @@
+import SDSModel
+
+/// Which authenticated callers may get identities from this agent, evaluated after authentication.
+///
+/// Rules match namespaces (`demo`, or a prefix `team-*`) and service accounts (`demo/frontend`,
+/// `demo/*`). A deny rule beats an allow rule; with no allow rule, every caller not denied is
+/// allowed. Decisions are values, not errors, so they can be logged and tested as such.
+public struct AuthorizationPolicy: Sendable, Equatable {
+    /// The outcome for one caller.
+    public enum Decision: Sendable, Equatable {
+        case allowed
+        /// Refused; the reason names the rule (or the missing allow rule).
+        case denied(reason: String)
+    }
+
+    public var allowNamespaces: [String]
+    public var denyNamespaces: [String]
+    public var allowServiceAccounts: [String]
+    public var denyServiceAccounts: [String]
+
+    /// A policy that allows everyone.
+    public static let allowAll = AuthorizationPolicy()
+
+    public init(
+        allowNamespaces: [String] = [], denyNamespaces: [String] = [], allowServiceAccounts: [String] = [],
+        denyServiceAccounts: [String] = []
+    ) {
+        self.allowNamespaces = allowNamespaces
+        self.denyNamespaces = denyNamespaces
+        self.allowServiceAccounts = allowServiceAccounts
+        self.denyServiceAccounts = denyServiceAccounts
+    }
+
+    /// Checks every rule's syntax; returns the first malformed rule, or nil.
+    public func malformedRule() -> String? {
+        let namespaceRules = allowNamespaces + denyNamespaces
+        let accountRules = allowServiceAccounts + denyServiceAccounts
+        if let bad = namespaceRules.first(where: { $0.isEmpty || $0.contains("/") }) { return bad }
+        return accountRules.first { $0.split(separator: "/", omittingEmptySubsequences: false).count != 2 }
+    }
+
+    /// The decision for `caller`.
+    public func evaluate(_ caller: AuthenticatedCaller) -> Decision {
+        let account = "\(caller.namespace)/\(caller.serviceAccount)"
+        if let rule = denyNamespaces.first(where: { Self.matches($0, caller.namespace) }) {
+            return .denied(reason: "namespace \(caller.namespace) is denied by rule '\(rule)'")
+        }
+        if let rule = denyServiceAccounts.first(where: { Self.matches($0, account) }) {
+            return .denied(reason: "service account \(account) is denied by rule '\(rule)'")
+        }
+        if allowNamespaces.isEmpty && allowServiceAccounts.isEmpty { return .allowed }
+        if allowNamespaces.contains(where: { Self.matches($0, caller.namespace) })
+            || allowServiceAccounts.contains(where: { Self.matches($0, account) })
+        {
+            return .allowed
+        }
+        return .denied(reason: "\(account) matches no allow rule")
+    }
+
+    /// Exact match, or prefix match for a rule ending in `*`.
+    static func matches(_ rule: String, _ value: String) -> Bool {
+        rule.hasSuffix("*") ? value.hasPrefix(rule.dropLast()) : rule == value
+    }
+}
