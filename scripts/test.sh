@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# Runs every test: the generated-code check, the Swift unit and socket suites, and the
-# end-to-end suites with real Envoys. Installs what it needs (apt, project-local .venv).
+# Runs every test: the generated-code check, the Swift unit and socket suites, the release build
+# the container image ships, and the pytest suites (real Envoys end to end, Deploy/ checks).
+# Installs what it needs (apt, project-local .venv).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export PATH="/opt/swift/usr/bin:$PATH"
