@@ -20,13 +20,18 @@ let package = Package(
         .package(url: "https://github.com/apple/swift-log.git", from: "1.16.2"),
         .package(url: "https://github.com/swift-server/swift-service-lifecycle.git", from: "2.13.0"),
         .package(url: "https://github.com/apple/swift-async-algorithms.git", from: "1.1.4"),
+        .package(url: "https://github.com/apple/swift-nio.git", from: "2.101.3"),
+        .package(url: "https://github.com/apple/swift-nio-http2.git", from: "1.46.0"),
+        .package(url: "https://github.com/apple/swift-metrics.git", from: "2.13.0"),
+        .package(url: "https://github.com/swift-server/async-http-client.git", from: "1.37.0"),
+        .package(url: "https://github.com/apple/swift-nio-ssl.git", from: "2.37.6"),
     ],
     targets: [
         // Executable: parses the command line, bootstraps logging, runs the agent. Thin.
         .executableTarget(
             name: "sds-agent",
             dependencies: [
-                "SDSAgent", "SDSServer", "SecretCache", "WorkloadAuthentication", "EnvoyAPI",
+                "SDSAgent", "SDSServer", "SecretCache", "WorkloadAuthentication", "EnvoyAPI", "KubernetesAPI",
                 .product(name: "ArgumentParser", package: "swift-argument-parser"),
                 .product(name: "GRPCCore", package: "grpc-swift-2"),
                 .product(name: "GRPCNIOTransportHTTP2", package: "grpc-swift-nio-transport"),
@@ -38,12 +43,14 @@ let package = Package(
         .target(
             name: "SDSAgent",
             dependencies: [
-                "SDSModel", "SDSServer", "SecretCache", "CertificateAuthority", "WorkloadAuthentication",
+                "SDSModel", "SDSServer", "SecretCache", "CertificateAuthority", "WorkloadAuthentication", "KubernetesAPI",
                 .product(name: "GRPCCore", package: "grpc-swift-2"),
                 .product(name: "GRPCNIOTransportHTTP2", package: "grpc-swift-nio-transport"),
                 .product(name: "ServiceLifecycle", package: "swift-service-lifecycle"),
                 .product(name: "UnixSignals", package: "swift-service-lifecycle"),
                 .product(name: "X509", package: "swift-certificates"),
+                .product(name: "NIOCore", package: "swift-nio"),
+                .product(name: "NIOHTTP2", package: "swift-nio-http2"),
                 .product(name: "Logging", package: "swift-log"),
             ]
         ),
@@ -54,6 +61,7 @@ let package = Package(
                 "SDSModel", "EnvoyAPI", "SecretCache", "WorkloadAuthentication",
                 .product(name: "GRPCCore", package: "grpc-swift-2"),
                 .product(name: "AsyncAlgorithms", package: "swift-async-algorithms"),
+                .product(name: "CoreMetrics", package: "swift-metrics"),
                 .product(name: "Logging", package: "swift-log"),
             ]
         ),
@@ -80,13 +88,25 @@ let package = Package(
                 .product(name: "ServiceLifecycle", package: "swift-service-lifecycle"),
             ]
         ),
-        // Caller authentication: Kubernetes service-account JWT verification.
+        // Caller authentication: Kubernetes service-account JWT verification (JWKS file, OIDC
+        // discovery, TokenReview), authorization and peer policies.
         .target(
             name: "WorkloadAuthentication",
             dependencies: [
-                "SDSModel",
+                "SDSModel", "KubernetesAPI",
                 .product(name: "JWTKit", package: "jwt-kit"),
+                .product(name: "Crypto", package: "swift-crypto"),
                 .product(name: "Logging", package: "swift-log"),
+            ]
+        ),
+        // HTTPS to the Kubernetes API server with the agent's own token and the cluster CA.
+        .target(
+            name: "KubernetesAPI",
+            dependencies: [
+                .product(name: "AsyncHTTPClient", package: "async-http-client"),
+                .product(name: "NIOCore", package: "swift-nio"),
+                .product(name: "NIOHTTP1", package: "swift-nio"),
+                .product(name: "NIOSSL", package: "swift-nio-ssl"),
             ]
         ),
         // Small shared value types.
@@ -105,7 +125,9 @@ let package = Package(
         .testTarget(name: "SDSModelTests", dependencies: ["SDSModel"]),
         .testTarget(
             name: "WorkloadAuthenticationTests",
-            dependencies: ["WorkloadAuthentication", "TestSupport", .product(name: "Crypto", package: "swift-crypto")]
+            dependencies: [
+                "WorkloadAuthentication", "KubernetesAPI", "TestSupport", .product(name: "Crypto", package: "swift-crypto"),
+            ]
         ),
         .testTarget(
             name: "CertificateAuthorityTests",
@@ -122,16 +144,17 @@ let package = Package(
         .testTarget(
             name: "SDSServerTests",
             dependencies: [
-                "SDSServer", "EnvoyAPI", "TestSupport", "SecretCache", "WorkloadAuthentication",
+                "SDSServer", "SDSModel", "EnvoyAPI", "TestSupport", "SecretCache", "WorkloadAuthentication",
                 .product(name: "GRPCCore", package: "grpc-swift-2"),
                 .product(name: "GRPCInProcessTransport", package: "grpc-swift-2"),
                 .product(name: "X509", package: "swift-certificates"),
+                .product(name: "MetricsTestKit", package: "swift-metrics"),
             ]
         ),
         .testTarget(
             name: "SDSAgentTests",
             dependencies: [
-                "SDSAgent", "SDSServer", "SecretCache", "WorkloadAuthentication", "EnvoyAPI", "TestSupport",
+                "SDSAgent", "SDSModel", "SDSServer", "SecretCache", "WorkloadAuthentication", "EnvoyAPI", "TestSupport",
                 .product(name: "GRPCCore", package: "grpc-swift-2"),
                 .product(name: "GRPCNIOTransportHTTP2", package: "grpc-swift-nio-transport"),
             ]
@@ -144,6 +167,12 @@ let package = Package(
                 .product(name: "Crypto", package: "swift-crypto"),
                 .product(name: "Logging", package: "swift-log"),
                 .product(name: "GRPCCore", package: "grpc-swift-2"),
+                .product(name: "X509", package: "swift-certificates"),
+                .product(name: "SwiftASN1", package: "swift-asn1"),
+                .product(name: "NIOCore", package: "swift-nio"),
+                .product(name: "NIOPosix", package: "swift-nio"),
+                .product(name: "NIOHTTP1", package: "swift-nio"),
+                .product(name: "NIOSSL", package: "swift-nio-ssl"),
             ],
             path: "Tests/TestSupport"
         ),

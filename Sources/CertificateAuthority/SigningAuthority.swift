@@ -45,13 +45,6 @@ public struct SigningAuthority: Sendable {
     }
 }
 
-extension Duration {
-    /// The duration in seconds, as Foundation counts time.
-    public var timeInterval: TimeInterval {
-        Double(components.seconds) + Double(components.attoseconds) / 1e18
-    }
-}
-
 extension Certificate.SerialNumber {
     /// Lowercase hex of the serial's bytes, as `openssl x509 -serial` and Envoy's `/certs` print it.
     public var hexString: String {

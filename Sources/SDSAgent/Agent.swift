@@ -2,6 +2,7 @@ import CertificateAuthority
 import Foundation
 import GRPCCore
 import GRPCNIOTransportHTTP2
+import KubernetesAPI
 import Logging
 import SDSModel
 import SDSServer
@@ -22,6 +23,8 @@ public struct Agent: Service {
     private let ca: EmbeddedCA
     private let caChanges: AsyncStream<EmbeddedCA.Change>
     private let canRotateCA: Bool
+    private let keySource: OIDCDiscoveryKeySource?
+    private let api: KubernetesAPIClient?
     private let logger: Logger
     private let now: @Sendable () -> Date
     /// The cache, exposed for tests and diagnostics.
@@ -32,12 +35,7 @@ public struct Agent: Service {
         async throws -> Agent
     {
         try configuration.validate()
-        let keys = try await VerificationKeySet(jwksFile: configuration.jwksFile)
-        let authenticator = KubernetesTokenVerifier(
-            configuration: .init(
-                trustDomain: configuration.trustDomain, issuers: configuration.issuers,
-                audiences: configuration.audiences, clockSkew: configuration.clockSkew),
-            keys: keys, now: now)
+        let (authenticator, keySource, api) = try await makeAuthenticator(configuration, logger: logger, now: now)
 
         let authority: SigningAuthority
         var additionalRoots: [Certificate] = []
@@ -66,24 +64,70 @@ public struct Agent: Service {
                 workloadSecretName: configuration.workloadSecretName,
                 validationContextNames: configuration.effectiveValidationContextNames,
                 tokenHeaderKey: configuration.tokenHeader, tokenExpiryMargin: configuration.tokenExpiryMargin,
-                authorization: configuration.authorization),
+                authorization: configuration.authorization, peerPolicy: configuration.peerPolicy),
             authenticator: authenticator, secrets: cache, logger: logger, now: now)
         logger.info(
-            "keys and CA loaded",
+            "verifier and CA loaded",
             metadata: [
-                "jwks": "\(configuration.jwksFile)", "key_ids": "\(keys.keyIDs.sorted())",
-                "trust_domain": "\(configuration.trustDomain)", "roots": "\(ca.roots.count)",
+                "jwks": "\(configuration.jwksFile ?? "-")", "oidc_discovery": "\(configuration.oidcDiscovery)",
+                "token_review": "\(configuration.tokenReview)", "trust_domain": "\(configuration.trustDomain)",
+                "roots": "\(ca.roots.count)",
             ])
         return Agent(
             configuration: configuration, service: service, ca: ca, caChanges: caChanges, canRotateCA: !loadedFromFiles,
-            logger: logger, now: now, cache: cache)
+            keySource: keySource, api: api, logger: logger, now: now, cache: cache)
+    }
+
+    /// The token verifiers the configuration asks for, cheapest first: local keys (a JWKS file or
+    /// OIDC discovery), then the API server's TokenReview; all of them must accept a token.
+    private static func makeAuthenticator(
+        _ configuration: AgentConfiguration, logger: Logger, now: @escaping @Sendable () -> Date
+    ) async throws -> (any WorkloadAuthenticator, OIDCDiscoveryKeySource?, KubernetesAPIClient?) {
+        var api: KubernetesAPIClient?
+        if let apiConfiguration = configuration.kubernetesAPI, configuration.oidcDiscovery || configuration.tokenReview {
+            api = try KubernetesAPIClient(configuration: apiConfiguration)
+        }
+        var authenticators: [any WorkloadAuthenticator] = []
+        var keySource: OIDCDiscoveryKeySource?
+        let keys: (any VerificationKeySource)?
+        if let jwksFile = configuration.jwksFile {
+            let fileKeys = try await VerificationKeySet(jwksFile: jwksFile)
+            logger.info("JWKS loaded", metadata: ["jwks": "\(jwksFile)", "key_ids": "\(fileKeys.keyIDs.sorted())"])
+            keys = fileKeys
+        } else if configuration.oidcDiscovery, let api {
+            keySource = OIDCDiscoveryKeySource(api: api, refreshInterval: configuration.jwksRefreshInterval, logger: logger)
+            keys = keySource
+        } else {
+            keys = nil
+        }
+        if let keys {
+            authenticators.append(
+                KubernetesTokenVerifier(
+                    configuration: .init(
+                        trustDomain: configuration.trustDomain, issuers: configuration.issuers,
+                        audiences: configuration.audiences, clockSkew: configuration.clockSkew,
+                        allowLegacyTokens: configuration.allowLegacyTokens, maxTokenAge: configuration.maxTokenAge),
+                    keys: keys, now: now))
+        }
+        if configuration.tokenReview, let api {
+            authenticators.append(
+                TokenReviewAuthenticator(
+                    configuration: .init(
+                        trustDomain: configuration.trustDomain, audiences: configuration.audiences,
+                        allowLegacyTokens: configuration.allowLegacyTokens),
+                    api: api, now: now))
+        }
+        let authenticator = authenticators.count == 1 ? authenticators[0] : CombinedAuthenticator(authenticators)
+        return (authenticator, keySource, api)
     }
 
     private init(
         configuration: AgentConfiguration, service: SecretDiscoveryService, ca: EmbeddedCA,
-        caChanges: AsyncStream<EmbeddedCA.Change>, canRotateCA: Bool, logger: Logger, now: @escaping @Sendable () -> Date,
-        cache: SecretCache
+        caChanges: AsyncStream<EmbeddedCA.Change>, canRotateCA: Bool, keySource: OIDCDiscoveryKeySource?,
+        api: KubernetesAPIClient?, logger: Logger, now: @escaping @Sendable () -> Date, cache: SecretCache
     ) {
+        self.keySource = keySource
+        self.api = api
         self.configuration = configuration
         self.service = service
         self.ca = ca
@@ -104,6 +148,8 @@ public struct Agent: Service {
             listeningSocketDescriptor: Int(fd), transportSecurity: .plaintext,
             config: .defaults { config in
                 config.http2.maxConcurrentStreams = configuration.maxStreamsPerConnection
+                // Not for debugging: the one public hook that sees each stream's connection.
+                config.channelDebuggingCallbacks.onAcceptHTTP2Stream = PeerCredentialsHandler.install
             })
         let server = GRPCServer(transport: transport, services: [service])
         logger.notice(
@@ -126,6 +172,7 @@ public struct Agent: Service {
                 group.addTask { try await rotator.run() }
                 if canRotateCA { group.addTask { try await caRotator.run() } }
                 group.addTask { await relayCAChanges() }
+                if let keySource { group.addTask { await keySource.run() } }
                 group.addTask {
                     for await _ in await UnixSignalsSequence(trapping: .sigusr1) {
                         guard canRotateCA else {
@@ -143,6 +190,7 @@ public struct Agent: Service {
             logger.notice("shutting down: no new streams; open streams end")
             server.beginGracefulShutdown()
         }
+        await api?.shutdown()
     }
 
     /// Tells the cache (and through it every stream) what the CA changed, and persists a new root.

@@ -1,4 +1,5 @@
 import Foundation
+import KubernetesAPI
 import SDSModel
 import SecretCache
 import WorkloadAuthentication
@@ -11,8 +12,17 @@ public struct AgentConfiguration: Sendable {
     public var socketMode: UInt16
     /// SPIFFE trust domain, e.g. `cluster.local`.
     public var trustDomain: String
-    /// JWKS file with the keys that sign service-account tokens.
-    public var jwksFile: String
+    /// JWKS file with the keys that sign service-account tokens; nil when the keys come from
+    /// OIDC discovery or tokens are only reviewed by the API server.
+    public var jwksFile: String?
+    /// Fetch the verification keys from the API server's OIDC discovery (instead of `jwksFile`).
+    public var oidcDiscovery = false
+    /// How often discovered keys are fetched again (an unknown `kid` triggers a fetch sooner).
+    public var jwksRefreshInterval: Duration = .seconds(3600)
+    /// Have the API server review every token (TokenReview), on top of any local verification.
+    public var tokenReview = false
+    /// How to reach the API server, for OIDC discovery and TokenReview.
+    public var kubernetesAPI: KubernetesAPIClient.Configuration?
     /// Accepted token issuers.
     public var issuers: [String]
     /// Accepted token audiences.
@@ -49,10 +59,16 @@ public struct AgentConfiguration: Sendable {
     public var caActivationDelay: Duration = .seconds(30)
     /// Who may get identities (allow/deny rules on namespaces and service accounts).
     public var authorization: AuthorizationPolicy = .allowAll
+    /// Checks on the caller's Unix peer credentials (allowed UIDs, pod binding).
+    public var peerPolicy: PeerPolicy = .none
+    /// Accept legacy non-expiring secret-based tokens (off by default).
+    public var allowLegacyTokens = false
+    /// Refuse tokens issued longer ago than this; nil for no limit.
+    public var maxTokenAge: Duration?
 
     public init(
         socketPath: String = "/var/run/sds-agent/sds.sock", socketMode: UInt16 = 0o660,
-        trustDomain: String = "cluster.local", jwksFile: String, issuers: [String] = ["https://kubernetes.default.svc.cluster.local"],
+        trustDomain: String = "cluster.local", jwksFile: String?, issuers: [String] = ["https://kubernetes.default.svc.cluster.local"],
         audiences: [String] = ["sds-agent"], clockSkew: Duration = .seconds(30), certificateTTL: Duration = .seconds(24 * 3600),
         stateDirectory: String = "/var/lib/sds-agent", caTTL: Duration = .seconds(365 * 24 * 3600),
         caCertificateFile: String? = nil, caKeyFile: String? = nil, caBundleFile: String? = nil,
@@ -90,6 +106,17 @@ public struct AgentConfiguration: Sendable {
             throw fail("--trust-domain '\(trustDomain)' is not a valid trust domain (lowercase letters, digits, '.', '-', '_')")
         }
         guard !issuers.isEmpty else { throw fail("at least one --issuer is required") }
+        guard jwksFile != nil || oidcDiscovery || tokenReview else {
+            throw fail("tokens need a verifier: --jwks FILE, --oidc-discovery or --token-review")
+        }
+        guard !(jwksFile != nil && oidcDiscovery) else {
+            throw fail("--jwks and --oidc-discovery both name the verification keys; use one")
+        }
+        if oidcDiscovery || tokenReview {
+            guard let api = kubernetesAPI, api.serverURL.hasPrefix("https://") else {
+                throw fail("--oidc-discovery and --token-review need the API server: --kube-api-server https://… (in a pod, KUBERNETES_SERVICE_HOST sets it)")
+            }
+        }
         guard !audiences.isEmpty else { throw fail("at least one --audience is required") }
         guard certificateTTL >= .seconds(10) else { throw fail("--cert-ttl must be at least 10s") }
         guard caTTL > certificateTTL else { throw fail("--ca-ttl must be longer than --cert-ttl") }
@@ -105,6 +132,13 @@ public struct AgentConfiguration: Sendable {
         guard (0.1...0.9).contains(rotation.fraction) else { throw fail("--rotation-fraction must be between 0.1 and 0.9") }
         guard (0...0.5).contains(rotation.jitter) else { throw fail("--rotation-jitter must be between 0 and 0.5") }
         guard tokenExpiryMargin >= .zero else { throw fail("--token-expiry-margin must not be negative") }
+        if let maxTokenAge, maxTokenAge <= .zero { throw fail("--max-token-age must be positive") }
+        if peerPolicy.requirePodBinding {
+            var isDirectory: ObjCBool = false
+            guard FileManager.default.fileExists(atPath: peerPolicy.procRoot, isDirectory: &isDirectory), isDirectory.boolValue else {
+                throw fail("--proc-root '\(peerPolicy.procRoot)' is not a directory; --peer-pod-binding reads <proc-root>/<pid>/cgroup")
+            }
+        }
         if let rule = authorization.malformedRule() {
             throw fail("authorization rule '\(rule)' is malformed: namespaces are NAME or PREFIX*, service accounts NAMESPACE/NAME")
         }

@@ -16,6 +16,8 @@ public struct AuthenticatedCaller: Hashable, Sendable {
     public var podName: String?
     /// The bound pod's UID, when the token is a bound token.
     public var podUID: String?
+    /// The service account's UID, when the token names it.
+    public var serviceAccountUID: String?
     /// The token's `sub`, for logs (never the token itself).
     public var subject: String
     /// The key ID that verified the token, for logs.
@@ -23,8 +25,10 @@ public struct AuthenticatedCaller: Hashable, Sendable {
 
     public init(
         spiffeID: SPIFFEID, namespace: String, serviceAccount: String, credentialExpiry: Date,
-        podName: String? = nil, podUID: String? = nil, subject: String, keyID: String? = nil
+        podName: String? = nil, podUID: String? = nil, serviceAccountUID: String? = nil, subject: String,
+        keyID: String? = nil
     ) {
+        self.serviceAccountUID = serviceAccountUID
         self.spiffeID = spiffeID
         self.namespace = namespace
         self.serviceAccount = serviceAccount

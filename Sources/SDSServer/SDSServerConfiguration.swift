@@ -15,12 +15,16 @@ public struct SDSServerConfiguration: Sendable {
     public var tokenExpiryMargin: Duration
     /// Who may get identities, decided after authentication.
     public var authorization: AuthorizationPolicy
+    /// Checks on the caller's Unix peer credentials (allowed UIDs, pod binding).
+    public var peerPolicy: PeerPolicy
 
     public init(
         workloadSecretName: String = "default", validationContextNames: Set<String>,
         tokenHeaderKey: String = "istio_sds_credentials_header-bin", maxResourceNamesPerRequest: Int = 64,
-        tokenExpiryMargin: Duration = .seconds(30), authorization: AuthorizationPolicy = .allowAll
+        tokenExpiryMargin: Duration = .seconds(30), authorization: AuthorizationPolicy = .allowAll,
+        peerPolicy: PeerPolicy = .none
     ) {
+        self.peerPolicy = peerPolicy
         self.authorization = authorization
         self.tokenExpiryMargin = tokenExpiryMargin
         self.workloadSecretName = workloadSecretName

@@ -1,3 +1,4 @@
+import CoreMetrics
 import EnvoyAPI
 import Foundation
 import GRPCCore
@@ -18,12 +19,18 @@ public struct SecretDiscoveryService: Envoy_Service_Secret_V3_SecretDiscoverySer
     let authenticator: any WorkloadAuthenticator
     let secrets: any SecretSource
     let logger: Logger
+    let metrics: any MetricsFactory
     let now: @Sendable () -> Date
+
+    /// Counts refused calls, by gRPC status (`code`) and `reason` (the token check that failed,
+    /// or `policy`, `peer` or `pod_binding`).
+    public static let refusedCallsMetric = "sds_agent_refused_calls_total"
 
     public init(
         configuration: SDSServerConfiguration, authenticator: any WorkloadAuthenticator, secrets: any SecretSource,
-        logger: Logger, now: @escaping @Sendable () -> Date = { Date() }
+        logger: Logger, metrics: any MetricsFactory = MetricsSystem.factory, now: @escaping @Sendable () -> Date = { Date() }
     ) {
+        self.metrics = metrics
         self.configuration = configuration
         self.authenticator = authenticator
         self.secrets = secrets
@@ -85,45 +92,64 @@ public struct SecretDiscoveryService: Envoy_Service_Secret_V3_SecretDiscoverySer
 
     /// How long the stream may live: until the token's expiry minus the margin (at least a second).
     private func streamLifetime(for caller: AuthenticatedCaller) -> Duration {
-        let seconds = caller.credentialExpiry.timeIntervalSince(now()) - configuration.tokenExpiryMargin.seconds
+        let seconds = caller.credentialExpiry.timeIntervalSince(now()) - configuration.tokenExpiryMargin.timeInterval
         return .milliseconds(Int64(max(1, seconds) * 1000))
     }
 
-    /// Verifies the caller's token (failures: `unauthenticated`, with the reason, never the token),
-    /// then the authorization policy (refusals: `permission_denied`).
+    /// Admits the connection's peer (UID), verifies the caller's token (failures: `unauthenticated`,
+    /// with the reason, never the token), then applies the authorization policy and the pod
+    /// binding (refusals: `permission_denied`). Every refusal is logged with the peer's pid/uid.
     private func authenticate(_ metadata: Metadata, context: ServerContext) async throws -> AuthenticatedCaller {
+        let peer = metadata[stringValues: PeerCredentials.metadataKey].first(where: { _ in true })
+            .flatMap(PeerCredentials.init(metadataValue:))
+        var logMetadata: Logger.Metadata = [
+            "method": "\(context.descriptor.method)", "peer_pid": "\(peer.map { String($0.pid) } ?? "-")",
+            "peer_uid": "\(peer.map { String($0.uid) } ?? "-")",
+        ]
+        // A liveness probe's expected refusal is logged at debug level, not as a warning.
+        let refusalLevel: Logger.Level = metadata[stringValues: CallerToken.probeHeader].contains { _ in true } ? .debug : .warning
+        /// Logs the refusal, counts it, and returns the error for the caller.
+        func refuse(_ code: RPCError.Code, reason: String, _ event: Logger.Message, detail: String, message: String) -> RPCError {
+            logMetadata["reason"] = "\(detail)"
+            logger.log(level: refusalLevel, event, metadata: logMetadata)
+            let status = code == .unauthenticated ? "unauthenticated" : code == .unavailable ? "unavailable" : "permission_denied"
+            Counter(label: Self.refusedCallsMetric, dimensions: [("code", status), ("reason", reason)], factory: metrics)
+                .increment()
+            return RPCError(code: code, message: message)
+        }
+
+        if case .denied(let reason) = configuration.peerPolicy.admit(peer: peer) {
+            throw refuse(.permissionDenied, reason: "peer", "refused SDS call: peer not allowed", detail: reason,
+                         message: "caller refused: \(reason)")
+        }
         guard let token = CallerToken.extract(from: metadata, headerKey: configuration.tokenHeaderKey) else {
-            let isProbe = metadata[stringValues: CallerToken.probeHeader].contains { _ in true }
-            logger.log(
-                level: isProbe ? .debug : .warning,
-                "rejected SDS call: no service-account token in the call",
-                metadata: [
-                    "method": "\(context.descriptor.method)", "expected_header": "\(configuration.tokenHeaderKey)",
-                ])
-            throw RPCError(
-                code: .unauthenticated,
+            logMetadata["expected_header"] = "\(configuration.tokenHeaderKey)"
+            throw refuse(
+                .unauthenticated, reason: "\(AuthenticationError.Code.missingCredential)",
+                "rejected SDS call: no service-account token in the call", detail: "no token",
                 message: "no service-account token: send it in '\(configuration.tokenHeaderKey)' or 'authorization: Bearer'")
         }
         let caller: AuthenticatedCaller
         do {
             caller = try await authenticator.authenticate(token: token)
         } catch {
-            logger.warning(
-                "rejected SDS call: token failed verification",
-                metadata: [
-                    "method": "\(context.descriptor.method)", "reason": "\(error.code)", "detail": "\(error.message)",
-                    "kid": "\(error.keyID ?? "-")", "sub": "\(error.subject ?? "-")",
-                ])
-            throw RPCError(code: .unauthenticated, message: "token rejected: \(error)")
+            logMetadata.merge(["detail": "\(error.message)", "kid": "\(error.keyID ?? "-")", "sub": "\(error.subject ?? "-")"]) { $1 }
+            // Our failure (keys not loaded, API server down) is `unavailable`: Envoy retries it.
+            if error.code.isTransient {
+                throw refuse(.unavailable, reason: "\(error.code)", "cannot verify SDS caller now", detail: "\(error.code)",
+                             message: "cannot verify the token now: \(error)")
+            }
+            throw refuse(.unauthenticated, reason: "\(error.code)", "rejected SDS call: token failed verification",
+                         detail: "\(error.code)", message: "token rejected: \(error)")
         }
+        logMetadata.merge(["spiffe_id": "\(caller.spiffeID)", "sub": "\(caller.subject)", "kid": "\(caller.keyID ?? "-")"]) { $1 }
         if case .denied(let reason) = configuration.authorization.evaluate(caller) {
-            logger.warning(
-                "refused SDS call: caller not authorized by policy",
-                metadata: [
-                    "method": "\(context.descriptor.method)", "spiffe_id": "\(caller.spiffeID)", "reason": "\(reason)",
-                    "sub": "\(caller.subject)", "kid": "\(caller.keyID ?? "-")",
-                ])
-            throw RPCError(code: .permissionDenied, message: "\(caller.spiffeID) is not allowed here: \(reason)")
+            throw refuse(.permissionDenied, reason: "policy", "refused SDS call: caller not authorized by policy", detail: reason,
+                         message: "\(caller.spiffeID) is not allowed here: \(reason)")
+        }
+        if case .denied(let reason) = configuration.peerPolicy.bind(peer: peer, to: caller) {
+            throw refuse(.permissionDenied, reason: "pod_binding", "refused SDS call: the token does not belong to the calling pod",
+                         detail: reason, message: "\(caller.spiffeID) refused: \(reason)")
         }
         return caller
     }
@@ -148,8 +174,4 @@ extension SecretDiscoveryService {
                 code: .notFound, message: "unknown secret name(s) \(unknown); this agent serves \(configuration.servedNames)")
         }
     }
-}
-
-extension Duration {
-    var seconds: Double { Double(components.seconds) + Double(components.attoseconds) / 1e18 }
 }

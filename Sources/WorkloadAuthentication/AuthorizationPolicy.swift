@@ -1,17 +1,20 @@
 import SDSModel
 
+/// The outcome of a policy for one caller. Decisions are values, not errors, so they can be
+/// logged and tested as such.
+public enum AccessDecision: Sendable, Equatable {
+    case allowed
+    /// Refused; the reason says which rule or check refused, in words.
+    case denied(reason: String)
+}
+
 /// Which authenticated callers may get identities from this agent, evaluated after authentication.
 ///
 /// Rules match namespaces (`demo`, or a prefix `team-*`) and service accounts (`demo/frontend`,
 /// `demo/*`). A deny rule beats an allow rule; with no allow rule, every caller not denied is
-/// allowed. Decisions are values, not errors, so they can be logged and tested as such.
+/// allowed.
 public struct AuthorizationPolicy: Sendable, Equatable {
-    /// The outcome for one caller.
-    public enum Decision: Sendable, Equatable {
-        case allowed
-        /// Refused; the reason names the rule (or the missing allow rule).
-        case denied(reason: String)
-    }
+    public typealias Decision = AccessDecision
 
     public var allowNamespaces: [String]
     public var denyNamespaces: [String]

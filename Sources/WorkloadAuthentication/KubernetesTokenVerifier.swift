@@ -8,7 +8,10 @@ import SDSModel
 /// the key set, signature, then `iss`, `aud`, `exp`, `nbf`/`iat` with a configurable clock skew
 /// (jwt-kit has none, so these are done here after the signature is verified), and finally
 /// namespace and service account from the `kubernetes.io` claim, falling back to the
-/// `system:serviceaccount:<ns>:<sa>` form of `sub`. Tokens without `exp` are rejected.
+/// `system:serviceaccount:<ns>:<sa>` form of `sub`. Tokens without `exp` are rejected, except
+/// legacy secret-based tokens when ``Configuration/allowLegacyTokens`` is set: those carry no
+/// `exp` and no `aud`, and are re-verified every ``Configuration/legacyReauthenticationInterval``
+/// (a stream bound to one ends then, and Envoy reconnects with the token again).
 public struct KubernetesTokenVerifier: WorkloadAuthenticator {
     /// What the verifier accepts.
     public struct Configuration: Sendable {
@@ -24,6 +27,13 @@ public struct KubernetesTokenVerifier: WorkloadAuthenticator {
         public var maxTokenBytes: Int
         /// Signature algorithms accepted in the token header.
         public var allowedAlgorithms: Set<String>
+        /// Accept legacy secret-based tokens (no `exp`, no `aud`). Off by default: such a token
+        /// never expires, so a leaked one is good until its Secret is deleted.
+        public var allowLegacyTokens: Bool
+        /// Refuse tokens issued (`iat`) longer ago than this; nil for no limit.
+        public var maxTokenAge: Duration?
+        /// How long an accepted legacy token counts as valid before it is verified again.
+        public var legacyReauthenticationInterval: Duration
 
         /// Asymmetric algorithms a Kubernetes API server can sign with.
         public static let defaultAlgorithms: Set<String> = [
@@ -32,8 +42,13 @@ public struct KubernetesTokenVerifier: WorkloadAuthenticator {
 
         public init(
             trustDomain: String, issuers: [String], audiences: [String], clockSkew: Duration = .seconds(30),
-            maxTokenBytes: Int = 16 * 1024, allowedAlgorithms: Set<String> = Self.defaultAlgorithms
+            maxTokenBytes: Int = 16 * 1024, allowedAlgorithms: Set<String> = Self.defaultAlgorithms,
+            allowLegacyTokens: Bool = false, maxTokenAge: Duration? = nil,
+            legacyReauthenticationInterval: Duration = .seconds(3600)
         ) {
+            self.allowLegacyTokens = allowLegacyTokens
+            self.maxTokenAge = maxTokenAge
+            self.legacyReauthenticationInterval = legacyReauthenticationInterval
             self.trustDomain = trustDomain
             self.issuers = issuers
             self.audiences = audiences
@@ -44,12 +59,12 @@ public struct KubernetesTokenVerifier: WorkloadAuthenticator {
     }
 
     private let configuration: Configuration
-    private let keys: VerificationKeySet
+    private let keys: any VerificationKeySource
     private let now: @Sendable () -> Date
 
     /// Creates a verifier; `now` is injectable for tests.
     public init(
-        configuration: Configuration, keys: VerificationKeySet, now: @escaping @Sendable () -> Date = { Date() }
+        configuration: Configuration, keys: any VerificationKeySource, now: @escaping @Sendable () -> Date = { Date() }
     ) {
         self.configuration = configuration
         self.keys = keys
@@ -77,15 +92,25 @@ public struct KubernetesTokenVerifier: WorkloadAuthenticator {
                 message: "algorithm '\(header.alg ?? "<none>")' is not allowed; allowed: \(configuration.allowedAlgorithms.sorted().joined(separator: ","))",
                 keyID: kid)
         }
-        guard let kid, keys.keyIDs.contains(kid) else {
+        guard let kid else {
+            throw AuthenticationError(code: .unknownKey, message: "the token header names no key ID ('kid')")
+        }
+        guard var keySet = await keys.currentKeys() else {
             throw AuthenticationError(
-                code: .unknownKey, message: "key ID '\(kid ?? "<none>")' is not in the verification key set",
+                code: .keysUnavailable, message: "no verification keys are loaded yet (OIDC discovery has not succeeded)",
                 keyID: kid)
+        }
+        if !keySet.keyIDs.contains(kid) {
+            keySet = await keys.keys(afterUnknownKeyID: kid) ?? keySet
+        }
+        guard keySet.keyIDs.contains(kid) else {
+            throw AuthenticationError(
+                code: .unknownKey, message: "key ID '\(kid)' is not in the verification key set", keyID: kid)
         }
 
         let claims: ServiceAccountClaims
         do {
-            claims = try await keys.collection.verify(token, as: ServiceAccountClaims.self)
+            claims = try await keySet.collection.verify(token, as: ServiceAccountClaims.self)
         } catch let error as JWTError where error.errorType == .malformedToken {
             throw AuthenticationError(code: .malformedToken, message: "token payload is not valid JSON claims", keyID: kid)
         } catch is DecodingError {
@@ -101,27 +126,44 @@ public struct KubernetesTokenVerifier: WorkloadAuthenticator {
         func fail(_ code: AuthenticationError.Code, _ message: String) -> AuthenticationError {
             AuthenticationError(code: code, message: message, keyID: keyID, subject: sub)
         }
+        if claims.isLegacy, !configuration.allowLegacyTokens {
+            throw fail(.legacyToken, "a non-expiring secret-based (legacy) token is not accepted; use a projected service-account token, or allow legacy tokens explicitly")
+        }
         guard let iss = claims.iss, configuration.issuers.contains(iss) else {
             throw fail(.wrongIssuer, "issuer '\(claims.iss ?? "<none>")' is not accepted; accepted: \(configuration.issuers.joined(separator: ","))")
         }
-        let audiences = claims.aud?.value ?? []
-        guard audiences.contains(where: configuration.audiences.contains) else {
-            throw fail(.wrongAudience, "audience \(audiences) names none of \(configuration.audiences)")
-        }
         let now = self.now().timeIntervalSince1970
-        let skew = Double(configuration.clockSkew.components.seconds)
-            + Double(configuration.clockSkew.components.attoseconds) / 1e18
-        guard let exp = claims.exp else {
-            throw fail(.expired, "token has no 'exp': non-expiring (legacy secret-based) tokens are not accepted")
-        }
-        guard now < exp + skew else {
-            throw fail(.expired, "token expired at \(Self.format(exp)) (now \(Self.format(now)), skew \(Int(skew))s)")
+        let skew = configuration.clockSkew.timeInterval
+        let expiry: Double
+        if claims.isLegacy {
+            // Legacy tokens have neither `aud` nor `exp`: re-verify them periodically instead.
+            expiry = now + configuration.legacyReauthenticationInterval.timeInterval
+        } else {
+            let audiences = claims.aud?.value ?? []
+            guard audiences.contains(where: configuration.audiences.contains) else {
+                throw fail(.wrongAudience, "audience \(audiences) names none of \(configuration.audiences)")
+            }
+            guard let exp = claims.exp else {
+                throw fail(.expired, "token has no 'exp': non-expiring tokens are not accepted")
+            }
+            guard now < exp + skew else {
+                throw fail(.expired, "token expired at \(Self.format(exp)) (now \(Self.format(now)), skew \(Int(skew))s)")
+            }
+            expiry = exp
         }
         if let nbf = claims.nbf, now + skew < nbf {
             throw fail(.notYetValid, "token not valid before \(Self.format(nbf)) (now \(Self.format(now)))")
         }
         if let iat = claims.iat, now + skew < iat {
             throw fail(.notYetValid, "token issued in the future at \(Self.format(iat)) (now \(Self.format(now)))")
+        }
+        if let maxAge = configuration.maxTokenAge {
+            guard let iat = claims.iat else {
+                throw fail(.tooOld, "token has no 'iat', so its age cannot be checked against the maximum of \(maxAge)")
+            }
+            guard now - iat <= maxAge.timeInterval + skew else {
+                throw fail(.tooOld, "token was issued at \(Self.format(iat)), longer ago than the maximum age of \(Int(maxAge.timeInterval))s")
+            }
         }
 
         let (namespace, serviceAccount) = try serviceAccount(of: claims, fail: fail)
@@ -134,8 +176,10 @@ public struct KubernetesTokenVerifier: WorkloadAuthenticator {
         }
         return AuthenticatedCaller(
             spiffeID: spiffeID, namespace: namespace, serviceAccount: serviceAccount,
-            credentialExpiry: Date(timeIntervalSince1970: exp), podName: claims.kubernetes?.pod?.name,
-            podUID: claims.kubernetes?.pod?.uid, subject: sub ?? "", keyID: keyID)
+            credentialExpiry: Date(timeIntervalSince1970: expiry), podName: claims.kubernetes?.pod?.name,
+            podUID: claims.kubernetes?.pod?.uid,
+            serviceAccountUID: claims.kubernetes?.serviceaccount?.uid ?? claims.legacyServiceAccountUID,
+            subject: sub ?? "", keyID: keyID)
     }
 
     /// Namespace and service account from `kubernetes.io`, else from `sub`; both must agree when both exist.
@@ -148,6 +192,13 @@ public struct KubernetesTokenVerifier: WorkloadAuthenticator {
             if parts.count == 4, parts[0] == "system", parts[1] == "serviceaccount", !parts[2].isEmpty, !parts[3].isEmpty {
                 fromSub = (String(parts[2]), String(parts[3]))
             }
+        }
+        if claims.isLegacy, let namespace = claims.legacyNamespace, let name = claims.legacyServiceAccountName {
+            fromSub = fromSub ?? (namespace, name)
+            guard fromSub! == (namespace, name) else {
+                throw fail(.missingClaims, "'sub' and the legacy claims name different service accounts")
+            }
+            return (namespace, name)
         }
         if let k8s = claims.kubernetes {
             guard let namespace = k8s.namespace, let name = k8s.serviceaccount?.name else {

@@ -25,6 +25,11 @@ public struct AuthenticationError: Error, Hashable, Sendable, CustomStringConver
             case wrongIssuer = "wrong_issuer"
             case wrongAudience = "wrong_audience"
             case missingClaims = "missing_claims"
+            case legacyToken = "legacy_token"
+            case tooOld = "token_too_old"
+            case keysUnavailable = "keys_unavailable"
+            case reviewRejected = "token_review_rejected"
+            case reviewUnavailable = "token_review_unavailable"
         }
         private var wrapped: Wrapped
         private init(_ wrapped: Wrapped) { self.wrapped = wrapped }
@@ -51,6 +56,20 @@ public struct AuthenticationError: Error, Hashable, Sendable, CustomStringConver
         public static let wrongAudience = Code(.wrongAudience)
         /// No usable namespace/service account in the `kubernetes.io` claim or `sub`.
         public static let missingClaims = Code(.missingClaims)
+        /// A non-expiring secret-based token, and legacy tokens are not allowed.
+        public static let legacyToken = Code(.legacyToken)
+        /// Issued longer ago than the configured maximum token age (or with no `iat` when one is set).
+        public static let tooOld = Code(.tooOld)
+        /// No verification keys could be loaded yet (transient: OIDC discovery keeps trying).
+        public static let keysUnavailable = Code(.keysUnavailable)
+        /// The API server's TokenReview says the token is not valid (or not for our audience).
+        public static let reviewRejected = Code(.reviewRejected)
+        /// The TokenReview could not be done (transient: network, API server error).
+        public static let reviewUnavailable = Code(.reviewUnavailable)
+
+        /// Whether the failure is ours, not the caller's, and a retry may succeed: the SDS
+        /// server answers these with `unavailable`, which Envoy retries, not `unauthenticated`.
+        public var isTransient: Bool { self == .keysUnavailable || self == .reviewUnavailable }
 
         public var description: String { wrapped.rawValue }
     }

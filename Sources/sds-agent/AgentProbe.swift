@@ -6,7 +6,8 @@ import GRPCNIOTransportHTTP2
 import SDSServer
 
 /// Asks an agent on a socket whether it serves: an unauthenticated FetchSecrets call, to which a
-/// serving agent answers `unauthenticated`. Used by `check` and `bootstrap --wait-for-agent`.
+/// serving agent answers `unauthenticated` (or `permission_denied` when its peer policy refuses
+/// the probe's uid). Used by `check` and `bootstrap --wait-for-agent`.
 enum AgentProbe {
     /// Returns once an agent answers on `socket`, retrying for up to `wait`; throws otherwise.
     static func waitUntilServing(socket: String, wait: Duration) async throws {
@@ -40,8 +41,10 @@ enum AgentProbe {
                 _ = try await sds.fetchSecrets(
                     Envoy_Service_Discovery_V3_DiscoveryRequest(), metadata: [CallerToken.probeHeader: "1"],
                     options: options)
-            } catch let error as RPCError where error.code == .unauthenticated {
-                return  // the agent answered, and refused an anonymous caller, as it should
+            } catch let error as RPCError where error.code == .unauthenticated || error.code == .permissionDenied {
+                // The agent answered, and refused an anonymous caller (or, with --peer-allowed-uid,
+                // a caller running as another user), as it should.
+                return
             }
         }
     }

@@ -1,5 +1,6 @@
 import ArgumentParser
 import Foundation
+import KubernetesAPI
 import Logging
 import SDSAgent
 import SecretCache
@@ -21,7 +22,25 @@ struct Serve: AsyncParsableCommand {
     var trustDomain = "cluster.local"
 
     @Option(help: "JWKS file with the public keys that sign service-account tokens.")
-    var jwks: String
+    var jwks: String?
+
+    @Flag(help: "Fetch the token signing keys from the API server's OIDC discovery (instead of --jwks), refreshed on schedule and on an unknown key ID.")
+    var oidcDiscovery = false
+
+    @Option(help: "How often --oidc-discovery fetches the keys again, e.g. 1h.", transform: parseDuration)
+    var jwksRefreshInterval: Duration = .seconds(3600)
+
+    @Flag(help: "Have the API server review every token (TokenReview; needs RBAC 'create tokenreviews'), after any local verification.")
+    var tokenReview = false
+
+    @Option(help: "API server URL for --oidc-discovery/--token-review (default: from KUBERNETES_SERVICE_HOST/PORT).")
+    var kubeApiServer: String?
+
+    @Option(help: "CA bundle that signs the API server's certificate.")
+    var kubeCaFile = KubernetesAPIClient.Configuration.serviceAccountDirectory + "/ca.crt"
+
+    @Option(help: "The agent's own service-account token, sent to the API server (re-read per request).")
+    var kubeTokenFile = KubernetesAPIClient.Configuration.serviceAccountDirectory + "/token"
 
     @Option(help: "Accepted token issuer (repeatable).")
     var issuer: [String] = []
@@ -89,6 +108,21 @@ struct Serve: AsyncParsableCommand {
     @Option(help: "These service accounts never get identities, as NAMESPACE/NAME (repeatable).")
     var denyServiceAccount: [String] = []
 
+    @Option(help: "Only processes running as this UID may call, checked by the socket's peer credentials (repeatable; e.g. Envoy's 1337).")
+    var peerAllowedUid: [UInt32] = []
+
+    @Flag(help: "Require the calling process to run in the pod its token is bound to (peer PID -> <proc-root>/<pid>/cgroup -> pod UID). Needs hostPID.")
+    var peerPodBinding = false
+
+    @Option(help: "Where the node's /proc is visible to the agent (for --peer-pod-binding).")
+    var procRoot = "/proc"
+
+    @Flag(help: "Accept legacy non-expiring secret-based service-account tokens (not recommended).")
+    var allowLegacyTokens = false
+
+    @Option(help: "Refuse tokens issued longer ago than this, e.g. 24h (default: no limit).", transform: parseDuration)
+    var maxTokenAge: Duration?
+
     @Option(help: "Log level: trace, debug, info, notice, warning, error.")
     var logLevel = "info"
 
@@ -117,6 +151,16 @@ struct Serve: AsyncParsableCommand {
         configuration.authorization = AuthorizationPolicy(
             allowNamespaces: allowNamespace, denyNamespaces: denyNamespace,
             allowServiceAccounts: allowServiceAccount, denyServiceAccounts: denyServiceAccount)
+        configuration.peerPolicy = PeerPolicy(
+            allowedUIDs: Set(peerAllowedUid), requirePodBinding: peerPodBinding, procRoot: procRoot)
+        configuration.allowLegacyTokens = allowLegacyTokens
+        configuration.oidcDiscovery = oidcDiscovery
+        configuration.jwksRefreshInterval = jwksRefreshInterval
+        configuration.tokenReview = tokenReview
+        if let server = kubeApiServer ?? KubernetesAPIClient.Configuration.inClusterServerURL() {
+            configuration.kubernetesAPI = .init(serverURL: server, caFile: kubeCaFile, tokenFile: kubeTokenFile)
+        }
+        configuration.maxTokenAge = maxTokenAge
         do {
             let agent = try await Agent.make(configuration: configuration, logger: logger)
             let group = ServiceGroup(

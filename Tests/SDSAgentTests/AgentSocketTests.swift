@@ -16,33 +16,6 @@ import Testing
         return AgentConfiguration(socketPath: dir + "/run/sds.sock", jwksFile: jwks, stateDirectory: dir + "/state")
     }
 
-    /// Runs the agent until `body` returns, then cancels it.
-    @discardableResult
-    func withAgent<Result: Sendable>(
-        _ configuration: AgentConfiguration, _ body: @Sendable @escaping () async throws -> Result
-    ) async throws -> Result {
-        let agent = try await Agent.make(configuration: configuration, logger: TestPKI.quietLogger)
-        return try await withThrowingTaskGroup(of: Result?.self) { group in
-            group.addTask { try await agent.run(); return nil }
-            group.addTask {
-                try await waitForSocket(configuration.socketPath)
-                return try await body()
-            }
-            defer { group.cancelAll() }
-            while let result = try await group.next() {
-                if let result { return result }
-            }
-            throw CancellationError()
-        }
-    }
-
-    func fetch(_ socket: String, names: [String], token: String?) async throws -> DiscoveryResponse {
-        try await withGRPCClient(transport: .http2NIOPosix(target: .unixDomainSocket(path: socket), transportSecurity: .plaintext)) {
-            try await Envoy_Service_Secret_V3_SecretDiscoveryService.Client(wrapping: $0)
-                .fetchSecrets(SDSTestClient.request(names), metadata: SDSTestClient.metadata(token: token))
-        }
-    }
-
     @Test func servesOverTheSocketWithTheConfiguredMode() async throws {
         let dir = TestPKI.temporaryDirectory()
         defer { try? FileManager.default.removeItem(atPath: dir) }
@@ -110,6 +83,36 @@ import Testing
         } catch {
             #expect("\(error)".contains("missing.json"))
         }
+    }
+}
+
+/// Runs the agent until `body` returns, then cancels it.
+@discardableResult
+func withAgent<Result: Sendable>(
+    _ configuration: AgentConfiguration, _ body: @Sendable @escaping () async throws -> Result
+) async throws -> Result {
+    let agent = try await Agent.make(configuration: configuration, logger: TestPKI.quietLogger)
+    return try await withThrowingTaskGroup(of: Result?.self) { group in
+        group.addTask { try await agent.run(); return nil }
+        group.addTask {
+            try await waitForSocket(configuration.socketPath)
+            return try await body()
+        }
+        defer { group.cancelAll() }
+        while let result = try await group.next() {
+            if let result { return result }
+        }
+        throw CancellationError()
+    }
+}
+
+/// FetchSecrets over the agent's socket; `extra` is added to the call's metadata.
+func fetch(_ socket: String, names: [String], token: String?, extra: Metadata = [:]) async throws -> DiscoveryResponse {
+    var metadata = SDSTestClient.metadata(token: token)
+    metadata.add(contentsOf: extra)
+    return try await withGRPCClient(transport: .http2NIOPosix(target: .unixDomainSocket(path: socket), transportSecurity: .plaintext)) {
+        try await Envoy_Service_Secret_V3_SecretDiscoveryService.Client(wrapping: $0)
+            .fetchSecrets(SDSTestClient.request(names), metadata: metadata)
     }
 }
 

@@ -2,6 +2,8 @@ import EnvoyAPI
 import Foundation
 import GRPCCore
 import GRPCInProcessTransport
+import MetricsTestKit
+import SDSModel
 import SDSServer
 import SecretCache
 import TestSupport
@@ -16,7 +18,8 @@ import X509
     @discardableResult
     func withClient<Result: Sendable>(
         clock: ManualClock = ManualClock(), tokenExpiryMargin: Duration = .seconds(30),
-        authorization: AuthorizationPolicy = .allowAll,
+        authorization: AuthorizationPolicy = .allowAll, metrics: TestMetrics = TestMetrics(),
+        authenticator override: (any WorkloadAuthenticator)? = nil,
         _ body: @Sendable @escaping (Envoy_Service_Secret_V3_SecretDiscoveryService.Client<InProcessTransport.Client>, SecretCache) async throws -> Result
     ) async throws -> Result {
         let keys = try await VerificationKeySet(jwksJSON: tokens.jwksJSON())
@@ -30,7 +33,7 @@ import X509
             configuration: .init(
                 validationContextNames: ["ROOTCA", "spiffe://cluster.local"], tokenExpiryMargin: tokenExpiryMargin,
                 authorization: authorization),
-            authenticator: authenticator, secrets: cache, logger: TestPKI.quietLogger)
+            authenticator: override ?? authenticator, secrets: cache, logger: TestPKI.quietLogger, metrics: metrics)
         let transport = InProcessTransport()
         return try await withGRPCServer(transport: transport.server, services: [service]) { _ in
             try await withGRPCClient(transport: transport.client) { client in
@@ -156,9 +159,10 @@ import X509
         }
     }
 
-    @Test(arguments: [nil, "not-a-jwt"] as [String?])
-    func aMissingOrBadTokenIsUnauthenticatedAndIssuesNothing(_ token: String?) async throws {
-        try await withClient { client, cache in
+    @Test(arguments: [(nil, "missing_credential"), ("not-a-jwt", "malformed_token")] as [(String?, String)])
+    func aMissingOrBadTokenIsUnauthenticatedAndIssuesNothing(_ token: String?, reason: String) async throws {
+        let metrics = TestMetrics()
+        try await withClient(metrics: metrics) { client, cache in
             do {
                 try await SDSTestClient.withStream(client, metadata: SDSTestClient.metadata(token: token)) { session in
                     session.send(SDSTestClient.request(["default"]))
@@ -170,12 +174,16 @@ import X509
             }
             #expect(await cache.issuedCertificates == 0)
         }
+        let refused = try metrics.expectCounter(
+            SecretDiscoveryService.refusedCallsMetric, [("code", "unauthenticated"), ("reason", reason)])
+        #expect(refused.totalValue == 1)
     }
 
     @Test func aCallerThePolicyDeniesGetsPermissionDeniedAndNoCertificate() async throws {
         let denied = SDSTestClient.metadata(token: tokens.token(namespace: "other", serviceAccount: "frontend"))
         let allowed = SDSTestClient.metadata(token: tokens.token(namespace: "demo", serviceAccount: "frontend"))
-        try await withClient(authorization: AuthorizationPolicy(allowNamespaces: ["demo"])) { client, cache in
+        let metrics = TestMetrics()
+        try await withClient(authorization: AuthorizationPolicy(allowNamespaces: ["demo"]), metrics: metrics) { client, cache in
             do {
                 _ = try await client.fetchSecrets(SDSTestClient.request(["default"]), metadata: denied)
                 Issue.record("a denied namespace was served")
@@ -187,6 +195,32 @@ import X509
             _ = try await client.fetchSecrets(SDSTestClient.request(["default"]), metadata: allowed)
             #expect(await cache.issuedCertificates == 1)
         }
+        let refused = try metrics.expectCounter(
+            SecretDiscoveryService.refusedCallsMetric, [("code", "permission_denied"), ("reason", "policy")])
+        #expect(refused.totalValue == 1)
+    }
+
+    /// An authenticator that cannot verify anything now (keys not loaded, API server down).
+    struct Unavailable: WorkloadAuthenticator {
+        func authenticate(token: String) async throws(AuthenticationError) -> AuthenticatedCaller {
+            throw AuthenticationError(code: .keysUnavailable, message: "no verification keys are loaded yet")
+        }
+    }
+
+    @Test func whenTheAgentCannotVerifyTheCallIsUnavailableSoEnvoyRetries() async throws {
+        let metrics = TestMetrics()
+        try await withClient(metrics: metrics, authenticator: Unavailable()) { client, cache in
+            do {
+                _ = try await client.fetchSecrets(SDSTestClient.request(["default"]), metadata: SDSTestClient.metadata(token: tokens.token()))
+                Issue.record("served without verifying")
+            } catch let error as RPCError {
+                #expect(error.code == .unavailable)
+            }
+            #expect(await cache.issuedCertificates == 0)
+        }
+        let refused = try metrics.expectCounter(
+            SecretDiscoveryService.refusedCallsMetric, [("code", "unavailable"), ("reason", "keys_unavailable")])
+        #expect(refused.totalValue == 1)
     }
 
     @Test func acceptsAnAuthorizationBearerHeader() async throws {

@@ -33,7 +33,9 @@ public struct TokenFactory: Sendable {
     }
 
     /// Claims of a bound token for `namespace`/`serviceAccount`, valid from `now` for `ttl` seconds.
-    public static func claims(namespace: String, serviceAccount: String, now: Date, ttl: TimeInterval = 3600) -> [String: Any] {
+    public static func claims(
+        namespace: String, serviceAccount: String, now: Date, ttl: TimeInterval = 3600, podUID: String? = nil
+    ) -> [String: Any] {
         let t = Int(now.timeIntervalSince1970)
         return [
             "iss": issuer, "aud": [audience], "sub": "system:serviceaccount:\(namespace):\(serviceAccount)",
@@ -41,14 +43,17 @@ public struct TokenFactory: Sendable {
             "kubernetes.io": [
                 "namespace": namespace,
                 "serviceaccount": ["name": serviceAccount, "uid": UUID().uuidString.lowercased()],
-                "pod": ["name": "\(serviceAccount)-abcde", "uid": UUID().uuidString.lowercased()],
+                "pod": ["name": "\(serviceAccount)-abcde", "uid": podUID ?? UUID().uuidString.lowercased()],
             ],
         ]
     }
 
     /// A signed token for `namespace`/`serviceAccount`.
-    public func token(namespace: String = "demo", serviceAccount: String = "frontend", now: Date = Date(), ttl: TimeInterval = 3600) -> String {
-        sign(claims: Self.claims(namespace: namespace, serviceAccount: serviceAccount, now: now, ttl: ttl))
+    public func token(
+        namespace: String = "demo", serviceAccount: String = "frontend", now: Date = Date(), ttl: TimeInterval = 3600,
+        podUID: String? = nil
+    ) -> String {
+        sign(claims: Self.claims(namespace: namespace, serviceAccount: serviceAccount, now: now, ttl: ttl, podUID: podUID))
     }
 
     /// Signs arbitrary claims with ES256 under `header` (default `{"alg":"ES256","kid":kid}`).

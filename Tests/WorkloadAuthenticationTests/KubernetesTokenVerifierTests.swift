@@ -9,14 +9,16 @@ import WorkloadAuthentication
     let signer = TokenFactory(kid: "k1")
     let now = Date(timeIntervalSince1970: 1_800_000_000)
 
-    func verifier(keys: [TokenFactory]? = nil, skew: Duration = .seconds(30)) async throws -> KubernetesTokenVerifier {
+    func verifier(
+        keys: [TokenFactory]? = nil, skew: Duration = .seconds(30),
+        _ configure: (inout KubernetesTokenVerifier.Configuration) -> Void = { _ in }
+    ) async throws -> KubernetesTokenVerifier {
         let set = try await VerificationKeySet(jwksJSON: signer.jwksJSON(including: keys ?? []))
         let now = self.now
-        return KubernetesTokenVerifier(
-            configuration: .init(
-                trustDomain: "cluster.local", issuers: [TokenFactory.issuer], audiences: [TokenFactory.audience],
-                clockSkew: skew),
-            keys: set, now: { now })
+        var configuration = KubernetesTokenVerifier.Configuration(
+            trustDomain: "cluster.local", issuers: [TokenFactory.issuer], audiences: [TokenFactory.audience], clockSkew: skew)
+        configure(&configuration)
+        return KubernetesTokenVerifier(configuration: configuration, keys: set, now: { now })
     }
 
     func claims(_ edit: (inout [String: Any]) -> Void = { _ in }) -> [String: Any] {
@@ -60,8 +62,62 @@ import WorkloadAuthentication
         try await expectRejected(signer.sign(claims: claims { $0["exp"] = Int(now.timeIntervalSince1970) - 31 }), .expired)
     }
 
-    @Test func legacyTokenWithoutExp() async throws {
+    @Test func boundTokenWithoutExp() async throws {
         try await expectRejected(signer.sign(claims: claims { $0["exp"] = nil }), .expired)
+    }
+
+    /// The claims of a pre-1.24 secret-based token: no exp, no aud, flat claims.
+    static var legacyClaims: [String: Any] { [
+        "iss": "kubernetes/serviceaccount", "sub": "system:serviceaccount:ops:robot",
+        "kubernetes.io/serviceaccount/namespace": "ops",
+        "kubernetes.io/serviceaccount/secret.name": "robot-token-x1y2z",
+        "kubernetes.io/serviceaccount/service-account.name": "robot",
+        "kubernetes.io/serviceaccount/service-account.uid": "0b1c2d3e-4f5a-4b6c-8d7e-9f0a1b2c3d4e",
+    ] }
+
+    @Test func legacyTokenIsRefusedByDefault() async throws {
+        try await expectRejected(signer.sign(claims: Self.legacyClaims), .legacyToken)
+    }
+
+    @Test func legacyTokenWhenExplicitlyAllowed() async throws {
+        let verifier = try await verifier {
+            $0.issuers = ["kubernetes/serviceaccount"]
+            $0.allowLegacyTokens = true
+            $0.legacyReauthenticationInterval = .seconds(600)
+        }
+        let caller = try await verifier.authenticate(token: signer.sign(claims: Self.legacyClaims))
+        #expect(caller.spiffeID.description == "spiffe://cluster.local/ns/ops/sa/robot")
+        #expect(caller.serviceAccountUID == "0b1c2d3e-4f5a-4b6c-8d7e-9f0a1b2c3d4e")
+        #expect(caller.podUID == nil)
+        // Streams bound to it end, and re-verify it, after the re-authentication interval.
+        #expect(caller.credentialExpiry == now.addingTimeInterval(600))
+    }
+
+    @Test func boundTokenClaimsAreExposed() async throws {
+        let token = signer.sign(claims: claims { c in
+            c["kubernetes.io"] = [
+                "namespace": "demo", "serviceaccount": ["name": "frontend", "uid": "sa-uid-1"],
+                "pod": ["name": "frontend-7d9f", "uid": "pod-uid-1"],
+            ]
+        })
+        let caller = try await verifier().authenticate(token: token)
+        #expect(caller.podName == "frontend-7d9f" && caller.podUID == "pod-uid-1")
+        #expect(caller.serviceAccountUID == "sa-uid-1")
+    }
+
+    @Test func maximumTokenAge() async throws {
+        let verifier = try await verifier { $0.maxTokenAge = .seconds(3600) }
+        let t = Int(now.timeIntervalSince1970)
+        _ = try await verifier.authenticate(token: signer.sign(claims: claims { $0["iat"] = t - 3600; $0["nbf"] = t - 3600 }))
+        let cases: [(String, (inout [String: Any]) -> Void)] = [("old", { $0["iat"] = t - 3700 }), ("no iat", { $0["iat"] = nil })]
+        for (label, edit) in cases {
+            do {
+                _ = try await verifier.authenticate(token: signer.sign(claims: claims(edit)))
+                Issue.record("accepted a token with \(label)")
+            } catch {
+                #expect(error.code == .tooOld, "\(label): \(error)")
+            }
+        }
     }
 
     @Test func notYetValid() async throws {

@@ -43,7 +43,7 @@ class TokenSigner:
         return path
 
     def claims(self, namespace: str, service_account: str, ttl: int = 3600,
-               issuer: str = DEFAULT_ISSUER, audience=DEFAULT_AUDIENCE, now=None) -> dict:
+               issuer: str = DEFAULT_ISSUER, audience=DEFAULT_AUDIENCE, now=None, pod_uid=None) -> dict:
         now = int(now if now is not None else time.time())
         pod = f"{service_account}-{uuid.uuid4().hex[:5]}"
         return {
@@ -53,7 +53,7 @@ class TokenSigner:
             "kubernetes.io": {
                 "namespace": namespace,
                 "serviceaccount": {"name": service_account, "uid": str(uuid.uuid4())},
-                "pod": {"name": pod, "uid": str(uuid.uuid4())},
+                "pod": {"name": pod, "uid": pod_uid or str(uuid.uuid4())},
             },
         }
 

@@ -202,7 +202,9 @@ class Node:
 
     def start_envoy(self, name, token_file, app_port=None, allow_ids=(), upstream_port=None, upstream_ids=(),
                     validation_context_name="ROOTCA", initial_fetch_timeout="0s", wait_live=True,
-                    api_type="GRPC", max_requests_per_connection=1000) -> Envoy:
+                    api_type="GRPC", max_requests_per_connection=1000, launcher=()) -> Envoy:
+        """Renders the bootstrap and starts Envoy; `launcher` is an argv prefix that must exec Envoy
+        (so the tracked PID is Envoy's)."""
         admin, inbound, outbound = free_port(), free_port(), free_port()
         bootstrap = os.path.join(self.workdir, f"envoy-{name}.yaml")
         args = [self.agent_bin, "bootstrap", "--template", os.path.join(REPO, "envoy-bootstrap", "envoy-sidecar.yaml"),
@@ -221,7 +223,7 @@ class Node:
         subprocess.run(args, check=True, capture_output=True, timeout=30)
         self._base_id += 1
         process = self.start(f"envoy-{name}", [
-            self.envoy_bin, "-c", bootstrap, "--base-id", str(self._base_id), "--log-level", "warning",
+            *launcher, self.envoy_bin, "-c", bootstrap, "--base-id", str(self._base_id), "--log-level", "warning",
             "--drain-time-s", "1", "--parent-shutdown-time-s", "2"])
         envoy = Envoy(name, process, admin, inbound, outbound, bootstrap)
         if wait_live:

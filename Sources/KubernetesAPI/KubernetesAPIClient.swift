@@ -1,0 +1,138 @@
+import AsyncHTTPClient
+import Foundation
+import NIOCore
+import NIOHTTP1
+import NIOSSL
+
+/// A small HTTPS client for the Kubernetes API server: GET and POST of JSON, authenticated with
+/// the agent's own service-account token and trusting only the cluster's CA.
+///
+/// The token file is read for every request: kubelet replaces the projected token before it
+/// expires, and a client holding the old one would start failing an hour later.
+public final class KubernetesAPIClient: Sendable {
+    /// Where the API server is and how to talk to it.
+    public struct Configuration: Sendable {
+        /// Base URL, e.g. `https://10.96.0.1:443`.
+        public var serverURL: String
+        /// PEM file with the CA(s) that sign the API server's certificate.
+        public var caFile: String
+        /// File with the bearer token (the agent's own service-account token); nil for none.
+        public var tokenFile: String?
+        /// Limit for one request, connect to last byte.
+        public var timeout: Duration
+        /// Largest response body accepted.
+        public var maxResponseBytes: Int
+
+        /// The in-cluster defaults: the API server from `KUBERNETES_SERVICE_HOST`/`_PORT`, the
+        /// service account's mounted CA and token.
+        public static let serviceAccountDirectory = "/var/run/secrets/kubernetes.io/serviceaccount"
+
+        public init(
+            serverURL: String, caFile: String = Self.serviceAccountDirectory + "/ca.crt",
+            tokenFile: String? = Self.serviceAccountDirectory + "/token", timeout: Duration = .seconds(10),
+            maxResponseBytes: Int = 1 << 20
+        ) {
+            self.serverURL = serverURL.hasSuffix("/") ? String(serverURL.dropLast()) : serverURL
+            self.caFile = caFile
+            self.tokenFile = tokenFile
+            self.timeout = timeout
+            self.maxResponseBytes = maxResponseBytes
+        }
+
+        /// The API server URL the pod environment names, if any.
+        public static func inClusterServerURL(environment: [String: String] = ProcessInfo.processInfo.environment) -> String? {
+            guard let host = environment["KUBERNETES_SERVICE_HOST"], !host.isEmpty else { return nil }
+            let port = environment["KUBERNETES_SERVICE_PORT"] ?? "443"
+            return host.contains(":") ? "https://[\(host)]:\(port)" : "https://\(host):\(port)"
+        }
+    }
+
+    public let configuration: Configuration
+    private let http: HTTPClient
+
+    /// Loads the CA file; fails with a message naming it.
+    public init(configuration: Configuration) throws(KubernetesAPIError) {
+        guard configuration.serverURL.hasPrefix("https://") else {
+            throw KubernetesAPIError(message: "API server URL '\(configuration.serverURL)' is not https://", isTransient: false)
+        }
+        let roots: [NIOSSLCertificate]
+        do {
+            roots = try NIOSSLCertificate.fromPEMFile(configuration.caFile)
+        } catch {
+            throw KubernetesAPIError(message: "cannot load the API server CA from \(configuration.caFile): \(error)", isTransient: false)
+        }
+        guard !roots.isEmpty else {
+            throw KubernetesAPIError(message: "\(configuration.caFile) holds no certificate", isTransient: false)
+        }
+        var tls = TLSConfiguration.makeClientConfiguration()
+        tls.trustRoots = .certificates(roots)
+        tls.minimumTLSVersion = .tlsv12
+        let timeout = TimeAmount.nanoseconds(Int64(configuration.timeout.components.seconds) * 1_000_000_000)
+        var httpConfiguration = HTTPClient.Configuration(
+            tlsConfiguration: tls, redirectConfiguration: .disallow,
+            timeout: .init(connect: timeout, read: timeout))
+        httpConfiguration.httpVersion = .http1Only
+        self.configuration = configuration
+        self.http = HTTPClient(eventLoopGroupProvider: .singleton, configuration: httpConfiguration)
+    }
+
+    /// GET `path` (e.g. `/openid/v1/jwks`); the body of a 200 answer.
+    public func get(_ path: String) async throws(KubernetesAPIError) -> Data {
+        try await send(method: .GET, path: path, json: nil)
+    }
+
+    /// POST `json` to `path`; the body of a 200 or 201 answer.
+    public func post(_ path: String, json: Data) async throws(KubernetesAPIError) -> Data {
+        try await send(method: .POST, path: path, json: json)
+    }
+
+    /// Closes the connection pool.
+    public func shutdown() async {
+        try? await http.shutdown()
+    }
+
+    private func send(method: HTTPMethod, path: String, json: Data?) async throws(KubernetesAPIError) -> Data {
+        var request = HTTPClientRequest(url: configuration.serverURL + path)
+        request.method = method
+        request.headers.add(name: "Accept", value: "application/json")
+        if let json {
+            request.headers.add(name: "Content-Type", value: "application/json")
+            request.body = .bytes(ByteBuffer(bytes: json))
+        }
+        if let tokenFile = configuration.tokenFile {
+            guard let token = try? String(contentsOfFile: tokenFile, encoding: .utf8)
+                .trimmingCharacters(in: .whitespacesAndNewlines), !token.isEmpty
+            else {
+                throw KubernetesAPIError(message: "cannot read the agent's own token from \(tokenFile)", isTransient: true)
+            }
+            request.headers.add(name: "Authorization", value: "Bearer \(token)")
+        }
+        let what = "\(method) \(configuration.serverURL)\(path)"
+        do {
+            let response = try await http.execute(request, timeout: .seconds(configuration.timeout.components.seconds))
+            let body = try await response.body.collect(upTo: configuration.maxResponseBytes)
+            guard (200...201).contains(response.status.code) else {
+                let detail = String(buffer: body).prefix(300)
+                // 5xx and 429 may pass; 4xx (bad token, missing RBAC) will not without a change.
+                let transient = response.status.code >= 500 || response.status.code == 429
+                throw KubernetesAPIError(message: "\(what): HTTP \(response.status.code) \(detail)", isTransient: transient)
+            }
+            return Data(body.readableBytesView)
+        } catch let error as KubernetesAPIError {
+            throw error
+        } catch {
+            throw KubernetesAPIError(message: "\(what): \(error)", isTransient: true)
+        }
+    }
+}
+
+/// A failed API call; `isTransient` when retrying later may succeed (network, 5xx).
+public struct KubernetesAPIError: Error, Sendable, CustomStringConvertible {
+    public var message: String
+    public var isTransient: Bool
+    public init(message: String, isTransient: Bool) {
+        self.message = message
+        self.isTransient = isTransient
+    }
+    public var description: String { message }
+}

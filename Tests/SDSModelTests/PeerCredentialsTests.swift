@@ -1,0 +1,16 @@
+import SDSModel
+import Testing
+
+@Suite struct PeerCredentialsMetadataTests {
+    @Test func roundTrips() {
+        let peer = PeerCredentials(pid: 4321, uid: 1337, gid: 1338)
+        #expect(peer.metadataValue == "pid=4321;uid=1337;gid=1338")
+        #expect(PeerCredentials(metadataValue: peer.metadataValue) == peer)
+    }
+
+    @Test(arguments: ["", "pid=1", "pid=1;uid=2", "pid=1;uid=2;gid=x", "pid=1;uid=-2;gid=3", "pid=1;pid=1;uid=2;gid=3",
+                      "pid=1;uid=2;gid=3;extra=4", "uid=2;gid=3;port=1"])
+    func refusesAnythingElse(_ value: String) {
+        #expect(PeerCredentials(metadataValue: value) == nil)
+    }
+}
