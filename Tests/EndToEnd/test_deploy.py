@@ -74,13 +74,25 @@ def test_the_agent_runs_locked_down():
     assert not pod.get("hostNetwork") and not pod.get("hostPID")
 
 
-def test_no_rbac_is_granted():
-    # The JWKS-file verifier calls no API. A Role, ClusterRole or binding here must come with
-    # the verifier that needs it, and this list must then name exactly its rules.
-    allowed_rules = []
-    rbac = [d for _, d in objects() if d["kind"] in ("Role", "ClusterRole", "RoleBinding", "ClusterRoleBinding")]
-    assert [r.get("rules") for r in rbac if r["kind"] in ("Role", "ClusterRole")] == allowed_rules
-    assert rbac == []
+RBAC_KINDS = ("Role", "ClusterRole", "RoleBinding", "ClusterRoleBinding")
+
+
+def test_the_base_grants_no_rbac_and_the_token_review_option_only_what_it_needs():
+    # The JWKS-file verifier calls no API: nothing the base kustomization applies grants RBAC.
+    with open(os.path.join(DEPLOY, "kustomization.yaml")) as f:
+        base = yaml.safe_load(f)["resources"]
+    assert not [d for p in base for d in documents(os.path.join(DEPLOY, p)) if d["kind"] in RBAC_KINDS]
+    # The opt-in file for --token-review/--oidc-discovery: create tokenreviews, plus the
+    # built-in issuer-discovery role, bound to the agent's service account only.
+    rbac = [(p, d) for p, d in objects() if d["kind"] in RBAC_KINDS]
+    assert {p for p, _ in rbac} == {"optional/token-review-rbac.yaml"}
+    roles = [d for _, d in rbac if d["kind"] in ("Role", "ClusterRole")]
+    assert [r["rules"] for r in roles] == [
+        [{"apiGroups": ["authentication.k8s.io"], "resources": ["tokenreviews"], "verbs": ["create"]}]]
+    bindings = [d for _, d in rbac if d["kind"].endswith("Binding")]
+    assert {b["roleRef"]["name"] for b in bindings} == {"sds-agent-token-review", "system:service-account-issuer-discovery"}
+    for b in bindings:
+        assert b["subjects"] == [{"kind": "ServiceAccount", "name": "sds-agent", "namespace": "sds-agent"}]
 
 
 def socket_volume_names(pod):
@@ -112,6 +124,10 @@ def test_the_example_workload_waits_for_the_agent_and_uses_its_audience_and_sock
     assert token["expirationSeconds"] <= 3600
     envoy = next(c for c in pod["containers"] if c["name"] == "envoy")
     assert envoy["securityContext"]["readOnlyRootFilesystem"] is True
+    # The agent admits only the uid the sidecar (and the init container's wait) runs as.
+    assert "--peer-allowed-uid=$(PEER_ALLOWED_UID)" in agent["args"]
+    allowed_uid = int(find("ConfigMap", "sds-agent-config")["data"]["peer-allowed-uid"])
+    assert envoy["securityContext"]["runAsUser"] == allowed_uid == init["securityContext"]["runAsUser"]
 
 
 def test_the_image_is_built_by_the_script_ci_runs():
