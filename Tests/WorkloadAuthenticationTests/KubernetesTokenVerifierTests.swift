@@ -176,6 +176,10 @@ import WorkloadAuthentication
         try await expectRejected(signer.sign(claims: claims { $0["sub"] = "system:serviceaccount:other:frontend" }), .missingClaims)
     }
 
+    @Test func noKubernetesClaimAndASubThatIsNoServiceAccount() async throws {
+        try await expectRejected(signer.sign(claims: claims { $0["kubernetes.io"] = nil; $0["sub"] = "admin@example.com" }), .missingClaims)
+    }
+
     @Test func garbledKubernetesClaim() async throws {
         try await expectRejected(signer.sign(claims: claims { $0["kubernetes.io"] = ["namespace": "demo"] }), .missingClaims)
         try await expectRejected(signer.sign(claims: claims { $0["kubernetes.io"] = "demo" }), .malformedToken)

@@ -180,10 +180,11 @@ class Node:
         self.processes.append(process)
         return process
 
-    def start_agent(self, *extra_args, wait: float = 60.0):
+    def start_agent(self, *extra_args, wait: float = 60.0, jwks: bool = True):
+        """Starts the agent; `jwks=False` leaves out `--jwks` (keys from the API server instead)."""
         self.agent = self.start("sds-agent", [
             self.agent_bin, "serve", "--socket", self.socket, "--trust-domain", TRUST_DOMAIN,
-            "--jwks", self.jwks, "--state-dir", os.path.join(self.workdir, "state"), *extra_args])
+            *(["--jwks", self.jwks] if jwks else []), "--state-dir", os.path.join(self.workdir, "state"), *extra_args])
         # Start order: Envoy must not start before the agent answers (docs/ENVOY-FACTS.md).
         subprocess.run([self.agent_bin, "check", "--socket", self.socket, "--wait", f"{int(wait)}s"],
                        check=True, capture_output=True, timeout=wait + 10)
