@@ -35,7 +35,6 @@ public struct Agent: Service {
         async throws -> Agent
     {
         try configuration.validate()
-        let (authenticator, keySource, api) = try await makeAuthenticator(configuration, logger: logger, now: now)
 
         let authority: SigningAuthority
         var additionalRoots: [Certificate] = []
@@ -59,6 +58,8 @@ public struct Agent: Service {
             configuration: .init(
                 certificateTTL: configuration.certificateTTL, rotation: configuration.rotation, idleTTL: configuration.idleTTL),
             logger: logger, now: now)
+        // Last, because it may open an HTTPS client that must be shut down: nothing throws after it.
+        let (authenticator, keySource, api) = try await makeAuthenticator(configuration, logger: logger, now: now)
         let service = SecretDiscoveryService(
             configuration: .init(
                 workloadSecretName: configuration.workloadSecretName,
@@ -83,6 +84,12 @@ public struct Agent: Service {
     private static func makeAuthenticator(
         _ configuration: AgentConfiguration, logger: Logger, now: @escaping @Sendable () -> Date
     ) async throws -> (any WorkloadAuthenticator, OIDCDiscoveryKeySource?, KubernetesAPIClient?) {
+        var fileKeys: VerificationKeySet?
+        if let jwksFile = configuration.jwksFile {
+            fileKeys = try await VerificationKeySet(jwksFile: jwksFile)
+            logger.info("JWKS loaded", metadata: ["jwks": "\(jwksFile)", "key_ids": "\(fileKeys!.keyIDs.sorted())"])
+        }
+        // The HTTPS client is created last: once it exists, nothing here throws.
         var api: KubernetesAPIClient?
         if let apiConfiguration = configuration.kubernetesAPI, configuration.oidcDiscovery || configuration.tokenReview {
             api = try KubernetesAPIClient(configuration: apiConfiguration)
@@ -90,9 +97,7 @@ public struct Agent: Service {
         var authenticators: [any WorkloadAuthenticator] = []
         var keySource: OIDCDiscoveryKeySource?
         let keys: (any VerificationKeySource)?
-        if let jwksFile = configuration.jwksFile {
-            let fileKeys = try await VerificationKeySet(jwksFile: jwksFile)
-            logger.info("JWKS loaded", metadata: ["jwks": "\(jwksFile)", "key_ids": "\(fileKeys.keyIDs.sorted())"])
+        if let fileKeys {
             keys = fileKeys
         } else if configuration.oidcDiscovery, let api {
             keySource = OIDCDiscoveryKeySource(api: api, refreshInterval: configuration.jwksRefreshInterval, logger: logger)
@@ -141,6 +146,16 @@ public struct Agent: Service {
     /// Listens on the socket and serves until graceful shutdown (SIGTERM/SIGINT through the
     /// ServiceGroup). `SIGUSR1` starts a root rotation of the embedded CA.
     public func run() async throws {
+        do {
+            try await serve()
+        } catch {
+            await api?.shutdown()
+            throw error
+        }
+        await api?.shutdown()
+    }
+
+    private func serve() async throws {
         let path = configuration.socketPath
         let fd = try UnixSocketListener.bind(path: path, mode: mode_t(configuration.socketMode))
         defer { unlink(path) }
@@ -190,7 +205,6 @@ public struct Agent: Service {
             logger.notice("shutting down: no new streams; open streams end")
             server.beginGracefulShutdown()
         }
-        await api?.shutdown()
     }
 
     /// Tells the cache (and through it every stream) what the CA changed, and persists a new root.
