@@ -1,3 +1,4 @@
+import Crypto
 import EnvoyAPI
 import Foundation
 import GRPCCore
@@ -159,9 +160,60 @@ import X509
         }
     }
 
-    @Test(arguments: [(nil, "missing_credential"), ("not-a-jwt", "malformed_token")] as [(String?, String)])
-    func aMissingOrBadTokenIsUnauthenticatedAndIssuesNothing(_ token: String?, reason: String) async throws {
+    /// The rejection matrix, end to end through the gRPC service: each bad credential is
+    /// `unauthenticated`, counted under its own reason, and no certificate is issued.
+    enum BadCredential: String, CaseIterable, Sendable {
+        case missing, notAJWT, malformedBase64, malformedJSON, algNone, hmacWithThePublicKey, unknownKeyID, wrongKey
+        case expired, notYetValid, wrongIssuer, wrongAudience, garbledKubernetesClaim, missingKubernetesClaim, oversized
+
+        func token(signedBy tokens: TokenFactory) -> String? {
+            let now = Date()
+            var claims = TokenFactory.claims(namespace: "demo", serviceAccount: "frontend", now: now)
+            let t = Int(now.timeIntervalSince1970)
+            switch self {
+            case .missing: return nil
+            case .notAJWT: return "not-a-jwt"
+            case .malformedBase64: return "!!!.???.***"
+            case .malformedJSON: return "bm90IGpzb24.bm90IGpzb24.c2ln"  // "not json" as header and payload
+            case .algNone: return TokenFactory.signingInput(header: ["alg": "none", "kid": tokens.kid], claims: claims) + ".e30"
+            case .hmacWithThePublicKey:
+                let input = TokenFactory.signingInput(header: ["alg": "HS256", "kid": tokens.kid], claims: claims)
+                let secret = SymmetricKey(data: Data(tokens.key.publicKey.pemRepresentation.utf8))
+                return input + "." + TokenFactory.base64URL(Data(HMAC<SHA256>.authenticationCode(for: Data(input.utf8), using: secret)))
+            case .unknownKeyID: return TokenFactory(kid: "not-in-the-jwks").sign(claims: claims)
+            case .wrongKey: return TokenFactory(kid: tokens.kid).sign(claims: claims)
+            case .expired: claims["iat"] = t - 7200; claims["nbf"] = t - 7200; claims["exp"] = t - 3600
+            case .notYetValid: claims["iat"] = t + 3600; claims["nbf"] = t + 3600; claims["exp"] = t + 7200
+            case .wrongIssuer: claims["iss"] = "https://evil.example.com"
+            case .wrongAudience: claims["aud"] = ["vault"]
+            case .garbledKubernetesClaim: claims["kubernetes.io"] = "demo"
+            case .missingKubernetesClaim: claims["kubernetes.io"] = nil; claims["sub"] = "admin@example.com"
+            case .oversized: claims["padding"] = String(repeating: "x", count: 20_000)
+            }
+            return tokens.sign(claims: claims)
+        }
+
+        var reason: String {
+            switch self {
+            case .missing: "missing_credential"
+            case .notAJWT, .malformedBase64, .malformedJSON, .garbledKubernetesClaim: "malformed_token"
+            case .algNone, .hmacWithThePublicKey: "disallowed_algorithm"
+            case .unknownKeyID: "unknown_key"
+            case .wrongKey: "bad_signature"
+            case .expired: "expired"
+            case .notYetValid: "not_yet_valid"
+            case .wrongIssuer: "wrong_issuer"
+            case .wrongAudience: "wrong_audience"
+            case .missingKubernetesClaim: "missing_claims"
+            case .oversized: "token_too_large"
+            }
+        }
+    }
+
+    @Test(arguments: BadCredential.allCases)
+    func aBadCredentialIsUnauthenticatedAndIssuesNothing(_ bad: BadCredential) async throws {
         let metrics = TestMetrics()
+        let token = bad.token(signedBy: tokens)
         try await withClient(metrics: metrics) { client, cache in
             do {
                 try await SDSTestClient.withStream(client, metadata: SDSTestClient.metadata(token: token)) { session in
@@ -171,11 +223,15 @@ import X509
                 Issue.record("the stream was accepted")
             } catch let error as RPCError {
                 #expect(error.code == .unauthenticated)
+                if let token { #expect(!error.message.contains(token), "the status must never echo the token") }
             }
             #expect(await cache.issuedCertificates == 0)
+            // The agent keeps serving everyone else.
+            _ = try await client.fetchSecrets(SDSTestClient.request(["default"]), metadata: SDSTestClient.metadata(token: tokens.token()))
+            #expect(await cache.issuedCertificates == 1)
         }
         let refused = try metrics.expectCounter(
-            SecretDiscoveryService.refusedCallsMetric, [("code", "unauthenticated"), ("reason", reason)])
+            SecretDiscoveryService.refusedCallsMetric, [("code", "unauthenticated"), ("reason", bad.reason)])
         #expect(refused.totalValue == 1)
     }
 
