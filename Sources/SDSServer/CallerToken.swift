@@ -2,8 +2,8 @@ import GRPCCore
 
 /// Finds the caller's token in a call's metadata.
 public enum CallerToken {
-    /// Metadata key that marks a liveness probe (`sds-agent check`): its expected rejection is
-    /// logged at debug level instead of as a warning.
+    /// Metadata key that marks a liveness probe (`sds-agent check`): when the call carries no
+    /// token, its expected rejection is logged at debug level and not counted as a refusal.
     public static let probeHeader = "x-sds-agent-probe"
 
     /// The token under `headerKey` (a `-bin` key holds the raw token file bytes), else from

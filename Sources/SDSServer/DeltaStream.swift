@@ -7,6 +7,7 @@ import Logging
 struct DeltaStream: Sendable {
     let resolver: ResourceResolver
     let configuration: SDSServerConfiguration
+    let metrics: SDSMetrics.Stream
 
     func run(
         _ events: some AsyncSequence<StreamEvent<Envoy_Service_Discovery_V3_DeltaDiscoveryRequest>, any Error>,
@@ -65,6 +66,7 @@ struct DeltaStream: Sendable {
                     case .acknowledged(let nonce):
                         logger.debug("Envoy accepted secrets (delta)", metadata: ["nonce": "\(nonce)"])
                     case .rejected(let nonce, let message):
+                        metrics.rejections.increment()
                         logger.warning(
                             "Envoy rejected secrets (delta NACK); not resending that version",
                             metadata: ["names": "\(machine.subscribed.sorted())", "nonce": "\(nonce)", "envoy_error": "\(message)"])

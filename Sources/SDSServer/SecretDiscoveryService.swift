@@ -19,18 +19,22 @@ public struct SecretDiscoveryService: Envoy_Service_Secret_V3_SecretDiscoverySer
     let authenticator: any WorkloadAuthenticator
     let secrets: any SecretSource
     let logger: Logger
-    let metrics: any MetricsFactory
+    let metrics: SDSMetrics
     let now: @Sendable () -> Date
 
     /// Counts refused calls, by gRPC status (`code`) and `reason` (the token check that failed,
     /// or `policy`, `peer` or `pod_binding`).
     public static let refusedCallsMetric = "sds_agent_refused_calls_total"
+    /// Streams open now, by `api` (`sotw` or `delta`).
+    public static let openStreamsMetric = "sds_agent_open_streams"
+    /// NACKs received (Envoy rejected a response), by `api`.
+    public static let rejectionsMetric = "sds_agent_nacks_total"
 
     public init(
         configuration: SDSServerConfiguration, authenticator: any WorkloadAuthenticator, secrets: any SecretSource,
         logger: Logger, metrics: any MetricsFactory = MetricsSystem.factory, now: @escaping @Sendable () -> Date = { Date() }
     ) {
-        self.metrics = metrics
+        self.metrics = SDSMetrics(factory: metrics)
         self.configuration = configuration
         self.authenticator = authenticator
         self.secrets = secrets
@@ -44,9 +48,11 @@ public struct SecretDiscoveryService: Envoy_Service_Secret_V3_SecretDiscoverySer
         request: StreamingServerRequest<Envoy_Service_Discovery_V3_DiscoveryRequest>, context: ServerContext
     ) async throws -> StreamingServerResponse<Envoy_Service_Discovery_V3_DiscoveryResponse> {
         let caller = try await authenticate(request.metadata, context: context)
-        let stream = SotWStream(resolver: resolver(for: caller, context: context), configuration: configuration)
+        let stream = SotWStream(resolver: resolver(for: caller, context: context), configuration: configuration, metrics: metrics.sotw)
         let wait = streamLifetime(for: caller)
-        return StreamingServerResponse { writer in
+        return StreamingServerResponse { [metrics] writer in
+            metrics.sotw.open.increment()
+            defer { metrics.sotw.open.decrement() }
             let events = StreamEvents.merged(request.messages, secrets.updates(for: caller.spiffeID), credentialExpiresIn: wait)
             try await stream.run(events, writer: writer)
             return [:]
@@ -59,9 +65,11 @@ public struct SecretDiscoveryService: Envoy_Service_Secret_V3_SecretDiscoverySer
         request: StreamingServerRequest<Envoy_Service_Discovery_V3_DeltaDiscoveryRequest>, context: ServerContext
     ) async throws -> StreamingServerResponse<Envoy_Service_Discovery_V3_DeltaDiscoveryResponse> {
         let caller = try await authenticate(request.metadata, context: context)
-        let stream = DeltaStream(resolver: resolver(for: caller, context: context), configuration: configuration)
+        let stream = DeltaStream(resolver: resolver(for: caller, context: context), configuration: configuration, metrics: metrics.delta)
         let wait = streamLifetime(for: caller)
-        return StreamingServerResponse { writer in
+        return StreamingServerResponse { [metrics] writer in
+            metrics.delta.open.increment()
+            defer { metrics.delta.open.decrement() }
             let events = StreamEvents.merged(request.messages, secrets.updates(for: caller.spiffeID), credentialExpiresIn: wait)
             try await stream.run(events, writer: writer)
             return [:]
@@ -106,15 +114,19 @@ public struct SecretDiscoveryService: Envoy_Service_Secret_V3_SecretDiscoverySer
             "method": "\(context.descriptor.method)", "peer_pid": "\(peer.map { String($0.pid) } ?? "-")",
             "peer_uid": "\(peer.map { String($0.uid) } ?? "-")",
         ]
-        // A liveness probe's expected refusal is logged at debug level, not as a warning.
-        let refusalLevel: Logger.Level = metadata[stringValues: CallerToken.probeHeader].contains { _ in true } ? .debug : .warning
+        let token = CallerToken.extract(from: metadata, headerKey: configuration.tokenHeaderKey)
+        // A liveness probe (`sds-agent check`: the probe header and no token) expects a refusal:
+        // it is logged at debug level and not counted. A call with a token is never a probe, so
+        // the header cannot hide a refused token from the warnings or the metric.
+        let isProbe = token == nil && metadata[stringValues: CallerToken.probeHeader].contains { _ in true }
         /// Logs the refusal, counts it, and returns the error for the caller.
         func refuse(_ code: RPCError.Code, reason: String, _ event: Logger.Message, detail: String, message: String) -> RPCError {
             logMetadata["reason"] = "\(detail)"
-            logger.log(level: refusalLevel, event, metadata: logMetadata)
-            let status = code == .unauthenticated ? "unauthenticated" : code == .unavailable ? "unavailable" : "permission_denied"
-            Counter(label: Self.refusedCallsMetric, dimensions: [("code", status), ("reason", reason)], factory: metrics)
-                .increment()
+            logger.log(level: isProbe ? .debug : .warning, event, metadata: logMetadata)
+            if !isProbe {
+                let status = code == .unauthenticated ? "unauthenticated" : code == .unavailable ? "unavailable" : "permission_denied"
+                metrics.refused(status: status, reason: reason)
+            }
             return RPCError(code: code, message: message)
         }
 
@@ -122,7 +134,7 @@ public struct SecretDiscoveryService: Envoy_Service_Secret_V3_SecretDiscoverySer
             throw refuse(.permissionDenied, reason: "peer", "refused SDS call: peer not allowed", detail: reason,
                          message: "caller refused: \(reason)")
         }
-        guard let token = CallerToken.extract(from: metadata, headerKey: configuration.tokenHeaderKey) else {
+        guard let token else {
             logMetadata["expected_header"] = "\(configuration.tokenHeaderKey)"
             throw refuse(
                 .unauthenticated, reason: "\(AuthenticationError.Code.missingCredential)",

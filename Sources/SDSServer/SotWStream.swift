@@ -7,6 +7,7 @@ import Logging
 struct SotWStream: Sendable {
     let resolver: ResourceResolver
     let configuration: SDSServerConfiguration
+    let metrics: SDSMetrics.Stream
 
     func run(
         _ events: some AsyncSequence<StreamEvent<Envoy_Service_Discovery_V3_DiscoveryRequest>, any Error>,
@@ -52,6 +53,7 @@ struct SotWStream: Sendable {
                     case .acknowledged(let version):
                         logger.debug("Envoy accepted secrets", metadata: ["version": "\(version)"])
                     case .rejected(let nonce, let message):
+                        metrics.rejections.increment()
                         logger.warning(
                             "Envoy rejected secrets (NACK); not resending that version",
                             metadata: [

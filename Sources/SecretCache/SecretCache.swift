@@ -1,4 +1,5 @@
 import CertificateAuthority
+import CoreMetrics
 import Crypto
 import Foundation
 import Logging
@@ -48,16 +49,40 @@ public actor SecretCache: SecretSource {
     private let logger: Logger
     private let now: @Sendable () -> Date
     private let updates = SecretUpdates()
-    private var entries: [SPIFFEID: Entry] = [:]
+    private var entries: [SPIFFEID: Entry] = [:] {
+        didSet { metrics.identities.set(entries.count) }
+    }
     private var issuedCount = 0
+    private let metrics: Metrics
+
+    /// The cache's metrics, created once.
+    private struct Metrics: Sendable {
+        let issued: Counter
+        let renewed: Counter
+        let failures: Counter
+        let identities: Meter
+        let issueDuration: CoreMetrics.Timer
+
+        init(factory: any MetricsFactory) {
+            issued = Counter(label: SecretCache.issuedMetric, dimensions: [("kind", "new")], factory: factory)
+            renewed = Counter(label: SecretCache.issuedMetric, dimensions: [("kind", "renewal")], factory: factory)
+            failures = Counter(label: "sds_agent_certificate_issue_failures_total", factory: factory)
+            identities = Meter(label: "sds_agent_cached_identities", factory: factory)
+            issueDuration = CoreMetrics.Timer(label: "sds_agent_certificate_issue_seconds", factory: factory)
+        }
+    }
+
+    /// Counts certificates issued, by `kind`: `new` (first request) or `renewal`.
+    public static let issuedMetric = "sds_agent_certificates_issued_total"
 
     public init(
         issuer: any CertificateIssuer, configuration: Configuration, logger: Logger,
-        now: @escaping @Sendable () -> Date = { Date() }
+        metrics: any MetricsFactory = MetricsSystem.factory, now: @escaping @Sendable () -> Date = { Date() }
     ) {
         self.issuer = issuer
         self.configuration = configuration
         self.logger = logger
+        self.metrics = Metrics(factory: metrics)
         self.now = now
     }
 
@@ -118,7 +143,12 @@ public actor SecretCache: SecretSource {
         if let task = entries[identity]?.issuing { return try await Self.value(of: task) }
         let issuer = self.issuer
         let ttl = configuration.certificateTTL
-        let task = Task { try await Self.mint(for: identity, issuer: issuer, ttl: ttl) }
+        let duration = metrics.issueDuration
+        let task = Task {
+            let started = ContinuousClock.now
+            defer { duration.recordNanoseconds(Int64(started.duration(to: .now) / .nanoseconds(1))) }
+            return try await Self.mint(for: identity, issuer: issuer, ttl: ttl)
+        }
         let issuedAt = now()
         entries[identity, default: Entry(lastWatched: issuedAt)].issuing = task
         do {
@@ -133,6 +163,7 @@ public actor SecretCache: SecretSource {
             entries[identity]?.renewAt = configuration.rotation.renewalTime(
                 notBefore: max(secret.notBefore, issuedAt), notAfter: secret.notAfter)
             issuedCount += 1
+            (previous == nil ? metrics.issued : metrics.renewed).increment()
             logger.info(
                 previous == nil ? "issued workload certificate" : "rotated workload certificate",
                 metadata: [
@@ -143,6 +174,7 @@ public actor SecretCache: SecretSource {
             if previous != nil { updates.certificateChanged(for: identity) }
             return secret
         } catch {
+            metrics.failures.increment()
             entries[identity]?.issuing = nil
             if let current = entries[identity]?.secret {
                 let failures = (entries[identity]?.failures ?? 0) + 1

@@ -2,6 +2,8 @@ import ArgumentParser
 import Foundation
 import KubernetesAPI
 import Logging
+import Metrics
+import Prometheus
 import SDSAgent
 import SecretCache
 import WorkloadAuthentication
@@ -123,6 +125,9 @@ struct Serve: AsyncParsableCommand {
     @Option(help: "Refuse tokens issued longer ago than this, e.g. 24h (default: no limit).", transform: parseDuration)
     var maxTokenAge: Duration?
 
+    @Option(help: "Serve Prometheus metrics at http://HOST:PORT/metrics, e.g. 0.0.0.0:9102 (default: off).")
+    var metricsAddress: String?
+
     @Option(help: "Log level: trace, debug, info, notice, warning, error.")
     var logLevel = "info"
 
@@ -134,6 +139,15 @@ struct Serve: AsyncParsableCommand {
             return handler
         }
         let logger = Logger(label: "sds-agent")
+        var metricsEndpoint: MetricsEndpoint?
+        if let metricsAddress {
+            guard let address = MetricsEndpoint.Address(metricsAddress) else {
+                throw ValidationError("--metrics-address '\(metricsAddress)' is not HOST:PORT such as 0.0.0.0:9102")
+            }
+            let registry = PrometheusCollectorRegistry()
+            MetricsSystem.bootstrap(PrometheusMetricsFactory(registry: registry))
+            metricsEndpoint = MetricsEndpoint(address: address, registry: registry, logger: logger)
+        }
         guard let mode = UInt16(socketMode, radix: 8) else {
             throw ValidationError("--socket-mode '\(socketMode)' is not an octal mode such as 0660")
         }
@@ -165,7 +179,8 @@ struct Serve: AsyncParsableCommand {
             let agent = try await Agent.make(configuration: configuration, logger: logger)
             let group = ServiceGroup(
                 configuration: .init(
-                    services: [.init(service: agent)], gracefulShutdownSignals: [.sigterm, .sigint],
+                    services: [.init(service: agent)] + (metricsEndpoint.map { [.init(service: $0)] } ?? []),
+                    gracefulShutdownSignals: [.sigterm, .sigint],
                     cancellationSignals: [], logger: logger))
             try await group.run()
         } catch {

@@ -29,7 +29,7 @@ def node():
     # Short path: Unix socket paths are limited to 107 bytes.
     workdir = tempfile.mkdtemp(prefix="sds-e2e-")
     n = Node(workdir, AGENT_BIN, ENVOY_BIN)
-    n.start_agent("--log-level", "debug")
+    n.start_agent("--log-level", "debug", "--metrics-address", "127.0.0.1:0")
     yield n
     n.stop_all()
     if os.environ.get("SDS_E2E_KEEP") != "1":

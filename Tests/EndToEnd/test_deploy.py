@@ -74,6 +74,15 @@ def test_the_agent_runs_locked_down():
     assert not pod.get("hostNetwork") and not pod.get("hostPID")
 
 
+def test_the_metrics_port_is_the_one_the_agent_listens_on_and_prometheus_is_told():
+    pod, c = agent_container()
+    (flag,) = [a for a in c["args"] if a.startswith("--metrics-address=")]
+    port = int(flag.rsplit(":", 1)[1])
+    assert [p["containerPort"] for p in c["ports"] if p["name"] == "metrics"] == [port]
+    annotations = find("DaemonSet", "sds-agent")["spec"]["template"]["metadata"]["annotations"]
+    assert annotations["prometheus.io/port"] == str(port) and annotations["prometheus.io/path"] == "/metrics"
+
+
 RBAC_KINDS = ("Role", "ClusterRole", "RoleBinding", "ClusterRoleBinding")
 
 

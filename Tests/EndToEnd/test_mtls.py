@@ -37,6 +37,12 @@ def test_mtls_between_two_envoys(node, envoys, validation_context_name):
         assert stats.get(f"{stat_name}.update_success", 0) >= 1, sorted(k for k in stats if k.startswith("sds."))
         assert stats.get("sds.default.update_rejected", 0) == 0
 
+    # What Prometheus would scrape: both identities issued, both Envoys' streams open, no NACK.
+    metrics = node.agent_metrics()
+    assert metrics.get('sds_agent_certificates_issued_total{kind="new"}', 0) >= 2, metrics
+    assert metrics.get('sds_agent_open_streams{api="sotw"}', 0) >= 2, metrics
+    assert metrics.get('sds_agent_nacks_total{api="sotw"}', 0) == 0, metrics
+
 
 def test_server_refuses_an_identity_it_does_not_allow(node, envoys):
     server, intruder = pair(node, envoys, "ROOTCA", client_sa="intruder")
@@ -68,6 +74,8 @@ def test_a_bad_token_gets_no_certificate_and_tls_fails(node, envoys):
     assert "token failed verification" in log and "reason=bad_signature" in log
     assert forged not in log, "the agent must never log a token"
     assert client.stats().get("sds.default.update_success", 0) == 0
+    refused = node.agent_metrics().get('sds_agent_refused_calls_total{code="unauthenticated",reason="bad_signature"}', 0)
+    assert refused >= 1, "the refusal is counted by reason"
 
 
 def test_a_namespace_the_policy_denies_gets_no_certificate_while_an_allowed_one_works(tmp_path):

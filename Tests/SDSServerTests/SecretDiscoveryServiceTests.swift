@@ -71,10 +71,12 @@ import X509
     @Test func aRotationIsPushedOnTheOpenStreamAndANACKIsNotAnswered() async throws {
         let clock = ManualClock()
         let metadata = SDSTestClient.metadata(token: tokens.token())
-        try await withClient(clock: clock) { client, cache in
+        let metrics = TestMetrics()
+        try await withClient(clock: clock, metrics: metrics) { client, cache in
             try await SDSTestClient.withStream(client, metadata: metadata) { session in
                 session.send(SDSTestClient.request(["default"], node: true))
                 let first = try #require(try await session.next())
+                #expect(try metrics.expectMeter(SecretDiscoveryService.openStreamsMetric, [("api", "sotw")]).lastValue == 1)
                 // Envoy rejects it (NACK): nothing is sent back for that.
                 session.send(SDSTestClient.request(["default"], nonce: first.nonce, error: "Failed to load certificate chain"))
                 clock.advance(1801)
@@ -86,6 +88,8 @@ import X509
                 #expect(old.tlsCertificate.privateKey != new.tlsCertificate.privateKey, "rotation re-keys")
             }
         }
+        #expect(try metrics.expectCounter(SecretDiscoveryService.rejectionsMetric, [("api", "sotw")]).totalValue == 1)
+        #expect(try metrics.expectMeter(SecretDiscoveryService.openStreamsMetric, [("api", "sotw")]).lastValue == 0, "the stream ended")
     }
 
     @Test func manyStreamsOfOneIdentityShareOneCertificateAllGetTheRotationAndLeaveNoWatchers() async throws {
@@ -233,6 +237,27 @@ import X509
         let refused = try metrics.expectCounter(
             SecretDiscoveryService.refusedCallsMetric, [("code", "unauthenticated"), ("reason", bad.reason)])
         #expect(refused.totalValue == 1)
+    }
+
+    @Test func aProbeIsNotCountedButTheProbeHeaderCannotHideABadToken() async throws {
+        let metrics = TestMetrics()
+        try await withClient(metrics: metrics) { client, cache in
+            for token in [nil, "not-a-jwt"] as [String?] {
+                var metadata = SDSTestClient.metadata(token: token)
+                metadata.addString("1", forKey: CallerToken.probeHeader)
+                await #expect(throws: RPCError.self) {
+                    _ = try await client.fetchSecrets(SDSTestClient.request(["default"]), metadata: metadata)
+                }
+            }
+            #expect(await cache.issuedCertificates == 0)
+        }
+        #expect(throws: (any Error).self, "a probe is not a refused caller") {
+            try metrics.expectCounter(
+                SecretDiscoveryService.refusedCallsMetric, [("code", "unauthenticated"), ("reason", "missing_credential")])
+        }
+        let hidden = try metrics.expectCounter(
+            SecretDiscoveryService.refusedCallsMetric, [("code", "unauthenticated"), ("reason", "malformed_token")])
+        #expect(hidden.totalValue == 1)
     }
 
     @Test func aCallerThePolicyDeniesGetsPermissionDeniedAndNoCertificate() async throws {

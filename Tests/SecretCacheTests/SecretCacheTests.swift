@@ -1,5 +1,6 @@
 import CertificateAuthority
 import Foundation
+import MetricsTestKit
 import SDSModel
 import SecretCache
 import Synchronization
@@ -99,9 +100,10 @@ final class FlakyIssuer: CertificateIssuer, @unchecked Sendable {
     @Test func aFailedRenewalKeepsServingTheCurrentCertificateAndRetries() async throws {
         let clock = ManualClock()
         let issuer = FlakyIssuer(ca: TestPKI.ca(now: { clock.now }))
+        let metrics = TestMetrics()
         let cache = SecretCache(
             issuer: issuer, configuration: .init(certificateTTL: .seconds(1000), rotation: .init(fraction: 0.5, jitter: 0)),
-            logger: TestPKI.quietLogger, now: { clock.now })
+            logger: TestPKI.quietLogger, metrics: metrics, now: { clock.now })
         let identity = TestPKI.identity()
         let first = try await cache.workloadSecret(for: identity)
         let watch = cache.updates(for: identity)  // a stream is open for it, so it is not dropped as idle
@@ -116,6 +118,12 @@ final class FlakyIssuer: CertificateIssuer, @unchecked Sendable {
         clock.advance(1.5)
         await cache.maintain()
         #expect(try await cache.workloadSecret(for: identity) != first)
+
+        #expect(try metrics.expectCounter(SecretCache.issuedMetric, [("kind", "new")]).totalValue == 1)
+        #expect(try metrics.expectCounter(SecretCache.issuedMetric, [("kind", "renewal")]).totalValue == 1)
+        #expect(try metrics.expectCounter("sds_agent_certificate_issue_failures_total").totalValue == 1)
+        #expect(try metrics.expectMeter("sds_agent_cached_identities").lastValue == 1)
+        #expect(try metrics.expectTimer("sds_agent_certificate_issue_seconds").values.count == 3, "two issued, one failed")
     }
 
     @Test func aRefusedIssuanceIsNotCached() async throws {

@@ -4,6 +4,7 @@ Every process is started with subprocess and stopped by its PID; every wait is b
 """
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -189,6 +190,16 @@ class Node:
         subprocess.run([self.agent_bin, "check", "--socket", self.socket, "--wait", f"{int(wait)}s"],
                        check=True, capture_output=True, timeout=wait + 10)
         return self.agent
+
+    def agent_metrics(self) -> dict:
+        """Scrapes the agent's /metrics (started with `--metrics-address 127.0.0.1:0`; the bound
+        address is read from its log) into {'name{labels}': value}."""
+        match = wait_until(lambda: re.search(r"address=(\S+).*metrics endpoint listening|metrics endpoint listening.*address=(\S+)",
+                                             self.agent.output()), 10, "the agent's metrics endpoint")
+        status, body = http_get(f"http://{match.group(1) or match.group(2)}/metrics")
+        assert status == 200, body
+        return {key: float(value) for key, value in
+                (line.rsplit(" ", 1) for line in body.splitlines() if line and not line.startswith("#"))}
 
     def token_file(self, name, namespace, service_account, token=None, **claims) -> str:
         path = os.path.join(self.workdir, f"{name}.token")

@@ -1,0 +1,140 @@
+import Logging
+import NIOCore
+import NIOHTTP1
+import NIOPosix
+import Prometheus
+import ServiceLifecycle
+
+/// Serves the agent's metrics to Prometheus: `GET /metrics` over plain HTTP/1.1 on a TCP address.
+///
+/// Off unless `--metrics-address` is given. It answers only `/metrics` (text exposition format
+/// 0.0.4); it serves no secret and accepts no input, so it can listen on the pod's address.
+public struct MetricsEndpoint: Service {
+    /// Where to listen, parsed from `HOST:PORT` (`[::1]:9102`, `0.0.0.0:9102`, `:9102`).
+    public struct Address: Sendable, Hashable, CustomStringConvertible {
+        public var host: String
+        public var port: Int
+
+        /// Parses `HOST:PORT`; an empty host means all IPv4 addresses. Nil when it is not that shape.
+        public init?(_ text: String) {
+            guard let colon = text.lastIndex(of: ":"), let port = Int(text[text.index(after: colon)...]),
+                (0...65535).contains(port)
+            else { return nil }
+            var host = String(text[..<colon])
+            if host.hasPrefix("[") && host.hasSuffix("]") { host = String(host.dropFirst().dropLast()) }
+            if host.isEmpty { host = "0.0.0.0" }
+            guard !host.contains(where: { $0 == "/" || $0 == " " }) else { return nil }
+            self.host = host
+            self.port = port
+        }
+
+        public var description: String { host.contains(":") ? "[\(host)]:\(port)" : "\(host):\(port)" }
+    }
+
+    private let address: Address
+    private let registry: PrometheusCollectorRegistry
+    private let logger: Logger
+    private let onListening: @Sendable (Int) -> Void
+
+    /// - Parameter onListening: called with the bound port once the endpoint listens (port 0 picks one).
+    public init(
+        address: Address, registry: PrometheusCollectorRegistry, logger: Logger,
+        onListening: @escaping @Sendable (Int) -> Void = { _ in }
+    ) {
+        self.address = address
+        self.registry = registry
+        self.logger = logger
+        self.onListening = onListening
+    }
+
+    /// Listens until cancelled or until graceful shutdown.
+    public func run() async throws {
+        let registry = self.registry
+        let channel: any Channel
+        do {
+            channel = try await ServerBootstrap(group: MultiThreadedEventLoopGroup.singleton)
+                .serverChannelOption(.socketOption(.so_reuseaddr), value: 1)
+                .childChannelInitializer { channel in
+                    channel.eventLoop.makeCompletedFuture {
+                        try channel.pipeline.syncOperations.configureHTTPServerPipeline(withErrorHandling: true)
+                        try channel.pipeline.syncOperations.addHandler(MetricsHTTPHandler(registry: registry))
+                    }
+                }
+                .bind(host: address.host, port: address.port).get()
+        } catch {
+            throw MetricsEndpointError(message: "cannot listen for metrics on \(address): \(error)")
+        }
+        let port = channel.localAddress?.port ?? address.port
+        logger.notice("metrics endpoint listening", metadata: ["address": "\(address.host):\(port)", "path": "/metrics"])
+        onListening(port)
+        try await withGracefulShutdownHandler {
+            try await withTaskCancellationHandler {
+                try await channel.closeFuture.get()
+            } onCancel: {
+                channel.close(promise: nil)
+            }
+        } onGracefulShutdown: {
+            channel.close(promise: nil)
+        }
+    }
+}
+
+/// The metrics listener could not start.
+public struct MetricsEndpointError: Error, CustomStringConvertible {
+    /// What went wrong, naming the address.
+    public var message: String
+    public var description: String { message }
+}
+
+/// Answers `GET /metrics` with the registry's exposition, anything else with 404 or 405.
+private final class MetricsHTTPHandler: ChannelInboundHandler {
+    typealias InboundIn = HTTPServerRequestPart
+    typealias OutboundOut = HTTPServerResponsePart
+
+    private let registry: PrometheusCollectorRegistry
+    private var request: HTTPRequestHead?
+
+    init(registry: PrometheusCollectorRegistry) {
+        self.registry = registry
+    }
+
+    func channelRead(context: ChannelHandlerContext, data: NIOAny) {
+        switch unwrapInboundIn(data) {
+        case .head(let head):
+            request = head
+        case .body:
+            break
+        case .end:
+            guard let head = request else { return }
+            request = nil
+            respond(to: head, context: context)
+        }
+    }
+
+    private func respond(to head: HTTPRequestHead, context: ChannelHandlerContext) {
+        let path = head.uri.split(separator: "?", maxSplits: 1).first.map(String.init) ?? head.uri
+        var status = HTTPResponseStatus.ok
+        var body: [UInt8] = []
+        var contentType = "text/plain; version=0.0.4; charset=utf-8"
+        if path != "/metrics" {
+            status = .notFound
+            body = Array("not found; metrics are at /metrics\n".utf8)
+            contentType = "text/plain; charset=utf-8"
+        } else if head.method != .GET && head.method != .HEAD {
+            status = .methodNotAllowed
+            contentType = "text/plain; charset=utf-8"
+        } else {
+            registry.emit(into: &body)
+        }
+        var headers = HTTPHeaders([("content-type", contentType), ("content-length", "\(body.count)")])
+        if !head.isKeepAlive { headers.add(name: "connection", value: "close") }
+        context.write(wrapOutboundOut(.head(HTTPResponseHead(version: head.version, status: status, headers: headers))), promise: nil)
+        if head.method != .HEAD {
+            context.write(wrapOutboundOut(.body(.byteBuffer(context.channel.allocator.buffer(bytes: body)))), promise: nil)
+        }
+        let keepAlive = head.isKeepAlive
+        context.writeAndFlush(wrapOutboundOut(.end(nil))).assumeIsolated().whenComplete { _ in
+            if !keepAlive { context.close(promise: nil) }
+        }
+    }
+}
