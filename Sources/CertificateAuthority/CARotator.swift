@@ -62,8 +62,8 @@ public struct CARotator: Service {
                     }
                 }
                 group.addTask {
-                    while !Task.isCancelled {
-                        try await Task.sleep(for: interval)
+                    // Cancellation (graceful shutdown) ends the loop normally: it is not an error.
+                    while (try? await Task.sleep(for: interval)) != nil {
                         tick(manualActivation: manual)
                     }
                 }

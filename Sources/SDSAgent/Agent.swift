@@ -183,7 +183,14 @@ public struct Agent: Service {
 
         try await withGracefulShutdownHandler {
             try await withThrowingDiscardingTaskGroup { group in
-                group.addTask { try await server.serve() }
+                group.addTask {
+                    do {
+                        try await server.serve()
+                    } catch {
+                        // At shutdown the open streams are cut by cancellation; that is the plan, not a failure.
+                        if !Task.isCancelled { throw error }
+                    }
+                }
                 group.addTask { try await rotator.run() }
                 if canRotateCA { group.addTask { try await caRotator.run() } }
                 group.addTask { await relayCAChanges() }

@@ -12,9 +12,9 @@ public struct Rotator: Service {
     }
 
     public func run() async throws {
-        try await cancelWhenGracefulShutdown {
-            while !Task.isCancelled {
-                try await Task.sleep(for: interval)
+        await cancelWhenGracefulShutdown {
+            // Cancellation (graceful shutdown) ends the loop normally: it is not an error.
+            while (try? await Task.sleep(for: interval)) != nil {
                 await cache.maintain()
             }
         }

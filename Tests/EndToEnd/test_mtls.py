@@ -101,3 +101,22 @@ def test_a_namespace_the_policy_denies_gets_no_certificate_while_an_allowed_one_
             line.split("spiffe_id=")[1].split()[0] for line in log.splitlines() if "issued workload certificate" in line]
     finally:
         node.stop_all()
+
+
+def test_sigterm_with_envoys_connected_is_a_clean_exit(tmp_path):
+    # Its own agent, so stopping it does not disturb the module's. A DaemonSet rollout sends
+    # SIGTERM with sidecars connected: the agent cuts their streams and exits 0, quietly.
+    from conftest import AGENT_BIN, ENVOY_BIN
+    from sdsdemo.node import Node
+    node = Node(str(tmp_path / "node"), AGENT_BIN, ENVOY_BIN)
+    try:
+        agent = node.start_agent("--metrics-address", "127.0.0.1:0")
+        envoy = node.start_envoy("frontend", node.token_file("frontend", "demo", "frontend"))
+        assert node.agent_metrics().get('sds_agent_open_streams{api="sotw"}', 0) >= 1
+        agent.stop()
+        assert agent.popen.returncode == 0, agent.output()[-2000:]
+        log = agent.output()
+        assert "shutting down" in log and "critical" not in log, log[-2000:]
+        assert envoy.process.alive(), "Envoy keeps running and retries on its own"
+    finally:
+        node.stop_all()
