@@ -172,6 +172,17 @@ let package = Package(
                 .product(name: "CoreMetrics", package: "swift-metrics"),
             ]
         ),
+        // Measures a real sds-agent process over its socket (scripts/bench.sh); not shipped.
+        .executableTarget(
+            name: "sds-agent-bench",
+            dependencies: [
+                "EnvoyAPI", "TestSupport",
+                .product(name: "ArgumentParser", package: "swift-argument-parser"),
+                .product(name: "GRPCCore", package: "grpc-swift-2"),
+                .product(name: "GRPCNIOTransportHTTP2", package: "grpc-swift-nio-transport"),
+            ],
+            path: "Benchmarks/sds-agent-bench"
+        ),
         // PKI and token fixtures built in code, shared by the test targets.
         .target(
             name: "TestSupport",

@@ -17,6 +17,9 @@ swift test --skip-build
 echo "== release build (the container image's build stage: Deploy/Dockerfile)" >&2
 scripts/build-release.sh run/release
 
+echo "== benchmark smoke run (full: scripts/bench.sh)" >&2
+scripts/bench.sh --smoke
+
 echo "== end-to-end with real Envoys" >&2
 swift build --product sds-agent
 SDS_AGENT_BIN="$(swift build --show-bin-path)/sds-agent" ENVOY_BIN="$PWD/.venv/bin/envoy" \

@@ -1,0 +1,140 @@
+import EnvoyAPI
+import Foundation
+import GRPCCore
+import GRPCNIOTransportHTTP2
+import TestSupport
+
+/// Throughput and latency of one phase.
+struct LoadResult: Sendable {
+    var calls: Int
+    var seconds: Double
+    var latencies: [Double]  // seconds, sorted
+    /// CPU time the agent process spent on the phase (the client shares the machine).
+    var agentCPUSeconds = Double.nan
+
+    var perSecond: Double { Double(calls) / seconds }
+    var agentCPUPerCall: Double { agentCPUSeconds / Double(calls) }
+    func percentile(_ p: Double) -> Double {
+        latencies.isEmpty ? .nan : latencies[min(latencies.count - 1, Int(Double(latencies.count) * p))]
+    }
+
+    /// - Parameters:
+    ///   - limit: calls per second if the machine did nothing but the call's ECDSA work.
+    ///   - cryptoPerCall: that ECDSA work in CPU seconds per call.
+    func line(_ name: String, limit: Double, cryptoPerCall: Double) -> String {
+        let ms = { (s: Double) in String(format: "%.3f ms", s * 1000) }
+        let share = limit.isFinite ? String(format: " = %.0f%% of the crypto limit %.0f/s", 100 * perSecond / limit, limit) : ""
+        let cpu = cryptoPerCall.isFinite ? "\(ms(agentCPUPerCall)) agent CPU per call (ECDSA alone: \(ms(cryptoPerCall)))" : "\(ms(agentCPUPerCall)) agent CPU per call"
+        return "  \(name): \(calls) calls, \(String(format: "%.0f", perSecond))/s\(share); \(cpu); latency p50 \(ms(percentile(0.5))), p99 \(ms(percentile(0.99)))"
+    }
+}
+
+enum Load {
+    /// Runs `operation(0..<calls)` with `concurrency` in flight; fails on the first error.
+    static func run(calls: Int, concurrency: Int, _ operation: @escaping @Sendable (Int) async throws -> Void) async throws -> LoadResult {
+        let clock = ContinuousClock()
+        let start = clock.now
+        let latencies = try await withThrowingTaskGroup(of: Double.self, returning: [Double].self) { group in
+            var next = 0
+            var latencies: [Double] = []
+            latencies.reserveCapacity(calls)
+            func add() {
+                let i = next
+                next += 1
+                group.addTask {
+                    let began = clock.now
+                    try await operation(i)
+                    let elapsed = began.duration(to: clock.now)
+                    return Double(elapsed.components.seconds) + Double(elapsed.components.attoseconds) / 1e18
+                }
+            }
+            while next < min(concurrency, calls) { add() }
+            for try await latency in group {
+                latencies.append(latency)
+                if next < calls { add() }
+            }
+            return latencies.sorted()
+        }
+        let total = start.duration(to: clock.now)
+        return LoadResult(
+            calls: calls, seconds: Double(total.components.seconds) + Double(total.components.attoseconds) / 1e18,
+            latencies: latencies)
+    }
+}
+
+/// A few gRPC clients over the agent's socket, each with its own HTTP/2 connection (the agent
+/// allows 100 streams per connection by default).
+struct SDSClients: Sendable {
+    typealias Client = Envoy_Service_Secret_V3_SecretDiscoveryService.Client<HTTP2ClientTransport.Posix>
+    let grpc: [GRPCClient<HTTP2ClientTransport.Posix>]
+    let clients: [Client]
+
+    init(socket: String, count: Int) throws {
+        grpc = try (0..<count).map { _ in
+            GRPCClient(transport: try .http2NIOPosix(target: .unixDomainSocket(path: socket), transportSecurity: .plaintext))
+        }
+        clients = grpc.map { Client(wrapping: $0) }
+    }
+
+    /// Runs the connections around `body`, then closes them.
+    func run<R: Sendable>(_ body: @Sendable (SDSClients) async throws -> R) async throws -> R {
+        try await withThrowingTaskGroup(of: Void.self, returning: R.self) { group in
+            for client in grpc { group.addTask { try await client.runConnections() } }
+            defer { for client in grpc { client.beginGracefulShutdown() } }
+            return try await body(self)
+        }
+    }
+
+    /// One FetchSecrets for the workload certificate; fails unless it is served.
+    func fetch(token: String, on index: Int) async throws {
+        let response = try await clients[index % clients.count].fetchSecrets(
+            SDSTestClient.request(["default"]), metadata: SDSTestClient.metadata(token: token))
+        guard response.resources.count == 1 else { throw BenchError("expected one secret, got \(response.resources.count)") }
+    }
+
+    /// Opens `count` StreamSecrets streams (tokens round-robin), waits (bounded) until each has its
+    /// first response, runs `measure` while all are open, then closes them.
+    func holdStreams<R: Sendable>(_ count: Int, tokens: [String], measure: @Sendable () async throws -> R) async throws -> R {
+        let (ready, readySink) = AsyncStream.makeStream(of: Void.self)
+        return try await withThrowingTaskGroup(of: Void.self, returning: R.self) { group in
+            for i in 0..<count {
+                let client = clients[i % clients.count]
+                let token = tokens[i % tokens.count]
+                group.addTask {
+                    do {
+                        try await SDSTestClient.withStream(client, metadata: SDSTestClient.metadata(token: token)) { session in
+                            session.send(SDSTestClient.request(["default", "ROOTCA"]))
+                            guard try await session.next() != nil else { throw BenchError("a stream ended before its first response") }
+                            readySink.yield()
+                            _ = try await session.next()  // held open until cancelled
+                        }
+                    } catch {
+                        readySink.finish()  // stops the wait below
+                        throw error
+                    }
+                }
+            }
+            group.addTask {
+                try await Task.sleep(for: .seconds(300))
+                readySink.finish()
+            }
+            var opened = 0
+            for await _ in ready {
+                opened += 1
+                if opened == count { break }
+            }
+            guard opened == count else {
+                group.cancelAll()
+                throw BenchError("only \(opened) of \(count) streams were served (failed or timed out after 300 s)")
+            }
+            let result = try await measure()
+            group.cancelAll()
+            return result
+        }
+    }
+}
+
+struct BenchError: Error, CustomStringConvertible {
+    var description: String
+    init(_ description: String) { self.description = description }
+}

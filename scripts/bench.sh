@@ -1,0 +1,21 @@
+#!/usr/bin/env bash
+# bench.sh [--smoke] [sds-agent-bench flags]: measures a release sds-agent (the binary the image
+# ships) over its socket, next to this machine's ECDSA P-256 limit from `openssl speed`, and
+# prints the numbers. Full sizes take a few minutes; CI runs `--smoke` to prove it still runs.
+# Numbers are printed, never asserted: compare them run to run on the same machine.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+export PATH="/opt/swift/usr/bin:$PATH"
+scratch=${SDS_RELEASE_SCRATCH:-.build-release}
+flags=(-c release --static-swift-stdlib --scratch-path "$scratch")
+
+swift build "${flags[@]}" --product sds-agent
+swift build "${flags[@]}" --product sds-agent-bench
+bin=$(swift build "${flags[@]}" --show-bin-path)
+
+seconds=3
+[[ " $* " == *" --smoke "* ]] && seconds=1
+# The limit: what OpenSSL signs and verifies per second on one core, on this run.
+read -r sign verify < <(openssl speed -seconds "$seconds" ecdsap256 2>/dev/null | awk '/nistp256/ {print $(NF-1), $NF}')
+echo "openssl speed ecdsap256: ${sign} sign/s, ${verify} verify/s (one core)"
+"$bin/sds-agent-bench" --agent "$bin/sds-agent" --sign-per-second "$sign" --verify-per-second "$verify" "$@"
