@@ -64,9 +64,10 @@ public struct MetricsEndpoint: Service {
         } catch {
             throw MetricsEndpointError(message: "cannot listen for metrics on \(address): \(error)")
         }
-        let port = channel.localAddress?.port ?? address.port
-        logger.notice("metrics endpoint listening", metadata: ["address": "\(address.host):\(port)", "path": "/metrics"])
-        onListening(port)
+        var bound = address
+        bound.port = channel.localAddress?.port ?? address.port  // port 0: the one the kernel picked
+        logger.notice("metrics endpoint listening", metadata: ["address": "\(bound)", "path": "/metrics"])
+        onListening(bound.port)
         try await withGracefulShutdownHandler {
             try await withTaskCancellationHandler {
                 try await channel.closeFuture.get()

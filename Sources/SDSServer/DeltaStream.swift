@@ -14,6 +14,8 @@ struct DeltaStream: Sendable {
         writer: RPCWriter<Envoy_Service_Discovery_V3_DeltaDiscoveryResponse>
     ) async throws {
         let logger = resolver.logger
+        metrics.open.increment()
+        defer { metrics.open.decrement() }
         var machine = DeltaStreamStateMachine(wildcardNames: resolver.allNames)
         var node: NodeSummary?
         let opened = ContinuousClock.now

@@ -1,10 +1,11 @@
 import CoreMetrics
+import GRPCCore
 
 /// The SDS service's metrics, created once per service (low-cardinality labels only).
 struct SDSMetrics: Sendable {
     /// Metrics of one API (`sotw`: StreamSecrets; `delta`: DeltaSecrets).
     struct Stream: Sendable {
-        /// Streams open now.
+        /// Streams open now (the stream counts itself while it runs).
         let open: Meter
         /// NACKs received (Envoy rejected what was sent).
         let rejections: Counter
@@ -26,7 +27,8 @@ struct SDSMetrics: Sendable {
     }
 
     /// Counts a refused call by gRPC status and reason; reasons are a fixed set, so the label stays small.
-    func refused(status: String, reason: String) {
+    func refused(_ code: RPCError.Code, reason: String) {
+        let status = code == .unauthenticated ? "unauthenticated" : code == .unavailable ? "unavailable" : "permission_denied"
         Counter(label: SecretDiscoveryService.refusedCallsMetric, dimensions: [("code", status), ("reason", reason)], factory: factory)
             .increment()
     }

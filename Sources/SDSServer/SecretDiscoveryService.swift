@@ -50,9 +50,7 @@ public struct SecretDiscoveryService: Envoy_Service_Secret_V3_SecretDiscoverySer
         let caller = try await authenticate(request.metadata, context: context)
         let stream = SotWStream(resolver: resolver(for: caller, context: context), configuration: configuration, metrics: metrics.sotw)
         let wait = streamLifetime(for: caller)
-        return StreamingServerResponse { [metrics] writer in
-            metrics.sotw.open.increment()
-            defer { metrics.sotw.open.decrement() }
+        return StreamingServerResponse { writer in
             let events = StreamEvents.merged(request.messages, secrets.updates(for: caller.spiffeID), credentialExpiresIn: wait)
             try await stream.run(events, writer: writer)
             return [:]
@@ -67,9 +65,7 @@ public struct SecretDiscoveryService: Envoy_Service_Secret_V3_SecretDiscoverySer
         let caller = try await authenticate(request.metadata, context: context)
         let stream = DeltaStream(resolver: resolver(for: caller, context: context), configuration: configuration, metrics: metrics.delta)
         let wait = streamLifetime(for: caller)
-        return StreamingServerResponse { [metrics] writer in
-            metrics.delta.open.increment()
-            defer { metrics.delta.open.decrement() }
+        return StreamingServerResponse { writer in
             let events = StreamEvents.merged(request.messages, secrets.updates(for: caller.spiffeID), credentialExpiresIn: wait)
             try await stream.run(events, writer: writer)
             return [:]
@@ -123,10 +119,7 @@ public struct SecretDiscoveryService: Envoy_Service_Secret_V3_SecretDiscoverySer
         func refuse(_ code: RPCError.Code, reason: String, _ event: Logger.Message, detail: String, message: String) -> RPCError {
             logMetadata["reason"] = "\(detail)"
             logger.log(level: isProbe ? .debug : .warning, event, metadata: logMetadata)
-            if !isProbe {
-                let status = code == .unauthenticated ? "unauthenticated" : code == .unavailable ? "unavailable" : "permission_denied"
-                metrics.refused(status: status, reason: reason)
-            }
+            if !isProbe { metrics.refused(code, reason: reason) }
             return RPCError(code: code, message: message)
         }
 

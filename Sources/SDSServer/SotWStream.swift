@@ -14,6 +14,8 @@ struct SotWStream: Sendable {
         writer: RPCWriter<Envoy_Service_Discovery_V3_DiscoveryResponse>
     ) async throws {
         let logger = resolver.logger
+        metrics.open.increment()
+        defer { metrics.open.decrement() }
         var machine = StreamStateMachine()
         var node: NodeSummary?
         var lastSentVersion: String?

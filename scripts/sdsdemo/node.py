@@ -195,9 +195,10 @@ class Node:
     def agent_metrics(self) -> dict:
         """Scrapes the agent's /metrics (started with `--metrics-address 127.0.0.1:0`; the bound
         address is read from its log) into {'name{labels}': value}."""
-        match = wait_until(lambda: re.search(r"address=(\S+).*metrics endpoint listening|metrics endpoint listening.*address=(\S+)",
-                                             self.agent.output()), 10, "the agent's metrics endpoint")
-        status, body = http_get(f"http://{match.group(1) or match.group(2)}/metrics")
+        # swift-log's stream handler prints the metadata before the message.
+        match = wait_until(lambda: re.search(r"address=(\S+).*metrics endpoint listening", self.agent.output()),
+                           10, "the agent's metrics endpoint")
+        status, body = http_get(f"http://{match.group(1)}/metrics")
         assert status == 200, body
         return {key: float(value) for key, value in
                 (line.rsplit(" ", 1) for line in body.splitlines() if line and not line.startswith("#"))}
