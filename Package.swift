@@ -32,7 +32,7 @@ let package = Package(
         .executableTarget(
             name: "sds-agent",
             dependencies: [
-                "SDSAgent", "SDSServer", "SecretCache", "WorkloadAuthentication", "EnvoyAPI", "KubernetesAPI",
+                "SDSAgent", "SDSModel", "SDSServer", "SecretCache", "WorkloadAuthentication", "EnvoyAPI", "KubernetesAPI",
                 .product(name: "ArgumentParser", package: "swift-argument-parser"),
                 .product(name: "GRPCCore", package: "grpc-swift-2"),
                 .product(name: "GRPCNIOTransportHTTP2", package: "grpc-swift-nio-transport"),
@@ -57,6 +57,7 @@ let package = Package(
                 .product(name: "NIOHTTP1", package: "swift-nio"),
                 .product(name: "NIOPosix", package: "swift-nio"),
                 .product(name: "Prometheus", package: "swift-prometheus"),
+                .product(name: "CoreMetrics", package: "swift-metrics"),
                 .product(name: "Logging", package: "swift-log"),
             ]
         ),

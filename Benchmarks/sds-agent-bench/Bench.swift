@@ -35,6 +35,12 @@ struct Bench: AsyncParsableCommand {
     @Option(help: "Calls in flight at once.")
     var concurrency = 16
 
+    @Option(help: "Instead of the phases above: a node-restart storm of N clients against a fresh agent, each on its own connection, all at once; exits 1 if any client is not served.")
+    var storm: Int?
+
+    @Option(help: "An extra argument for `sds-agent serve` (repeatable), e.g. --agent-arg=--listen-backlog --agent-arg=128.")
+    var agentArg: [String] = []
+
     @Flag(help: "Tiny sizes: checks that the benchmark runs (CI), the numbers mean little.")
     var smoke = false
 
@@ -59,9 +65,13 @@ struct Bench: AsyncParsableCommand {
 
         let process = try AgentProcess(
             binary: agent,
-            arguments: ["serve", "--socket", socket, "--jwks", jwks, "--state-dir", dir + "/state", "--log-level", "error"],
+            arguments: ["serve", "--socket", socket, "--jwks", jwks, "--state-dir", dir + "/state", "--log-level", storm == nil ? "error" : "warning"] + agentArg,
             socket: socket)
         defer { process.stop() }
+        if let storm {
+            try await runStorm(storm, socket: socket, tokens: tokens, process: process)
+            return
+        }
 
         let issuanceTokens = (0..<sizes.identities).map { tokens.token(namespace: "bench", serviceAccount: "sa-\($0)") }
         let clients = try SDSClients(socket: socket, count: max(1, sizes.streams / 50))
@@ -106,6 +116,27 @@ struct Bench: AsyncParsableCommand {
                 + "\"issuance_agent_cpu_ms\":\(String(format: "%.3f", issuance.agentCPUPerCall * 1000)),"
                 + "\"fetch_agent_cpu_ms\":\(String(format: "%.3f", cached.agentCPUPerCall * 1000)),"
                 + "\"kib_per_stream\":\(String(format: "%.2f", perStream)),\"rss_kib\":\(rssBefore)}")
+    }
+}
+
+extension Bench {
+    /// The storm: prints the numbers and a JSON line; throws (exit 1) if any client was not served.
+    func runStorm(_ clients: Int, socket: String, tokens: TokenFactory, process: AgentProcess) async throws {
+        let stormTokens = (0..<clients).map { tokens.token(namespace: "storm", serviceAccount: "sa-\($0)") }
+        let cpu = process.cpuSeconds()
+        let result = await Storm.run(socket: socket, tokens: stormTokens)
+        let agentCPU = process.cpuSeconds() - cpu
+        print("sds-agent storm (node restart: one connection per stream, all at once, each a new identity)")
+        print(result.line("storm"))
+        print(String(format: "  agent CPU %.2f s (%.3f ms per identity); agent RSS %d MiB with all streams open",
+                     agentCPU, agentCPU * 1000 / Double(clients), process.residentKiB() / 1024))
+        for (message, count) in result.failures.sorted(by: { $0.value > $1.value }) {
+            print("  failed: \(count) x \(message)")
+        }
+        let p = { (q: Double) in result.latencies.isEmpty ? 0 : result.latencies[min(result.latencies.count - 1, Int(Double(result.latencies.count) * q))] * 1000 }
+        print("BENCH_JSON {\"storm_clients\":\(clients),\"storm_served\":\(result.latencies.count),\"storm_failed\":\(result.failed),"
+            + String(format: "\"storm_seconds\":%.3f,\"storm_p50_ms\":%.1f,\"storm_p99_ms\":%.1f}", result.seconds, p(0.5), p(0.99)))
+        guard result.failed == 0 else { throw BenchError("\(result.failed) of \(clients) storm clients were not served") }
     }
 }
 

@@ -1,6 +1,7 @@
 import Foundation
 import KubernetesAPI
 import SDSModel
+import SDSServer
 import SecretCache
 import WorkloadAuthentication
 
@@ -65,6 +66,26 @@ public struct AgentConfiguration: Sendable {
     public var allowLegacyTokens = false
     /// Refuse tokens issued longer ago than this; nil for no limit.
     public var maxTokenAge: Duration?
+    /// Bounds on connections, streams and requests.
+    public var limits: Limits = .defaults
+
+    /// Bounds on what callers can make the agent hold; each is answered to the offending caller
+    /// only, logged (throttled) and counted.
+    public struct Limits: Sendable, Hashable {
+        /// Connections: how many, time to the first stream, idle time.
+        public var connections: ConnectionGuard.Limits = .defaults
+        /// Streams: how many, time to the first request.
+        public var streams: StreamLimits = .defaults
+        /// Largest request message accepted (a larger one gets `resource_exhausted`). Envoy's
+        /// first request carries its whole Node, about 61 KB.
+        public var maxRequestBytes = 1 << 20
+        /// Connections the kernel queues before the agent accepts them: a node restart brings
+        /// every sidecar's streams at once, one connection each (capped by `net.core.somaxconn`).
+        public var listenBacklog: Int32 = 4096
+
+        /// The defaults, written once: the flags and the docs show these.
+        public static let defaults = Limits()
+    }
 
     public init(
         socketPath: String = "/var/run/sds-agent/sds.sock", socketMode: UInt16 = 0o660,
@@ -129,6 +150,14 @@ public struct AgentConfiguration: Sendable {
         }
         guard !tokenHeader.isEmpty else { throw fail("--token-header must not be empty") }
         guard maxStreamsPerConnection > 0 else { throw fail("--max-streams-per-connection must be positive") }
+        guard limits.connections.maxConnections > 0 else { throw fail("--max-connections must be positive") }
+        guard limits.listenBacklog > 0 else { throw fail("--listen-backlog must be positive") }
+        guard limits.streams.maxStreams > 0 else { throw fail("--max-streams must be positive") }
+        guard limits.maxRequestBytes >= 64 * 1024 else {
+            throw fail("--max-request-bytes must be at least 65536: Envoy's first request carries its whole Node (about 61 KB)")
+        }
+        guard limits.streams.firstRequestTimeout >= .seconds(1) else { throw fail("--first-request-timeout must be at least 1s") }
+        guard limits.connections.idleTimeout >= .seconds(1) else { throw fail("--idle-connection-timeout must be at least 1s") }
         guard (0.1...0.9).contains(rotation.fraction) else { throw fail("--rotation-fraction must be between 0.1 and 0.9") }
         guard (0...0.5).contains(rotation.jitter) else { throw fail("--rotation-jitter must be between 0 and 0.5") }
         guard tokenExpiryMargin >= .zero else { throw fail("--token-expiry-margin must not be negative") }

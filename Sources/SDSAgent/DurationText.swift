@@ -1,37 +1,46 @@
 /// Parses and prints durations the way Go and Kubernetes write them: `24h`, `90s`, `1h30m`, `500ms`.
 public enum DurationText {
-    /// Parses a sequence of `<integer><unit>` with units `h`, `m`, `s`, `ms`; nil when malformed.
+    /// The longest duration accepted: 100 years (876000h). Nothing the agent times is longer,
+    /// and every duration it parses stays far from the overflow of any clock or date arithmetic.
+    public static let maximum = Duration.seconds(100 * 365 * 86400)
+
+    /// Parses a sequence of `<integer><unit>` with units `h`, `m`, `s`, `ms`; nil when malformed or
+    /// longer than ``maximum``. Never traps: every step is checked for overflow.
     public static func parse(_ text: String) -> Duration? {
-        var total = Duration.zero
-        var digits = ""
-        var chars = Array(text)
-        guard !chars.isEmpty else { return nil }
-        var index = 0
-        var sawComponent = false
-        while index < chars.count {
-            let c = chars[index]
-            if c.isASCII, c.isNumber {
-                digits.append(c)
-                index += 1
+        let limit = maximum.components.seconds * 1000  // in milliseconds
+        var total: Int64 = 0  // milliseconds
+        var digits: Int64?
+        var bytes = text.utf8[...]
+        guard !bytes.isEmpty, bytes.count <= 64 else { return nil }
+        while let byte = bytes.first {
+            bytes = bytes.dropFirst()
+            if (UInt8(ascii: "0")...UInt8(ascii: "9")).contains(byte) {
+                let (shifted, o1) = (digits ?? 0).multipliedReportingOverflow(by: 10)
+                let (value, o2) = shifted.addingReportingOverflow(Int64(byte - UInt8(ascii: "0")))
+                guard !o1, !o2, value <= limit else { return nil }
+                digits = value
                 continue
             }
-            guard let value = Int64(digits) else { return nil }
-            digits = ""
-            if c == "m", index + 1 < chars.count, chars[index + 1] == "s" {
-                total += .milliseconds(value)
-                index += 2
-            } else {
-                switch c {
-                case "h": total += .seconds(value * 3600)
-                case "m": total += .seconds(value * 60)
-                case "s": total += .seconds(value)
-                default: return nil
+            guard let value = digits else { return nil }
+            digits = nil
+            let unit: Int64
+            switch byte {
+            case UInt8(ascii: "h"): unit = 3_600_000
+            case UInt8(ascii: "s"): unit = 1000
+            case UInt8(ascii: "m"):
+                if bytes.first == UInt8(ascii: "s") {
+                    bytes = bytes.dropFirst()
+                    unit = 1
+                } else {
+                    unit = 60_000
                 }
-                index += 1
+            default: return nil
             }
-            sawComponent = true
+            let (part, o1) = value.multipliedReportingOverflow(by: unit)
+            let (sum, o2) = total.addingReportingOverflow(part)
+            guard !o1, !o2, sum <= limit else { return nil }
+            total = sum
         }
-        chars.removeAll()
-        return digits.isEmpty && sawComponent ? total : nil
+        return digits == nil ? .milliseconds(total) : nil
     }
 }

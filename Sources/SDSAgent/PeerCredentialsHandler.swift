@@ -34,21 +34,31 @@ final class PeerCredentialsHandler: ChannelInboundHandler, RemovableChannelHandl
         context.fireChannelRead(wrapInboundOut(.headers(headers)))
     }
 
-    /// The `onAcceptHTTP2Stream` callback: reads the credentials of the stream's connection and
-    /// installs the handler first in the stream's pipeline.
+    /// The `onAcceptHTTP2Stream` callback: installs the handler first in the stream's pipeline
+    /// with the credentials of the stream's connection, and tells the connection's
+    /// ``ConnectionWatch`` (when there is one) that a stream opened and, later, closed.
     @Sendable static func install(on streamChannel: any Channel) -> EventLoopFuture<Void> {
-        let credentials: EventLoopFuture<PeerCredentials?>
-        if let socket = streamChannel.parent as? any SocketOptionProvider {
-            credentials = socket.unsafeGetSocketOption(
-                level: SocketOptionLevel(SOL_SOCKET), name: SocketOptionName(SO_PEERCRED)
-            ).map { (raw: UCred) in PeerCredentials(pid: raw.pid, uid: raw.uid, gid: raw.gid) }
-                .recover { _ in nil }
-        } else {
-            credentials = streamChannel.eventLoop.makeSucceededFuture(nil)
-        }
-        return credentials.flatMapThrowing { peer in
+        let watch = streamChannel.parent.flatMap { try? $0.pipeline.syncOperations.handler(type: ConnectionWatch.self) }
+        // The connection's credentials were read once, when it was accepted.
+        let peer: EventLoopFuture<PeerCredentials?> =
+            if let watch { streamChannel.eventLoop.makeSucceededFuture(watch.peer) } else if let parent = streamChannel.parent {
+                peerCredentials(of: parent)
+            } else { streamChannel.eventLoop.makeSucceededFuture(nil) }
+        return peer.flatMapThrowing { peer in
+            if let watch {
+                watch.streamOpened()
+                streamChannel.closeFuture.whenComplete { _ in watch.streamClosed() }
+            }
             try streamChannel.pipeline.syncOperations.addHandler(PeerCredentialsHandler(peer: peer), position: .first)
         }
+    }
+
+    /// The kernel's `SO_PEERCRED` for a connection channel; nil when it is not a Unix socket.
+    static func peerCredentials(of connection: any Channel) -> EventLoopFuture<PeerCredentials?> {
+        guard let socket = connection as? any SocketOptionProvider else { return connection.eventLoop.makeSucceededFuture(nil) }
+        return socket.unsafeGetSocketOption(level: SocketOptionLevel(SOL_SOCKET), name: SocketOptionName(SO_PEERCRED))
+            .map { (raw: UCred) in PeerCredentials(pid: raw.pid, uid: raw.uid, gid: raw.gid) }
+            .recover { _ in nil }
     }
 }
 

@@ -83,6 +83,8 @@ struct DeltaStream: Sendable {
                     throw StreamEvents.credentialExpiring(resolver.caller.credentialExpiry)
                 case .requestsEnded:
                     break loop
+                case .firstRequestDue:
+                    continue  // handled by StreamEvents.merged
                 }
             }
         } catch {

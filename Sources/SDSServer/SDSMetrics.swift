@@ -28,7 +28,15 @@ struct SDSMetrics: Sendable {
 
     /// Counts a refused call by gRPC status and reason; reasons are a fixed set, so the label stays small.
     func refused(_ code: RPCError.Code, reason: String) {
-        let status = code == .unauthenticated ? "unauthenticated" : code == .unavailable ? "unavailable" : "permission_denied"
+        let status =
+            switch code {
+            case .unauthenticated: "unauthenticated"
+            case .unavailable: "unavailable"
+            case .resourceExhausted: "resource_exhausted"
+            case .deadlineExceeded: "deadline_exceeded"
+            case .invalidArgument: "invalid_argument"
+            default: "permission_denied"
+            }
         Counter(label: SecretDiscoveryService.refusedCallsMetric, dimensions: [("code", status), ("reason", reason)], factory: factory)
             .increment()
     }

@@ -17,13 +17,16 @@ public struct SDSServerConfiguration: Sendable {
     public var authorization: AuthorizationPolicy
     /// Checks on the caller's Unix peer credentials (allowed UIDs, pod binding).
     public var peerPolicy: PeerPolicy
+    /// Bounds on streams, so no caller can hold more than its share.
+    public var limits: StreamLimits = .defaults
 
     public init(
         workloadSecretName: String = "default", validationContextNames: Set<String>,
         tokenHeaderKey: String = "istio_sds_credentials_header-bin", maxResourceNamesPerRequest: Int = 64,
         tokenExpiryMargin: Duration = .seconds(30), authorization: AuthorizationPolicy = .allowAll,
-        peerPolicy: PeerPolicy = .none
+        peerPolicy: PeerPolicy = .none, limits: StreamLimits = .defaults
     ) {
+        self.limits = limits
         self.peerPolicy = peerPolicy
         self.authorization = authorization
         self.tokenExpiryMargin = tokenExpiryMargin
@@ -35,4 +38,23 @@ public struct SDSServerConfiguration: Sendable {
 
     /// Every name this server answers, sorted, for error messages.
     package var servedNames: [String] { ([workloadSecretName] + validationContextNames.sorted()) }
+}
+
+/// Bounds on the streams the server holds; each answered to the offending caller only.
+public struct StreamLimits: Sendable, Hashable {
+    /// Most streams (StreamSecrets and DeltaSecrets together) open at once; one more gets
+    /// `resource_exhausted`. About 66 KiB each (docs/BENCHMARKS.md): 2048 fit the DaemonSet's
+    /// memory limit with room, and a node of 110 pods opens about 220.
+    public var maxStreams: Int
+    /// A stream must send its first request this soon after opening, or it ends with
+    /// `deadline_exceeded` (Envoy sends its first request at once).
+    public var firstRequestTimeout: Duration
+
+    /// 2048 streams, 10 s to the first request.
+    public static let defaults = StreamLimits(maxStreams: 2048, firstRequestTimeout: .seconds(10))
+
+    public init(maxStreams: Int, firstRequestTimeout: Duration) {
+        self.maxStreams = maxStreams
+        self.firstRequestTimeout = firstRequestTimeout
+    }
 }

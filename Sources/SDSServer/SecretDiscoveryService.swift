@@ -21,6 +21,8 @@ public struct SecretDiscoveryService: Envoy_Service_Secret_V3_SecretDiscoverySer
     let logger: Logger
     let metrics: SDSMetrics
     let now: @Sendable () -> Date
+    let streams: StreamSlots
+    let refusalThrottle = LogThrottle(interval: .seconds(1))
 
     /// Counts refused calls, by gRPC status (`code`) and `reason` (the token check that failed,
     /// or `policy`, `peer` or `pod_binding`).
@@ -40,6 +42,7 @@ public struct SecretDiscoveryService: Envoy_Service_Secret_V3_SecretDiscoverySer
         self.secrets = secrets
         self.logger = logger
         self.now = now
+        self.streams = StreamSlots(limit: configuration.limits.maxStreams)
     }
 
     // MARK: StreamSecrets (state of the world)
@@ -47,12 +50,12 @@ public struct SecretDiscoveryService: Envoy_Service_Secret_V3_SecretDiscoverySer
     public func streamSecrets(
         request: StreamingServerRequest<Envoy_Service_Discovery_V3_DiscoveryRequest>, context: ServerContext
     ) async throws -> StreamingServerResponse<Envoy_Service_Discovery_V3_DiscoveryResponse> {
-        let caller = try await authenticate(request.metadata, context: context)
+        let caller = try await escapingErrors { try await authenticate(request.metadata, context: context) }
         let stream = SotWStream(resolver: resolver(for: caller, context: context), configuration: configuration, metrics: metrics.sotw)
-        let wait = streamLifetime(for: caller)
         return StreamingServerResponse { writer in
-            let events = StreamEvents.merged(request.messages, secrets.updates(for: caller.spiffeID), credentialExpiresIn: wait)
-            try await stream.run(events, writer: writer)
+            try await withStreamSlot(caller, context: context) { events in
+                try await stream.run(events(request.messages), writer: writer)
+            }
             return [:]
         }
     }
@@ -62,12 +65,12 @@ public struct SecretDiscoveryService: Envoy_Service_Secret_V3_SecretDiscoverySer
     public func deltaSecrets(
         request: StreamingServerRequest<Envoy_Service_Discovery_V3_DeltaDiscoveryRequest>, context: ServerContext
     ) async throws -> StreamingServerResponse<Envoy_Service_Discovery_V3_DeltaDiscoveryResponse> {
-        let caller = try await authenticate(request.metadata, context: context)
+        let caller = try await escapingErrors { try await authenticate(request.metadata, context: context) }
         let stream = DeltaStream(resolver: resolver(for: caller, context: context), configuration: configuration, metrics: metrics.delta)
-        let wait = streamLifetime(for: caller)
         return StreamingServerResponse { writer in
-            let events = StreamEvents.merged(request.messages, secrets.updates(for: caller.spiffeID), credentialExpiresIn: wait)
-            try await stream.run(events, writer: writer)
+            try await withStreamSlot(caller, context: context) { events in
+                try await stream.run(events(request.messages), writer: writer)
+            }
             return [:]
         }
     }
@@ -77,14 +80,49 @@ public struct SecretDiscoveryService: Envoy_Service_Secret_V3_SecretDiscoverySer
     public func fetchSecrets(
         request: ServerRequest<Envoy_Service_Discovery_V3_DiscoveryRequest>, context: ServerContext
     ) async throws -> ServerResponse<Envoy_Service_Discovery_V3_DiscoveryResponse> {
-        let caller = try await authenticate(request.metadata, context: context)
-        let resolver = resolver(for: caller, context: context)
-        try validate(typeURL: request.message.typeURL, names: request.message.resourceNames, resolver: resolver)
-        let names = request.message.resourceNames.isEmpty ? resolver.allNames : request.message.resourceNames
-        return ServerResponse(message: try await resolver.sotwResponse(for: names))
+        try await escapingErrors {
+            let caller = try await authenticate(request.metadata, context: context)
+            let resolver = resolver(for: caller, context: context)
+            try validate(typeURL: request.message.typeURL, names: request.message.resourceNames, resolver: resolver)
+            let names = request.message.resourceNames.isEmpty ? resolver.allNames : request.message.resourceNames
+            return ServerResponse(message: try await resolver.sotwResponse(for: names))
+        }
     }
 
     // MARK: Shared steps
+
+    /// Runs a stream in one of the ``StreamLimits/maxStreams`` slots (none free: `resource_exhausted`,
+    /// counted and logged), handing `body` the stream's merged events, and frees the slot at its end.
+    private func withStreamSlot<Request: Sendable>(
+        _ caller: AuthenticatedCaller, context: ServerContext,
+        _ body: (
+            (RPCAsyncSequence<Request, any Error>) -> any AsyncSequence<StreamEvent<Request>, any Error>
+        ) async throws -> Void
+    ) async throws {
+        try await escapingErrors {
+            guard streams.acquire() else {
+                metrics.refused(.resourceExhausted, reason: "stream_limit")
+                if let held = refusalThrottle.admit("stream_limit") {
+                    logger.warning(
+                        "refused SDS stream: the agent holds its maximum of open streams",
+                        metadata: [
+                            "limit": "\(configuration.limits.maxStreams)", "spiffe_id": "\(caller.spiffeID)",
+                            "method": "\(context.descriptor.method)", "suppressed_since_last": "\(held)",
+                        ])
+                }
+                throw RPCError(
+                    code: .resourceExhausted,
+                    message: "the agent holds its maximum of \(configuration.limits.maxStreams) open streams; retry later")
+            }
+            defer { streams.release() }
+            let wait = streamLifetime(for: caller)
+            let updates = secrets.updates(for: caller.spiffeID)
+            try await body { requests in
+                StreamEvents.merged(
+                    requests, updates, credentialExpiresIn: wait, firstRequestTimeout: configuration.limits.firstRequestTimeout)
+            }
+        }
+    }
 
     private func resolver(for caller: AuthenticatedCaller, context: ServerContext) -> ResourceResolver {
         var logger = self.logger
@@ -95,9 +133,11 @@ public struct SecretDiscoveryService: Envoy_Service_Secret_V3_SecretDiscoverySer
     }
 
     /// How long the stream may live: until the token's expiry minus the margin (at least a second).
+    /// A NaN expiry (impossible from a verified token) would still trap `Int64(_:)`; `max` maps it to 1.
     private func streamLifetime(for caller: AuthenticatedCaller) -> Duration {
         let seconds = caller.credentialExpiry.timeIntervalSince(now()) - configuration.tokenExpiryMargin.timeInterval
-        return .milliseconds(Int64(max(1, seconds) * 1000))
+        // Clamped: `exp` comes from the token, and no stream needs to outlive a year.
+        return .milliseconds(Int64(min(max(1, seconds), 365 * 86400) * 1000))
     }
 
     /// Admits the connection's peer (UID), verifies the caller's token (failures: `unauthenticated`,
@@ -157,6 +197,16 @@ public struct SecretDiscoveryService: Envoy_Service_Secret_V3_SecretDiscoverySer
                          detail: reason, message: "\(caller.spiffeID) refused: \(reason)")
         }
         return caller
+    }
+}
+
+/// Runs `body`; an `RPCError` it throws reaches the caller with its message escaped and bounded
+/// (``CallerText``), since messages quote what callers sent (names, type URLs, token fields).
+func escapingErrors<T>(_ body: () async throws -> T) async throws -> T {
+    do {
+        return try await body()
+    } catch let error as RPCError {
+        throw RPCError(code: error.code, message: CallerText(error.message, limit: 1024).description, metadata: error.metadata, cause: error.cause)
     }
 }
 

@@ -77,6 +77,8 @@ struct SotWStream: Sendable {
                     throw StreamEvents.credentialExpiring(resolver.caller.credentialExpiry)
                 case .requestsEnded:
                     break loop
+                case .firstRequestDue:
+                    continue  // handled by StreamEvents.merged
                 }
             }
         } catch {

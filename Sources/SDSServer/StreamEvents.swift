@@ -9,19 +9,30 @@ enum StreamEvent<Request: Sendable>: Sendable {
     case requestsEnded
     case updated
     case credentialExpiring
+    /// The time for the stream's first request ran out (consumed by ``StreamEvents/merged``,
+    /// which ends the stream when no request came; never seen by a stream).
+    case firstRequestDue
 }
 
 enum StreamEvents {
     /// Merges `requests` (followed by `.requestsEnded`), `updates`, and one `.credentialExpiring`
     /// after `wait`, with back-pressure: a request is read only when the stream is ready for it.
+    /// A stream whose first request has not come within `firstRequestTimeout` ends with
+    /// `deadline_exceeded`: an open stream that asks for nothing may not hold the agent's resources.
     static func merged<Request: Sendable>(
-        _ requests: RPCAsyncSequence<Request, any Error>, _ updates: AsyncStream<Void>, credentialExpiresIn wait: Duration
+        _ requests: RPCAsyncSequence<Request, any Error>, _ updates: AsyncStream<Void>, credentialExpiresIn wait: Duration,
+        firstRequestTimeout: Duration
     ) -> some AsyncSequence<StreamEvent<Request>, any Error> & Sendable {
-        merge(
-            chain(requests.map { StreamEvent.request($0) }, [StreamEvent<Request>.requestsEnded].async),
-            updates.map { StreamEvent<Request>.updated },
-            AsyncTimerSequence(interval: max(wait, Duration.milliseconds(1)), clock: .continuous).prefix(1)
-                .map { _ in StreamEvent<Request>.credentialExpiring })
+        FirstRequestDeadline(
+            base: merge(
+                merge(
+                    chain(requests.map { StreamEvent.request($0) }, [StreamEvent<Request>.requestsEnded].async),
+                    updates.map { StreamEvent<Request>.updated },
+                    AsyncTimerSequence(interval: max(wait, Duration.milliseconds(1)), clock: .continuous).prefix(1)
+                        .map { _ in StreamEvent<Request>.credentialExpiring }),
+                AsyncTimerSequence(interval: max(firstRequestTimeout, Duration.milliseconds(1)), clock: .continuous).prefix(1)
+                    .map { _ in StreamEvent<Request>.firstRequestDue }),
+            timeout: firstRequestTimeout)
     }
 
     /// Why a stream ended, in words, for its one closing log line.
@@ -40,4 +51,36 @@ enum StreamEvents {
             code: .unavailable,
             message: "the service-account token this stream was opened with expires at \(expiry.formatted(.iso8601)); reconnect with a fresh token")
     }
+}
+
+/// Passes a stream's events through, ending it when `.firstRequestDue` comes before any request.
+struct FirstRequestDeadline<Base: AsyncSequence & Sendable, Request: Sendable>: AsyncSequence, Sendable
+where Base.Element == StreamEvent<Request> {
+    let base: Base
+    let timeout: Duration
+
+    struct AsyncIterator: AsyncIteratorProtocol {
+        var base: Base.AsyncIterator
+        let timeout: Duration
+        var sawRequest = false
+
+        mutating func next() async throws -> StreamEvent<Request>? {
+            while let event = try await base.next() {
+                switch event {
+                case .firstRequestDue:
+                    guard sawRequest else {
+                        throw RPCError(code: .deadlineExceeded, message: "no request on this stream within \(timeout) of opening it")
+                    }
+                case .request:
+                    sawRequest = true
+                    return event
+                default:
+                    return event
+                }
+            }
+            return nil
+        }
+    }
+
+    func makeAsyncIterator() -> AsyncIterator { AsyncIterator(base: base.makeAsyncIterator(), timeout: timeout) }
 }

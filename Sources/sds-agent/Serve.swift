@@ -5,6 +5,7 @@ import Logging
 import Metrics
 import Prometheus
 import SDSAgent
+import SDSModel
 import SecretCache
 import WorkloadAuthentication
 import ServiceLifecycle
@@ -125,6 +126,26 @@ struct Serve: AsyncParsableCommand {
     @Option(help: "Refuse tokens issued longer ago than this, e.g. 24h (default: no limit).", transform: parseDuration)
     var maxTokenAge: Duration?
 
+    @Option(help: "Most connections open on the socket at once; one more is closed at accept (logged, counted).")
+    var maxConnections = AgentConfiguration.Limits.defaults.connections.maxConnections
+
+    @Option(help: "Most SDS streams open at once; one more gets resource_exhausted.")
+    var maxStreams = AgentConfiguration.Limits.defaults.streams.maxStreams
+
+    @Option(help: "Connections the kernel queues for the agent to accept (a node restart connects every sidecar at once; capped by net.core.somaxconn).")
+    var listenBacklog = AgentConfiguration.Limits.defaults.listenBacklog
+
+    @Option(help: "Largest request message in bytes; a larger one gets resource_exhausted.")
+    var maxRequestBytes = AgentConfiguration.Limits.defaults.maxRequestBytes
+
+    @Option(
+        help: "A new connection must open a stream, and a new stream send its first request, within this long (default 10s).",
+        transform: parseDuration)
+    var firstRequestTimeout: Duration = AgentConfiguration.Limits.defaults.streams.firstRequestTimeout
+
+    @Option(help: "Close a connection that has had no open stream for this long (default 5m).", transform: parseDuration)
+    var idleConnectionTimeout: Duration = AgentConfiguration.Limits.defaults.connections.idleTimeout
+
     @Option(help: "Serve Prometheus metrics at http://HOST:PORT/metrics, e.g. 0.0.0.0:9102 (default: off).")
     var metricsAddress: String?
 
@@ -134,7 +155,8 @@ struct Serve: AsyncParsableCommand {
     func run() async throws {
         let level = Logger.Level(rawValue: logLevel) ?? .info
         LoggingSystem.bootstrap { label in
-            var handler = StreamLogHandler.standardError(label: label)
+            // Every line passes the escaping handler: callers' text cannot forge a line (CWE-117).
+            var handler = EscapingLogHandler(wrapping: StreamLogHandler.standardError(label: label))
             handler.logLevel = level
             return handler
         }
@@ -175,12 +197,19 @@ struct Serve: AsyncParsableCommand {
             configuration.kubernetesAPI = .init(serverURL: server, caFile: kubeCaFile, tokenFile: kubeTokenFile)
         }
         configuration.maxTokenAge = maxTokenAge
+        configuration.limits.connections.maxConnections = maxConnections
+        configuration.limits.connections.firstStreamTimeout = firstRequestTimeout
+        configuration.limits.connections.idleTimeout = idleConnectionTimeout
+        configuration.limits.streams.maxStreams = maxStreams
+        configuration.limits.streams.firstRequestTimeout = firstRequestTimeout
+        configuration.limits.maxRequestBytes = maxRequestBytes
+        configuration.limits.listenBacklog = listenBacklog
         do {
             let agent = try await Agent.make(configuration: configuration, logger: logger)
             let group = ServiceGroup(
                 configuration: .init(
                     services: [.init(service: agent)] + (metricsEndpoint.map { [.init(service: $0)] } ?? []),
-                    gracefulShutdownSignals: [.sigterm, .sigint],
+                    gracefulShutdownSignals: [.sigterm, .sigint, .sigquit],
                     cancellationSignals: [], logger: logger))
             try await group.run()
         } catch {
@@ -192,7 +221,8 @@ struct Serve: AsyncParsableCommand {
 
 func parseDuration(_ text: String) throws -> Duration {
     guard let duration = DurationText.parse(text) else {
-        throw ValidationError("'\(text)' is not a duration such as 24h, 30m, 90s or 1h30m")
+        throw ValidationError(
+            "'\(text.callerText(limit: 64))' is not a duration such as 24h, 30m, 90s, 500ms or 1h30m, of at most 876000h (100 years)")
     }
     return duration
 }

@@ -53,13 +53,13 @@ public enum SDSTestClient {
     /// Opens a StreamSecrets call with `metadata` and runs `body` with it.
     public static func withStream<Transport: ClientTransport, Result: Sendable>(
         _ client: Envoy_Service_Secret_V3_SecretDiscoveryService.Client<Transport>, metadata: Metadata,
-        _ body: @Sendable @escaping (inout SDSStreamSession) async throws -> Result
+        options: CallOptions = .defaults, _ body: @Sendable @escaping (inout SDSStreamSession) async throws -> Result
     ) async throws -> Result {
         let (stream, continuation) = AsyncStream.makeStream(of: DiscoveryRequest.self)
         let request = StreamingClientRequest<DiscoveryRequest>(metadata: metadata) { writer in
             for await message in stream { try await writer.write(message) }
         }
-        return try await client.streamSecrets(request: request) { response in
+        return try await client.streamSecrets(request: request, options: options) { response in
             var session = SDSStreamSession(requests: continuation, responses: try response.messages.makeAsyncIterator())
             defer { continuation.finish() }
             return try await body(&session)

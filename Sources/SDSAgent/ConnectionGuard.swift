@@ -1,0 +1,179 @@
+import CoreMetrics
+import Glibc
+import Logging
+import NIOCore
+import SDSModel
+import Synchronization
+
+/// Watches every connection on the agent's socket: counts them, holds them to the configured
+/// limits, and logs and counts every connection the agent closes or loses to an error, with the
+/// reason, so no connection ends silently.
+///
+/// Installed through the transport's `onAcceptTCPConnection` hook (a ``ConnectionWatch`` at the
+/// end of each connection's pipeline) and told about streams through `onAcceptHTTP2Stream`
+/// (``PeerCredentialsHandler``). Limits:
+/// - at most ``Limits/maxConnections`` open at once; one more is closed at accept;
+/// - a connection must open its first stream within ``Limits/firstStreamTimeout`` (a client that
+///   connects and sends nothing cannot hold a descriptor);
+/// - a connection with no open stream for ``Limits/idleTimeout`` is closed.
+public final class ConnectionGuard: Sendable {
+    /// The connection limits; every one has a safe default.
+    public struct Limits: Sendable, Hashable {
+        /// Most connections open at once (Envoy's google_grpc opens one per stream).
+        public var maxConnections: Int
+        /// Time from accept to the first HTTP/2 stream.
+        public var firstStreamTimeout: Duration
+        /// Time a connection may stay open with no stream.
+        public var idleTimeout: Duration
+
+        /// 4096 connections, 10 s to the first stream, 5 min idle.
+        public static let defaults = Limits(maxConnections: 4096, firstStreamTimeout: .seconds(10), idleTimeout: .seconds(300))
+
+        public init(maxConnections: Int, firstStreamTimeout: Duration, idleTimeout: Duration) {
+            self.maxConnections = maxConnections
+            self.firstStreamTimeout = firstStreamTimeout
+            self.idleTimeout = idleTimeout
+        }
+    }
+
+    /// Why the agent closed a connection (a metric label: a fixed set).
+    public enum CloseReason: String, Sendable {
+        case connectionLimit = "connection_limit"
+        case noStream = "no_stream"
+        case idle
+        case error
+    }
+
+    /// Connections open now.
+    public static let openConnectionsMetric = "sds_agent_open_connections"
+    /// Connections the agent closed, or lost to an error, by `reason`.
+    public static let closedConnectionsMetric = "sds_agent_closed_connections_total"
+
+    let limits: Limits
+    let logger: Logger
+    private let open = Atomic<Int>(0)
+    private let openGauge: Gauge
+    private let factory: any MetricsFactory
+    private let throttle = LogThrottle(interval: .seconds(1))
+
+    public init(limits: Limits, logger: Logger, metrics: any MetricsFactory = MetricsSystem.factory) {
+        self.limits = limits
+        self.logger = logger
+        self.factory = metrics
+        self.openGauge = Gauge(label: Self.openConnectionsMetric, factory: metrics)
+    }
+
+    /// Connections open now.
+    public var openConnections: Int { open.load(ordering: .relaxed) }
+
+    /// The `onAcceptTCPConnection` callback: admits the connection or closes it.
+    @Sendable public func install(on connection: any Channel) -> EventLoopFuture<Void> {
+        let count = open.add(1, ordering: .relaxed).newValue
+        openGauge.record(count)
+        connection.closeFuture.whenComplete { [self] _ in
+            openGauge.record(open.subtract(1, ordering: .relaxed).newValue)
+        }
+        return PeerCredentialsHandler.peerCredentials(of: connection).flatMapThrowing { [self] peer in
+            let watch = ConnectionWatch(guard: self, peer: peer)
+            try connection.pipeline.syncOperations.addHandler(watch)
+            if count > limits.maxConnections {
+                watch.close(.connectionLimit, "\(count) connections are open; the limit is \(limits.maxConnections)")
+            }
+        }
+    }
+
+    /// Logs (at most once a second per reason, with the number held back) and counts a close or a
+    /// connection error.
+    func record(_ reason: CloseReason, _ detail: String, peer: PeerCredentials?) {
+        Counter(label: Self.closedConnectionsMetric, dimensions: [("reason", reason.rawValue)], factory: factory).increment()
+        guard let suppressed = throttle.admit(reason.rawValue) else { return }
+        var metadata: Logger.Metadata = [
+            "reason": "\(reason.rawValue)", "detail": "\(detail)",
+            "peer_pid": "\(peer.map { String($0.pid) } ?? "-")", "peer_uid": "\(peer.map { String($0.uid) } ?? "-")",
+        ]
+        if suppressed > 0 { metadata["suppressed_since_last"] = "\(suppressed)" }
+        logger.warning(reason == .error ? "connection error" : "closed a connection", metadata: metadata)
+    }
+}
+
+/// One connection's watcher: its peer, its open streams, its timer, and why it ended.
+final class ConnectionWatch: ChannelInboundHandler, RemovableChannelHandler, @unchecked Sendable {
+    // @unchecked: every field is touched only on the connection's event loop.
+    typealias InboundIn = Any
+
+    let peer: PeerCredentials?
+    private let owner: ConnectionGuard
+    private var context: ChannelHandlerContext?
+    private var streams = 0
+    private var sawStream = false
+    private var timer: Scheduled<Void>?
+    private var closed = false
+
+    init(guard owner: ConnectionGuard, peer: PeerCredentials?) {
+        self.owner = owner
+        self.peer = peer
+    }
+
+    func handlerAdded(context: ChannelHandlerContext) {
+        self.context = context
+        arm(owner.limits.firstStreamTimeout, .noStream, "no stream opened within \(owner.limits.firstStreamTimeout) of connecting")
+    }
+
+    func handlerRemoved(context: ChannelHandlerContext) {
+        timer?.cancel()
+        self.context = nil
+    }
+
+    /// A stream opened on this connection (called on its event loop).
+    func streamOpened() {
+        streams += 1
+        sawStream = true
+        timer?.cancel()
+        timer = nil
+    }
+
+    /// A stream on this connection ended (called on its event loop).
+    func streamClosed() {
+        streams -= 1
+        if streams == 0 { arm(owner.limits.idleTimeout, .idle, "no stream for \(owner.limits.idleTimeout)") }
+    }
+
+    func errorCaught(context: ChannelHandlerContext, error: any Error) {
+        // The transport decides whether the connection survives (a stream-level HTTP/2 error
+        // does not end the others); this says that it happened, counted and logged. A peer that
+        // hangs up mid-write is ordinary (an Envoy restarting) and logged at debug level only.
+        if let io = error as? IOError, [ECONNRESET, EPIPE].contains(io.errnoCode) {
+            owner.logger.debug("connection reset by the peer", metadata: ["peer_pid": "\(peer.map { String($0.pid) } ?? "-")"])
+            return
+        }
+        owner.record(.error, "\(error)", peer: peer)
+        context.fireErrorCaught(error)
+    }
+
+    /// Closes the connection for `reason`, logged and counted once.
+    func close(_ reason: ConnectionGuard.CloseReason, _ detail: String) {
+        guard !closed, let context else { return }
+        closed = true
+        timer?.cancel()
+        owner.record(reason, detail, peer: peer)
+        context.close(promise: nil)
+    }
+
+    private func arm(_ timeout: Duration, _ reason: ConnectionGuard.CloseReason, _ detail: String) {
+        timer?.cancel()
+        guard let context else { return }
+        timer = context.eventLoop.scheduleTask(in: TimeAmount(timeout)) { [self] in
+            if streams == 0 { close(reason, detail) }
+        }
+    }
+}
+
+extension TimeAmount {
+    /// `duration` in nanoseconds, saturating at the largest `TimeAmount`.
+    init(_ duration: Duration) {
+        let (seconds, attoseconds) = duration.components
+        let (whole, overflow) = seconds.multipliedReportingOverflow(by: 1_000_000_000)
+        self = overflow ? .nanoseconds(.max) : .nanoseconds(whole.addingReportingOverflow(attoseconds / 1_000_000_000).partialValue)
+    }
+}
+

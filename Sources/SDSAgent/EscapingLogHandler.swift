@@ -1,0 +1,66 @@
+import Logging
+import SDSModel
+
+/// Makes every log line one line, whatever reaches it: escapes and bounds the message and every
+/// metadata value (``CallerText``) before the wrapped handler formats them.
+///
+/// Callers control much of what the agent logs (token `kid`, `sub` and `iss`, node id, resource
+/// names, Envoy's NACK text), so a newline in any of them would let a caller forge a log line
+/// (CWE-117). Escaping here, at the one place every line passes, holds for every log statement
+/// and every format, including ones written later. The handler's own metadata (set with
+/// `logger[metadataKey:]`) is kept here, not in the wrapped handler, so it is escaped too.
+public struct EscapingLogHandler<Wrapped: LogHandler>: LogHandler {
+    /// The handler that formats and writes the line.
+    public var wrapped: Wrapped
+    /// Most characters kept of the message.
+    public var messageLimit: Int
+    /// Most characters kept of one metadata value.
+    public var valueLimit: Int
+
+    public var metadata: Logger.Metadata = [:]
+    public var metadataProvider: Logger.MetadataProvider?
+
+    public var logLevel: Logger.Level {
+        get { wrapped.logLevel }
+        set { wrapped.logLevel = newValue }
+    }
+
+    public init(wrapping wrapped: Wrapped, messageLimit: Int = 2048, valueLimit: Int = 512) {
+        self.wrapped = wrapped
+        self.messageLimit = messageLimit
+        self.valueLimit = valueLimit
+    }
+
+    public subscript(metadataKey key: String) -> Logger.Metadata.Value? {
+        get { metadata[key] }
+        set { metadata[key] = newValue }
+    }
+
+    public func log(event: LogEvent) {
+        var merged = metadata
+        if let provided = metadataProvider?.get() { merged.merge(provided) { $1 } }
+        if let own = event.metadata { merged.merge(own) { $1 } }
+        var escaped = event
+        escaped.message = "\(CallerText(event.message.description, limit: messageLimit))"
+        escaped.metadata = merged.isEmpty ? nil : Self.escape(merged, limit: valueLimit)
+        wrapped.log(event: escaped)
+    }
+
+    /// Escapes keys and values, recursively.
+    static func escape(_ metadata: Logger.Metadata, limit: Int) -> Logger.Metadata {
+        var out: Logger.Metadata = [:]
+        for (key, value) in metadata {
+            out[CallerText(key, limit: 64).description] = escape(value, limit: limit)
+        }
+        return out
+    }
+
+    private static func escape(_ value: Logger.Metadata.Value, limit: Int) -> Logger.Metadata.Value {
+        switch value {
+        case .string(let text): .string(CallerText(text, limit: limit).description)
+        case .stringConvertible(let convertible): .string(CallerText(convertible.description, limit: limit).description)
+        case .array(let values): .array(values.prefix(64).map { escape($0, limit: limit) })
+        case .dictionary(let values): .dictionary(escape(values, limit: limit))
+        }
+    }
+}
