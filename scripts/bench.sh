@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # bench.sh [--smoke] [sds-agent-bench flags]: measures a release sds-agent (the binary the image
 # ships) over its socket, next to this machine's ECDSA P-256 limit from `openssl speed`, and
-# prints the numbers. Full sizes take a few minutes; CI runs `--smoke` to prove it still runs.
+# prints the numbers. Full sizes take a few minutes, then a storm of 1,000 clients; CI runs
+# `--smoke` to prove it still runs, and `--storm 300` as a test.
 # Numbers are printed, never asserted: compare them run to run on the same machine.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -19,3 +20,8 @@ seconds=3
 read -r sign verify < <(openssl speed -seconds "$seconds" ecdsap256 2>/dev/null | awk '/nistp256/ {print $(NF-1), $NF}')
 echo "openssl speed ecdsap256: ${sign} sign/s, ${verify} verify/s (one core)"
 "$bin/sds-agent-bench" --agent "$bin/sds-agent" --sign-per-second "$sign" --verify-per-second "$verify" "$@"
+# The node-restart storm (one connection per stream, all at once) on a fresh agent: 1,000 clients
+# in the full run; CI runs it at 300 (`--storm 300`, which fails on any client not served).
+if [[ " $* " != *" --smoke "* && " $* " != *" --storm "* ]]; then
+  "$bin/sds-agent-bench" --agent "$bin/sds-agent" --storm 1000
+fi

@@ -20,6 +20,9 @@ scripts/build-release.sh run/release
 echo "== benchmark smoke run (full: scripts/bench.sh)" >&2
 scripts/bench.sh --smoke
 
+echo "== node-restart storm: 300 clients, one connection each, all at once; any failure fails" >&2
+scripts/bench.sh --smoke --storm 300
+
 echo "== end-to-end with real Envoys" >&2
 swift build --product sds-agent
 SDS_AGENT_BIN="$(swift build --show-bin-path)/sds-agent" ENVOY_BIN="$PWD/.venv/bin/envoy" \

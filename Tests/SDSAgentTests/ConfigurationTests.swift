@@ -9,9 +9,36 @@ import Testing
         #expect(duration == .milliseconds(Int64(seconds * 1000)))
     }
 
-    @Test(arguments: ["", "24", "h", "1d", "-5s", "1.5h", "10 s"])
+    @Test(arguments: ["", "24", "h", "1d", "-5s", "1.5h", "10 s", "5s5"])
     func rejects(_ text: String) {
         #expect(DurationText.parse(text) == nil)
+    }
+
+    /// Inputs that trapped with `arithmetic overflow` before (SIGILL): now refused as too long.
+    @Test(arguments: [
+        "9999999999999999h", "2562047788015216h", "9223372036854775807s", "9223372036854775808ms",
+        "876000h1ms", "876001h", "99999999999999999999999999999999h", "500000h500000h",
+    ])
+    func refusesWhatWouldOverflowWithoutATrap(_ text: String) {
+        #expect(DurationText.parse(text) == nil)
+    }
+
+    @Test func acceptsTheMaximumExactly() {
+        #expect(DurationText.parse("876000h") == DurationText.maximum)
+        #expect(DurationText.parse("438000h438000h") == DurationText.maximum)
+    }
+
+    /// A fuzz in miniature (the libFuzzer target runs the same property for long): any input
+    /// parses or is refused, never traps, and what parses is within the maximum.
+    @Test func randomTextNeverTrapsAndStaysInRange() {
+        let alphabet = Array("0123456789hms-. \u{0}9h")
+        var generator = SystemRandomNumberGenerator()
+        for _ in 0..<20000 {
+            let text = String((0..<Int.random(in: 0...40, using: &generator)).map { _ in alphabet.randomElement(using: &generator)! })
+            if let duration = DurationText.parse(text) {
+                #expect(duration >= .zero && duration <= DurationText.maximum)
+            }
+        }
     }
 }
 

@@ -5,7 +5,7 @@ import GRPCCore
 import GRPCInProcessTransport
 import MetricsTestKit
 import SDSModel
-import SDSServer
+@testable import SDSServer
 import SecretCache
 import TestSupport
 import Testing
@@ -20,7 +20,7 @@ import X509
     func withClient<Result: Sendable>(
         clock: ManualClock = ManualClock(), tokenExpiryMargin: Duration = .seconds(30),
         authorization: AuthorizationPolicy = .allowAll, metrics: TestMetrics = TestMetrics(),
-        authenticator override: (any WorkloadAuthenticator)? = nil,
+        authenticator override: (any WorkloadAuthenticator)? = nil, limits: StreamLimits = .defaults,
         _ body: @Sendable @escaping (Envoy_Service_Secret_V3_SecretDiscoveryService.Client<InProcessTransport.Client>, SecretCache) async throws -> Result
     ) async throws -> Result {
         let keys = try await VerificationKeySet(jwksJSON: tokens.jwksJSON())
@@ -33,7 +33,7 @@ import X509
         let service = SecretDiscoveryService(
             configuration: .init(
                 validationContextNames: ["ROOTCA", "spiffe://cluster.local"], tokenExpiryMargin: tokenExpiryMargin,
-                authorization: authorization),
+                authorization: authorization, limits: limits),
             authenticator: override ?? authenticator, secrets: cache, logger: TestPKI.quietLogger, metrics: metrics)
         let transport = InProcessTransport()
         return try await withGRPCServer(transport: transport.server, services: [service]) { _ in
@@ -382,4 +382,102 @@ import X509
         }
     }
 
+
+    // MARK: Limits and hostile input
+
+    @Test func aStreamOverTheLimitGetsResourceExhaustedAndTheOthersAreServed() async throws {
+        let metrics = TestMetrics()
+        let limits = StreamLimits(maxStreams: 2, firstRequestTimeout: .seconds(10))
+        let tokens = self.tokens
+        try await withClient(metrics: metrics, limits: limits) { client, _ in
+            try await SDSTestClient.withStream(client, metadata: SDSTestClient.metadata(token: tokens.token(serviceAccount: "a"))) { a in
+                a.send(SDSTestClient.request(["default"]))
+                _ = try #require(try await a.next())
+                try await SDSTestClient.withStream(client, metadata: SDSTestClient.metadata(token: tokens.token(serviceAccount: "b"))) { b in
+                    b.send(SDSTestClient.request(["default"]))
+                    _ = try #require(try await b.next())
+                    await #expect {
+                        try await SDSTestClient.withStream(client, metadata: SDSTestClient.metadata(token: tokens.token(serviceAccount: "c"))) {
+                            c in
+                            c.send(SDSTestClient.request(["default"]))
+                            _ = try await c.next()
+                        }
+                    } throws: { error in
+                        (error as? RPCError)?.code == .resourceExhausted
+                            && (error as? RPCError)?.message.contains("maximum of 2 open streams") == true
+                    }
+                    // FetchSecrets holds no stream slot: still served at the limit.
+                    let fetched = try await client.fetchSecrets(
+                        SDSTestClient.request(["default"]), metadata: SDSTestClient.metadata(token: tokens.token(serviceAccount: "d")))
+                    #expect(fetched.resources.count == 1)
+                }
+            }
+            // The slots are given back when streams end.
+            try await SDSTestClient.withStream(client, metadata: SDSTestClient.metadata(token: tokens.token(serviceAccount: "e"))) { e in
+                e.send(SDSTestClient.request(["default"]))
+                _ = try #require(try await e.next())
+            }
+        }
+        let refused = try metrics.expectCounter(
+            SecretDiscoveryService.refusedCallsMetric, [("code", "resource_exhausted"), ("reason", "stream_limit")])
+        #expect(refused.totalValue == 1)
+    }
+
+    @Test func statusMessagesEscapeWhatTheCallerSent() async throws {
+        let forged = "x\n2026-11-30T03:00:00+0000 critical sds-agent: forged\r\0"
+        let badKid = tokens.sign(
+            claims: TokenFactory.claims(namespace: "demo", serviceAccount: "frontend", now: Date()), header: ["alg": "ES256", "kid": forged])
+        let badAlg = tokens.sign(
+            claims: TokenFactory.claims(namespace: "demo", serviceAccount: "frontend", now: Date()), header: ["alg": forged, "kid": tokens.kid])
+        var badName = SDSTestClient.request([forged + String(repeating: "A", count: 65536)])
+        badName.typeURL = SDSTestClient.secretTypeURL
+        var badType = SDSTestClient.request(["default"])
+        badType.typeURL = forged
+        let good = SDSTestClient.metadata(token: tokens.token())
+        let calls: [(DiscoveryRequest, Metadata)] = [
+            (SDSTestClient.request(["default"]), SDSTestClient.metadata(token: badKid)),
+            (SDSTestClient.request(["default"]), SDSTestClient.metadata(token: badAlg)),
+            (badName, good), (badType, good),
+        ]
+        try await withClient { client, _ in
+            for (request, metadata) in calls {
+                do {
+                    _ = try await client.fetchSecrets(request, metadata: metadata)
+                    Issue.record("a hostile request was answered")
+                } catch let error as RPCError {
+                    #expect(!error.message.contains("\n") && !error.message.contains("\r") && !error.message.contains("\0"))
+                    #expect(error.message.count <= 1100)
+                    #expect(error.message.contains("x\\n2026") || error.message.contains("…(+"))
+                }
+            }
+        }
+    }
+}
+
+@Suite struct FirstRequestDeadlineTests {
+    typealias Event = StreamEvent<Int>
+
+    func drain(_ events: [Event]) async throws -> [String] {
+        var seen: [String] = []
+        let base = AsyncStream<Event> { continuation in
+            for event in events { continuation.yield(event) }
+            continuation.finish()
+        }
+        for try await event in FirstRequestDeadline(base: base, timeout: .seconds(10)) {
+            seen.append("\(event)")
+        }
+        return seen
+    }
+
+    @Test func endsAStreamWhoseFirstRequestDidNotComeInTime() async {
+        await #expect {
+            _ = try await drain([.updated, .firstRequestDue, .request(1)])
+        } throws: { error in
+            (error as? RPCError)?.code == .deadlineExceeded
+        }
+    }
+
+    @Test func ignoresTheDeadlineOnceARequestCame() async throws {
+        #expect(try await drain([.request(1), .firstRequestDue, .updated]) == ["request(1)", "updated"])
+    }
 }
