@@ -184,6 +184,18 @@ let package = Package(
             ],
             path: "Benchmarks/sds-agent-bench"
         ),
+        // Fuzz targets (scripts/fuzz.sh builds them with libFuzzer; a plain build replays the corpus).
+        .executableTarget(
+            name: "sds-agent-fuzz",
+            dependencies: [
+                "SDSAgent", "SDSModel", "SDSServer", "CertificateAuthority", "WorkloadAuthentication", "EnvoyAPI", "TestSupport",
+                .product(name: "Crypto", package: "swift-crypto"),
+                .product(name: "X509", package: "swift-certificates"),
+                .product(name: "SwiftProtobuf", package: "swift-protobuf"),
+                .product(name: "SwiftASN1", package: "swift-asn1"),
+            ],
+            path: "Fuzz/sds-agent-fuzz"
+        ),
         // PKI and token fixtures built in code, shared by the test targets.
         .target(
             name: "TestSupport",

@@ -41,8 +41,7 @@ public enum RootCAStore {
             throw CAStoreError("cannot generate a root CA: \(error)")
         }
         do {
-            try fm.createDirectory(at: directory, withIntermediateDirectories: true, attributes: [.posixPermissions: 0o700])
-            try fm.setAttributes([.posixPermissions: 0o700], ofItemAtPath: directory.path)
+            try makeDirectory(directory.path, mode: 0o700)
             let keyPEM = try authority.privateKey.serializeAsPEM().pemString + "\n"
             let certPEM = try authority.certificate.serializeAsPEM().pemString + "\n"
             // The key is written to a 0600 temporary file and renamed, so it is never readable by others.
@@ -134,10 +133,29 @@ public enum RootCAStore {
         let bytes = Array(text.utf8)
         let written = bytes.withUnsafeBytes { write(fd, $0.baseAddress, $0.count) }
         guard written == bytes.count, fsync(fd) == 0 else {
-            throw CAStoreError("cannot write \(temporary): \(String(cString: strerror(errno)))")
+            let reason = written >= 0 && written < bytes.count ? "short write" : String(cString: strerror(errno))
+            unlink(temporary)  // a half-written file must not stay behind (a full disk, say)
+            throw CAStoreError("cannot write \(temporary): \(reason)")
         }
         guard rename(temporary, path) == 0 else {
-            throw CAStoreError("cannot rename \(temporary) to \(path): \(String(cString: strerror(errno)))")
+            let reason = String(cString: strerror(errno))
+            unlink(temporary)
+            throw CAStoreError("cannot rename \(temporary) to \(path): \(reason)")
+        }
+    }
+
+    /// `mkdir -p` with `mode` for the last component; the error names the directory and the
+    /// system's reason (read-only file system, no space, permission), not a Foundation dump.
+    static func makeDirectory(_ path: String, mode: mode_t) throws(CAStoreError) {
+        var prefix = path.hasPrefix("/") ? "" : "."
+        for component in path.split(separator: "/") {
+            prefix += "/" + component
+            if mkdir(prefix, mode) != 0, errno != EEXIST {
+                throw CAStoreError("cannot create directory \(prefix): \(String(cString: strerror(errno)))")
+            }
+        }
+        guard chmod(path, mode) == 0 else {
+            throw CAStoreError("cannot set mode \(String(mode, radix: 8)) on \(path): \(String(cString: strerror(errno)))")
         }
     }
 }

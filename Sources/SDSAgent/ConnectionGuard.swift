@@ -26,8 +26,9 @@ public final class ConnectionGuard: Sendable {
         /// Time a connection may stay open with no stream.
         public var idleTimeout: Duration
 
-        /// 4096 connections, 10 s to the first stream, 5 min idle.
-        public static let defaults = Limits(maxConnections: 4096, firstStreamTimeout: .seconds(10), idleTimeout: .seconds(300))
+        /// 2048 connections (as many as streams: Envoy's google_grpc opens one per stream),
+        /// 10 s to the first stream, 5 min idle.
+        public static let defaults = Limits(maxConnections: 2048, firstStreamTimeout: .seconds(10), idleTimeout: .seconds(300))
 
         public init(maxConnections: Int, firstStreamTimeout: Duration, idleTimeout: Duration) {
             self.maxConnections = maxConnections

@@ -12,8 +12,8 @@ public struct TokenFactory: Sendable {
     public let key: P256.Signing.PrivateKey
     public let kid: String
 
-    public init(kid: String = "test-key-1") {
-        self.key = P256.Signing.PrivateKey()
+    public init(kid: String = "test-key-1", key: P256.Signing.PrivateKey = P256.Signing.PrivateKey()) {
+        self.key = key
         self.kid = kid
     }
 

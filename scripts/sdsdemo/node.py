@@ -196,7 +196,9 @@ class Node:
         """Scrapes the agent's /metrics (started with `--metrics-address 127.0.0.1:0`; the bound
         address is read from its log) into {'name{labels}': value}."""
         # swift-log's stream handler prints the metadata before the message.
-        match = wait_until(lambda: re.search(r"address=(\S+).*metrics endpoint listening", self.agent.output()),
+        # The last match: a restarted agent appends to the same log with a new port.
+        match = wait_until(lambda: ([None] + list(re.finditer(r"address=(\S+).*metrics endpoint listening",
+                                                              self.agent.output())))[-1],
                            10, "the agent's metrics endpoint")
         status, body = http_get(f"http://{match.group(1)}/metrics")
         assert status == 200, body

@@ -1,0 +1,53 @@
+#!/usr/bin/env bash
+# fuzz.sh [--seconds N | --runs N] [TARGET...]: builds the libFuzzer targets (Fuzz/sds-agent-fuzz,
+# every Swift module instrumented with -sanitize=fuzzer) and runs each TARGET (default: all of
+# token sotw delta csr config) from the seed corpus in Fuzz/corpus/TARGET, printing the totals.
+#   scripts/fuzz.sh --seconds 10          CI's short run
+#   scripts/fuzz.sh --seconds 1800        the long run (30 minutes a target; RELIABILITY.md)
+#   scripts/fuzz.sh --runs 10000000 csr   ten million executions of one target
+# New inputs go to run/fuzz/TARGET (not into the repo: add the interesting ones to Fuzz/corpus by
+# hand). A crash stops the run, leaves its input in run/fuzz/, prints it, and fails the script.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+export PATH="/opt/swift/usr/bin:$PATH"
+
+limit=(-max_total_time=30)
+targets=()
+while [ $# -gt 0 ]; do
+  case "$1" in
+    --seconds) limit=("-max_total_time=$2"); shift 2 ;;
+    --runs) limit=("-runs=$2"); shift 2 ;;
+    -*) echo "usage: fuzz.sh [--seconds N | --runs N] [TARGET...]" >&2; exit 2 ;;
+    *) targets+=("$1"); shift ;;
+  esac
+done
+[ ${#targets[@]} -gt 0 ] || targets=(token sotw delta csr config)
+
+scratch=${SDS_FUZZ_SCRATCH:-.build-fuzz}
+flags=(-c release --scratch-path "$scratch" -Xswiftc -sanitize=fuzzer -Xswiftc -DFUZZING)
+swift build "${flags[@]}" --product sds-agent-fuzz
+fuzzer="$(swift build "${flags[@]}" --show-bin-path)/sds-agent-fuzz"
+
+summary=()
+for target in "${targets[@]}"; do
+  work="run/fuzz/$target"
+  mkdir -p "$work"
+  log="run/fuzz/$target.log"
+  echo "== fuzz $target (${limit[*]})" >&2
+  status=0
+  SDS_FUZZ_TARGET="$target" "$fuzzer" "$work" "Fuzz/corpus/$target" "${limit[@]}" -max_len=4096 -timeout=10 \
+    -rss_limit_mb=4096 -print_final_stats=1 -artifact_prefix="$work/" >"$log" 2>&1 || status=$?
+  runs=$(awk -F': *' '/stat::number_of_executed_units/ {print $2}' "$log" | tail -1)
+  seconds=$(grep -o 'Done [0-9]* runs in [0-9]* second' "$log" | awk '{print $5}' | tail -1)
+  cov=$(grep -o 'cov: [0-9]*' "$log" | tail -1 | awk '{print $2}')
+  units=$(ls "$work" | grep -vc '^crash-\|^timeout-\|^oom-\|^leak-' || true)
+  if [ "$status" != 0 ]; then
+    echo "fuzz $target FAILED (exit $status); its input and log:" >&2
+    ls "$work" | grep '^crash-\|^timeout-\|^oom-' >&2 || true
+    tail -40 "$log" >&2
+    exit 1
+  fi
+  summary+=("$target: ${runs:-?} executions in ${seconds:-?} s, coverage ${cov:-?} edges, ${units} corpus units, no crash")
+done
+echo "fuzzing totals:"
+printf '  %s\n' "${summary[@]}"
