@@ -24,7 +24,8 @@ done
 [ ${#targets[@]} -gt 0 ] || targets=(token sotw delta csr config)
 
 scratch=${SDS_FUZZ_SCRATCH:-.build-fuzz}
-flags=(-c release --scratch-path "$scratch" -Xswiftc -sanitize=fuzzer -Xswiftc -DFUZZING)
+# lld: gold fails on the fuzzer runtime's objects (an internal error in its DWARF reader).
+flags=(-c release --scratch-path "$scratch" -Xswiftc -sanitize=fuzzer -Xswiftc -DFUZZING -Xswiftc -use-ld=lld)
 swift build "${flags[@]}" --product sds-agent-fuzz
 fuzzer="$(swift build "${flags[@]}" --show-bin-path)/sds-agent-fuzz"
 
@@ -37,7 +38,7 @@ for target in "${targets[@]}"; do
   status=0
   SDS_FUZZ_TARGET="$target" "$fuzzer" "$work" "Fuzz/corpus/$target" "${limit[@]}" -max_len=4096 -timeout=10 \
     -rss_limit_mb=4096 -print_final_stats=1 -artifact_prefix="$work/" >"$log" 2>&1 || status=$?
-  runs=$(awk -F': *' '/stat::number_of_executed_units/ {print $2}' "$log" | tail -1)
+  runs=$(awk '/stat::number_of_executed_units/ {print $NF}' "$log" | tail -1)
   seconds=$(grep -o 'Done [0-9]* runs in [0-9]* second' "$log" | awk '{print $5}' | tail -1)
   cov=$(grep -o 'cov: [0-9]*' "$log" | tail -1 | awk '{print $2}')
   units=$(ls "$work" | grep -vc '^crash-\|^timeout-\|^oom-\|^leak-' || true)

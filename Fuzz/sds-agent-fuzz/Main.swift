@@ -2,32 +2,42 @@ import Foundation
 import TestSupport
 
 // Built two ways (scripts/fuzz.sh):
-// - with `-sanitize=fuzzer -DFUZZING`: libFuzzer's own main drives `LLVMFuzzerTestOneInput`, and
-//   `SDS_FUZZ_TARGET` names the target;
+// - with `-sanitize=fuzzer -DFUZZING`: libFuzzer's driver runs the target `SDS_FUZZ_TARGET` names;
 // - plainly (every `swift build`): `sds-agent-fuzz replay DIR…` runs every file of the seed
 //   corpus through its target (DIR's name), and `sds-agent-fuzz seeds DIR` writes the seeds
 //   that need a key (a signed token).
 
 #if FUZZING
-nonisolated(unsafe) private var selected: FuzzTarget = .config
-
-@_cdecl("LLVMFuzzerInitialize")
-public func initialize(_ argc: UnsafeMutablePointer<Int32>, _ argv: UnsafeMutablePointer<UnsafeMutablePointer<UnsafeMutablePointer<CChar>?>?>) -> Int32 {
-    let name = ProcessInfo.processInfo.environment["SDS_FUZZ_TARGET"] ?? ""
-    guard let target = FuzzTarget(rawValue: name) else {
-        FileHandle.standardError.write(Data("set SDS_FUZZ_TARGET to one of \(FuzzTarget.allCases.map(\.rawValue))\n".utf8))
-        exit(2)
+// SwiftPM links an executable's entry point under its own name, so libFuzzer's `main` is never
+// used: ours hands the command line to libFuzzer's driver instead.
+@main
+struct Fuzzer {
+    static func main() {
+        let name = ProcessInfo.processInfo.environment["SDS_FUZZ_TARGET"] ?? ""
+        guard let target = FuzzTarget(rawValue: name) else {
+            FileHandle.standardError.write(Data("set SDS_FUZZ_TARGET to one of \(FuzzTarget.allCases.map(\.rawValue))\n".utf8))
+            exit(2)
+        }
+        selected = target
+        var argc = CommandLine.argc
+        var argv: UnsafeMutablePointer<UnsafeMutablePointer<CChar>?>? = CommandLine.unsafeArgv
+        exit(LLVMFuzzerRunDriver(&argc, &argv, testOneInput))
     }
-    selected = target
-    return 0
 }
 
-@_cdecl("LLVMFuzzerTestOneInput")
-public func testOneInput(_ start: UnsafePointer<UInt8>?, _ count: Int) -> Int32 {
+nonisolated(unsafe) private var selected: FuzzTarget = .config
+
+private func testOneInput(_ start: UnsafePointer<UInt8>?, _ count: Int) -> Int32 {
     let data = start.map { Data(bytes: $0, count: count) } ?? Data()
     selected.run(data)
     return 0
 }
+
+@_silgen_name("LLVMFuzzerRunDriver")
+private func LLVMFuzzerRunDriver(
+    _ argc: UnsafeMutablePointer<Int32>, _ argv: UnsafeMutablePointer<UnsafeMutablePointer<UnsafeMutablePointer<CChar>?>?>,
+    _ callback: @convention(c) (UnsafePointer<UInt8>?, Int) -> Int32
+) -> Int32
 #else
 @main
 struct FuzzReplay {
