@@ -52,6 +52,38 @@ final class FlakyIssuer: CertificateIssuer, @unchecked Sendable {
         #expect(a.privateKeyPEM.hasPrefix("-----BEGIN PRIVATE KEY-----"))
     }
 
+    /// The node's wall clock steps forward an hour, past every certificate's end (30 minutes):
+    /// nothing expired is served, and the next tick renews every identity and tells its streams.
+    /// (End to end under libfaketime is not possible: the Swift runtime loses its arguments when
+    /// libfaketime is preloaded, so the agent cannot start under it; RELIABILITY.md.)
+    @Test func aClockSteppedForwardAnHourServesNothingExpiredAndRenewsEveryIdentity() async throws {
+        let clock = ManualClock()
+        let cache = SecretCache(
+            issuer: TestPKI.ca(now: { clock.now }),
+            configuration: .init(certificateTTL: .seconds(1800), idleTTL: .seconds(7200)),  // nothing idles out
+            logger: TestPKI.quietLogger, now: { clock.now })
+        let identities = (0..<20).map { TestPKI.identity("demo", "sa-\($0)") }
+        var before: [SPIFFEID: String] = [:]
+        for identity in identities { before[identity] = try await cache.workloadSecret(for: identity).serialNumberHex }
+        let watched = identities[1]
+        let updates = cache.updates(for: watched)
+        var signals = updates.makeAsyncIterator()
+
+        clock.advance(3600)
+        // A caller asking before the next tick gets a certificate valid now, never the expired one.
+        let asked = try await cache.workloadSecret(for: identities[0])
+        #expect(asked.serialNumberHex != before[identities[0]])
+        #expect(asked.notBefore <= clock.now && clock.now < asked.notAfter)
+        await cache.maintain()
+        for identity in identities {
+            let secret = try await cache.workloadSecret(for: identity)
+            #expect(secret.serialNumberHex != before[identity], "\(identity) was not renewed")
+            #expect(clock.now < secret.notAfter)
+        }
+        #expect(await cache.issuedCertificates == 40, "20 before, then each renewed once")
+        #expect(await signals.next() != nil, "the watched identity's streams are told to push")
+    }
+
     @Test func maintainRotatesWhenDueAndSignalsTheIdentitysStreams() async throws {
         let clock = ManualClock()
         let ca = TestPKI.ca(now: { clock.now })
