@@ -302,3 +302,17 @@ def test_connection_and_stream_limits_answer_only_the_offender(node):
             stream.close()
         for s in raw:
             s.close()
+
+
+def test_a_request_over_the_size_limit_is_refused_and_the_agent_keeps_serving(node):
+    node.start_agent("--max-request-bytes", "65536")
+    token = node.signer.token("demo", "big")
+    with grpc.insecure_channel(f"unix:{node.socket}", options=OWN_CONNECTION) as channel:
+        stub = sds_pb2_grpc.SecretDiscoveryServiceStub(channel)
+        with pytest.raises(grpc.RpcError) as refused:
+            stub.FetchSecrets(request(["default", "x" * 70000]), metadata=[(TOKEN_KEY, token.encode())], timeout=10)
+    # grpc-swift-nio-transport 2.9 resets the stream (RST_STREAM CANCEL, seen as CANCELLED) where
+    # grpc-java and grpcio answer RESOURCE_EXHAUSTED; either way only this call is refused.
+    assert refused.value.code() in (grpc.StatusCode.RESOURCE_EXHAUSTED, grpc.StatusCode.CANCELLED), refused.value
+    fetch(node, "after-the-big-one")
+    assert node.agent.alive()
