@@ -2,6 +2,7 @@ import CoreMetrics
 import Glibc
 import Logging
 import NIOCore
+import NIOHTTP2
 import SDSModel
 import Synchronization
 
@@ -76,7 +77,14 @@ public final class ConnectionGuard: Sendable {
         }
         return PeerCredentialsHandler.peerCredentials(of: connection).flatMapThrowing { [self] peer in
             let watch = ConnectionWatch(guard: self, peer: peer)
-            try connection.pipeline.syncOperations.addHandler(watch)
+            // Right behind the HTTP/2 handler, so the watch sees the connection errors it raises
+            // (a protocol violation, a header block over the limit) before gRPC's handlers take them.
+            let pipeline = connection.pipeline.syncOperations
+            if let http2 = try? pipeline.handler(type: NIOHTTP2Handler.self) {
+                try pipeline.addHandler(watch, position: .after(http2))
+            } else {
+                try pipeline.addHandler(watch)
+            }
             if count > limits.maxConnections {
                 watch.close(.connectionLimit, "\(count) connections are open; the limit is \(limits.maxConnections)")
             }
