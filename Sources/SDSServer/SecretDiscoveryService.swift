@@ -53,8 +53,8 @@ public struct SecretDiscoveryService: Envoy_Service_Secret_V3_SecretDiscoverySer
         let caller = try await escapingErrors { try await authenticate(request.metadata, context: context) }
         let stream = SotWStream(resolver: resolver(for: caller, context: context), configuration: configuration, metrics: metrics.sotw)
         return StreamingServerResponse { writer in
-            try await withStreamSlot(caller, context: context) { events in
-                try await stream.run(events(request.messages), writer: writer)
+            try await withStreamSlot(caller, context: context) {
+                try await stream.run(events(request.messages, for: caller), writer: writer)
             }
             return [:]
         }
@@ -68,8 +68,8 @@ public struct SecretDiscoveryService: Envoy_Service_Secret_V3_SecretDiscoverySer
         let caller = try await escapingErrors { try await authenticate(request.metadata, context: context) }
         let stream = DeltaStream(resolver: resolver(for: caller, context: context), configuration: configuration, metrics: metrics.delta)
         return StreamingServerResponse { writer in
-            try await withStreamSlot(caller, context: context) { events in
-                try await stream.run(events(request.messages), writer: writer)
+            try await withStreamSlot(caller, context: context) {
+                try await stream.run(events(request.messages, for: caller), writer: writer)
             }
             return [:]
         }
@@ -91,13 +91,10 @@ public struct SecretDiscoveryService: Envoy_Service_Secret_V3_SecretDiscoverySer
 
     // MARK: Shared steps
 
-    /// Runs a stream in one of the ``StreamLimits/maxStreams`` slots (none free: `resource_exhausted`,
-    /// counted and logged), handing `body` the stream's merged events, and frees the slot at its end.
-    private func withStreamSlot<Request: Sendable>(
-        _ caller: AuthenticatedCaller, context: ServerContext,
-        _ body: (
-            (RPCAsyncSequence<Request, any Error>) -> any AsyncSequence<StreamEvent<Request>, any Error>
-        ) async throws -> Void
+    /// Runs `body` (a stream) in one of the ``StreamLimits/maxStreams`` slots, freed when it ends;
+    /// with none free the stream gets `resource_exhausted`, counted and logged (throttled).
+    private func withStreamSlot(
+        _ caller: AuthenticatedCaller, context: ServerContext, _ body: () async throws -> Void
     ) async throws {
         try await escapingErrors {
             guard streams.acquire() else {
@@ -115,13 +112,18 @@ public struct SecretDiscoveryService: Envoy_Service_Secret_V3_SecretDiscoverySer
                     message: "the agent holds its maximum of \(configuration.limits.maxStreams) open streams; retry later")
             }
             defer { streams.release() }
-            let wait = streamLifetime(for: caller)
-            let updates = secrets.updates(for: caller.spiffeID)
-            try await body { requests in
-                StreamEvents.merged(
-                    requests, updates, credentialExpiresIn: wait, firstRequestTimeout: configuration.limits.firstRequestTimeout)
-            }
+            try await body()
         }
+    }
+
+    /// What a stream of `caller` reacts to: its requests, its identity's updates, its token's
+    /// deadline and the first-request deadline, merged.
+    private func events<Request: Sendable>(
+        _ requests: RPCAsyncSequence<Request, any Error>, for caller: AuthenticatedCaller
+    ) -> some AsyncSequence<StreamEvent<Request>, any Error> & Sendable {
+        StreamEvents.merged(
+            requests, secrets.updates(for: caller.spiffeID), credentialExpiresIn: streamLifetime(for: caller),
+            firstRequestTimeout: configuration.limits.firstRequestTimeout)
     }
 
     private func resolver(for caller: AuthenticatedCaller, context: ServerContext) -> ResourceResolver {
@@ -133,7 +135,6 @@ public struct SecretDiscoveryService: Envoy_Service_Secret_V3_SecretDiscoverySer
     }
 
     /// How long the stream may live: until the token's expiry minus the margin (at least a second).
-    /// A NaN expiry (impossible from a verified token) would still trap `Int64(_:)`; `max` maps it to 1.
     private func streamLifetime(for caller: AuthenticatedCaller) -> Duration {
         let seconds = caller.credentialExpiry.timeIntervalSince(now()) - configuration.tokenExpiryMargin.timeInterval
         // Clamped: `exp` comes from the token, and no stream needs to outlive a year.
