@@ -117,6 +117,11 @@ def nsenter(pid, command):
     subprocess.run(["nsenter", "-t", str(pid), "-m", "sh", "-c", command], check=True, timeout=30, capture_output=True)
 
 
+# A mount namespace and a tmpfs need root (CI and these machines run as root).
+needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="mounts a tmpfs in a mount namespace: needs root")
+
+
+@needs_root
 @pytest.mark.parametrize("fault,setup,errno_text", [
     ("read-only", "mount -o remount,ro {state}", "Read-only file system"),
     ("full", "(dd if=/dev/zero of={state}/filler bs=4k 2>/dev/null || true)", "No space left on device"),
@@ -132,6 +137,7 @@ def test_a_state_directory_that_cannot_be_written_at_start_is_a_clear_error(node
     assert not os.path.exists(node.socket), "nothing may listen without a CA"
 
 
+@needs_root
 @pytest.mark.parametrize("fault,command,errno_text", [
     ("read-only", "mount -o remount,ro {state}", "Read-only file system"),
     ("full", "dd if=/dev/zero of={state}/filler bs=4k 2>/dev/null || true", "No space left on device"),
