@@ -178,7 +178,7 @@ public final class EmbeddedCA: CertificateIssuer {
             throw IssuanceError(code: .unavailable, message: "signing failed: \(error)")
         }
 
-        let chain = [leaf] + authority.intermediates
+        let chain = [leaf] + authority.chainAboveLeaf
         try await verify(chain: chain, roots: roots, identity: identity, at: now)
         state.withLock { state in
             // Only leaves of the key that is still active count towards its retirement.

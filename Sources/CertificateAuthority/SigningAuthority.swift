@@ -23,6 +23,13 @@ public struct SigningAuthority: Sendable {
         self.roots = roots
     }
 
+    /// The certificates served after a leaf it signs: the signing certificate itself unless it is
+    /// one of the roots (an operator's CA is usually an intermediate under their own root), then
+    /// the intermediates above it. Roots are not sent; workloads have them in the validation context.
+    public var chainAboveLeaf: [Certificate] {
+        (roots.contains(certificate) ? [] : [certificate]) + intermediates.filter { !roots.contains($0) }
+    }
+
     /// Creates a self-signed ECDSA P-256 root for `trustDomain`, valid from `now` for `ttl`.
     public static func makeSelfSignedRoot(trustDomain: String, ttl: Duration, now: Date) throws -> SigningAuthority {
         let key = Certificate.PrivateKey(P256.Signing.PrivateKey())

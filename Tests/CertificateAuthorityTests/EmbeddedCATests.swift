@@ -172,4 +172,30 @@ import X509
         #expect(throws: CAStoreError.self) { try RootCAStore.load(certificateFile: dir + "/ca.pem", keyFile: dir + "/other-key.pem") }
         #expect(throws: CAStoreError.self) { try RootCAStore.load(certificateFile: dir + "/missing.pem", keyFile: dir + "/ca-key.pem") }
     }
+
+    /// The usual plug-in CA: an intermediate under the operator's root. Its certificate must be
+    /// served after the leaf, or the chain cannot reach the root (it was dropped before, and every
+    /// issuance failed with `verification_failed`).
+    @Test(arguments: [false, true])
+    func anIntermediateCAFromFilesIssuesChainsThatReachTheRoot(rootInTheCertificateFile: Bool) async throws {
+        let dir = TestPKI.temporaryDirectory()
+        defer { try? FileManager.default.removeItem(atPath: dir) }
+        let root = TestPKI.authority()
+        let intermediate = TestPKI.intermediate(under: root)
+        let certificates = [intermediate.certificate] + (rootInTheCertificateFile ? [root.certificate] : [])
+        try certificates.map { try $0.serializeAsPEM().pemString }.joined(separator: "\n")
+            .write(toFile: dir + "/ca.pem", atomically: true, encoding: .utf8)
+        try intermediate.privateKey.serializeAsPEM().pemString.write(toFile: dir + "/ca-key.pem", atomically: true, encoding: .utf8)
+        try root.certificate.serializeAsPEM().pemString.write(toFile: dir + "/root.pem", atomically: true, encoding: .utf8)
+        let loaded = try RootCAStore.load(
+            certificateFile: dir + "/ca.pem", keyFile: dir + "/ca-key.pem", bundleFile: rootInTheCertificateFile ? nil : dir + "/root.pem")
+        #expect(loaded.roots == [root.certificate])
+        let ca = EmbeddedCA(authority: loaded, trustDomain: TestPKI.trustDomain, logger: TestPKI.quietLogger)
+        let chain = try await ca.issue(csr: EmbeddedCATests().csr(), for: TestPKI.identity(), ttl: .seconds(3600))
+        #expect(chain.count == 2)
+        #expect(chain[1] == intermediate.certificate, "leaf, then the signing intermediate; the root stays out")
+        #expect(chain[0].issuer == intermediate.certificate.subject)
+        #expect(await ca.trustBundle().rootsPEM.contains(try root.certificate.serializeAsPEM().pemString))
+        #expect(!(await ca.trustBundle().rootsPEM.contains(try intermediate.certificate.serializeAsPEM().pemString)))
+    }
 }

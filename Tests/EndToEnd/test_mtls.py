@@ -120,3 +120,64 @@ def test_sigterm_with_envoys_connected_is_a_clean_exit(tmp_path):
         assert envoy.process.alive(), "Envoy keeps running and retries on its own"
     finally:
         node.stop_all()
+
+
+def make_ca(tmp_path):
+    """An operator's PKI: an offline root and, under it, the intermediate the agent signs with."""
+    import datetime
+    from cryptography import x509 as cx
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    now = datetime.datetime.now(datetime.timezone.utc)
+
+    def cert(subject, issuer, key, issuer_key, path_length):
+        builder = (cx.CertificateBuilder()
+                   .subject_name(cx.Name([cx.NameAttribute(NameOID.COMMON_NAME, subject)]))
+                   .issuer_name(cx.Name([cx.NameAttribute(NameOID.COMMON_NAME, issuer)]))
+                   .public_key(key.public_key()).serial_number(cx.random_serial_number())
+                   .not_valid_before(now - datetime.timedelta(minutes=5))
+                   .not_valid_after(now + datetime.timedelta(days=30))
+                   .add_extension(cx.BasicConstraints(ca=True, path_length=path_length), critical=True)
+                   .add_extension(cx.KeyUsage(False, False, False, False, False, True, True, False, False), critical=True))
+        return builder.sign(issuer_key, hashes.SHA256())
+
+    root_key, int_key = ec.generate_private_key(ec.SECP256R1()), ec.generate_private_key(ec.SECP256R1())
+    root = cert("example corp root", "example corp root", root_key, root_key, None)
+    intermediate = cert("mesh intermediate", "example corp root", int_key, root_key, 0)
+    pem = serialization.Encoding.PEM
+    (tmp_path / "root.pem").write_bytes(root.public_bytes(pem))
+    (tmp_path / "int.pem").write_bytes(intermediate.public_bytes(pem))
+    (tmp_path / "int-key.pem").write_bytes(int_key.private_bytes(
+        pem, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()))
+    return tmp_path / "root.pem", tmp_path / "int.pem", tmp_path / "int-key.pem"
+
+
+def test_an_intermediate_ca_under_the_operators_root_serves_mtls(tmp_path):
+    # The usual plug-in CA: the agent signs with an intermediate; Envoy trusts only the root. The
+    # leaf's chain must carry the intermediate (it was dropped before: every issuance failed).
+    import subprocess
+    from conftest import AGENT_BIN, ENVOY_BIN
+    from sdsdemo.node import Node
+    from test_served_secrets import fetch
+    root, intermediate, key = make_ca(tmp_path)
+    node = Node(str(tmp_path / "node"), AGENT_BIN, ENVOY_BIN)
+    try:
+        node.start_agent("--ca-cert", str(intermediate), "--ca-key", str(key), "--ca-bundle", str(root))
+        app = node.start_app("backend")
+        server = node.start_envoy("backend", node.token_file("backend", "demo", "backend"), app_port=app,
+                                  allow_ids=[FRONTEND])
+        client = node.start_envoy("frontend", node.token_file("frontend", "demo", "frontend"),
+                                  upstream_port=server.inbound_port, upstream_ids=[BACKEND])
+        status, body = client.get("/hello")
+        assert status == 200 and f"caller identity: {FRONTEND}" in body, body
+        _, secrets = fetch(node, node.signer.token("demo", "checker"), ["default", "ROOTCA"])
+        (tmp_path / "chain.pem").write_bytes(secrets["default"].tls_certificate.certificate_chain.inline_bytes)
+        assert secrets["ROOTCA"].validation_context.trusted_ca.inline_bytes == root.read_bytes()
+        verify = subprocess.run(["openssl", "verify", "-CAfile", root, "-untrusted", tmp_path / "chain.pem",
+                                 tmp_path / "chain.pem"], capture_output=True, text=True, timeout=30)
+        assert verify.returncode == 0, verify.stdout + verify.stderr
+        assert secrets["default"].tls_certificate.certificate_chain.inline_bytes.count(b"BEGIN CERTIFICATE") == 2
+    finally:
+        node.stop_all()

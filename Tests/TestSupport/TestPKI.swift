@@ -1,7 +1,9 @@
 import CertificateAuthority
+import Crypto
 import Foundation
 import Logging
 import SDSModel
+import X509
 
 /// A fresh embedded CA for tests, with a self-signed root made in memory.
 public enum TestPKI {
@@ -9,6 +11,26 @@ public enum TestPKI {
 
     public static func authority(now: Date = Date(), ttl: Duration = .seconds(365 * 24 * 3600)) -> SigningAuthority {
         try! SigningAuthority.makeSelfSignedRoot(trustDomain: trustDomain, ttl: ttl, now: now)
+    }
+
+    /// An intermediate CA signed by `root`, as operators plug in: their root stays offline and
+    /// the mesh CA signs with a certificate under it. Its `roots` are `root`'s.
+    public static func intermediate(under root: SigningAuthority, now: Date = Date()) -> SigningAuthority {
+        let key = Certificate.PrivateKey(P256.Signing.PrivateKey())
+        let name = try! DistinguishedName {
+            OrganizationName("example corp")
+            CommonName("mesh intermediate CA")
+        }
+        let extensions = try! Certificate.Extensions {
+            Critical(BasicConstraints.isCertificateAuthority(maxPathLength: 0))
+            Critical(KeyUsage(keyCertSign: true, cRLSign: true))
+            SubjectKeyIdentifier(hash: key.publicKey)
+        }
+        let certificate = try! Certificate(
+            version: .v3, serialNumber: Certificate.SerialNumber(), publicKey: key.publicKey,
+            notValidBefore: now.addingTimeInterval(-60), notValidAfter: now.addingTimeInterval(30 * 86400),
+            issuer: root.certificate.subject, subject: name, extensions: extensions, issuerPrivateKey: root.privateKey)
+        return SigningAuthority(certificate: certificate, privateKey: key, roots: root.roots)
     }
 
     public static func ca(now: @escaping @Sendable () -> Date = { Date() }) -> EmbeddedCA {
