@@ -109,7 +109,7 @@ def in_namespace(node, setup, *agent_args, size="1m"):
     state = os.path.join(node.workdir, "state")
     os.makedirs(state, exist_ok=True)
     argv = [AGENT_BIN, "serve", "--socket", node.socket, "--jwks", node.jwks, "--state-dir", state, *agent_args]
-    script = f"mount -t tmpfs -o size={size} tmpfs {state} && {setup} && exec \"$@\""
+    script = f"mount -t tmpfs -o size={size} tmpfs {state} && ({setup}) && exec \"$@\""
     return node.start("sds-agent", ["unshare", "-m", "--propagation", "private", "sh", "-c", script, "agent", *argv])
 
 
@@ -121,11 +121,15 @@ def nsenter(pid, command):
 needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="mounts a tmpfs in a mount namespace: needs root")
 
 
-@needs_root
-@pytest.mark.parametrize("fault,setup,errno_text", [
+# What makes the state directory unwritable, run in the agent's mount namespace, and the errno text.
+UNWRITABLE = [
     ("read-only", "mount -o remount,ro {state}", "Read-only file system"),
-    ("full", "(dd if=/dev/zero of={state}/filler bs=4k 2>/dev/null || true)", "No space left on device"),
-])
+    ("full", "dd if=/dev/zero of={state}/filler bs=4k 2>/dev/null || true", "No space left on device"),
+]
+
+
+@needs_root
+@pytest.mark.parametrize("fault,setup,errno_text", UNWRITABLE)
 def test_a_state_directory_that_cannot_be_written_at_start_is_a_clear_error(node, fault, setup, errno_text):
     state = os.path.join(node.workdir, "state")
     agent = in_namespace(node, setup.format(state=state))
@@ -138,10 +142,7 @@ def test_a_state_directory_that_cannot_be_written_at_start_is_a_clear_error(node
 
 
 @needs_root
-@pytest.mark.parametrize("fault,command,errno_text", [
-    ("read-only", "mount -o remount,ro {state}", "Read-only file system"),
-    ("full", "dd if=/dev/zero of={state}/filler bs=4k 2>/dev/null || true", "No space left on device"),
-])
+@pytest.mark.parametrize("fault,command,errno_text", UNWRITABLE)
 def test_a_root_rotation_onto_a_state_directory_that_cannot_be_written_keeps_serving(node, fault, command, errno_text):
     state = os.path.join(node.workdir, "state")
     agent = in_namespace(node, "true", "--ca-activation-delay", "1s")
