@@ -169,7 +169,8 @@ enum FuzzTarget: String, CaseIterable {
         _ = MetricsEndpoint.Address(text)
         let escaped = CallerText(bytes: data, limit: 64).description
         precondition(!escaped.unicodeScalars.contains { $0.value < 0x20 || (0x7F...0x9F).contains($0.value) })
-        precondition(escaped.unicodeScalars.count <= 64 * 6 + 24)
+        // At most `\u{XXXX}` (8) per kept character, and the note of what was cut.
+        precondition(escaped.unicodeScalars.count <= 64 * 8 + 32)
     }
 }
 

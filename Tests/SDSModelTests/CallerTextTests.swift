@@ -40,7 +40,7 @@ import Testing
             let bytes = (0..<count).map { _ in UInt8.random(in: 0...255, using: &generator) }
             let text = CallerText(bytes: bytes, limit: 64).description
             #expect(!text.contains("\n") && !text.contains("\r") && !text.contains("\0"))
-            #expect(text.unicodeScalars.count <= 64 * 6 + 24)
+            #expect(text.unicodeScalars.count <= 64 * 8 + 32, "at most 8 per kept character (\\u{XXXX}) and the cut note")
         }
     }
 }
