@@ -285,8 +285,8 @@ def test_connection_and_stream_limits_answer_only_the_offender(node):
         assert closed_by_peer(one_more, 10), "the connection over the limit was not closed"
         one_more.close()
         wait_until(lambda: "connection_limit" in node.agent.output(), 10, "the refusal in the log")
-        for stream in held:
-            assert stream.channel is not None  # still open: nobody else was cut
+        # Nobody else was cut: every held stream is still an active RPC.
+        assert all(stream.responses.is_active() for stream in held), "a held stream ended at a limit"
         for s in raw:
             s.close()
         raw = []
