@@ -33,6 +33,7 @@ let package = Package(
             name: "sds-agent",
             dependencies: [
                 "SDSAgent", "SDSModel", "SDSServer", "SecretCache", "WorkloadAuthentication", "EnvoyAPI", "KubernetesAPI",
+                "UpstreamCA",
                 .product(name: "ArgumentParser", package: "swift-argument-parser"),
                 .product(name: "GRPCCore", package: "grpc-swift-2"),
                 .product(name: "GRPCNIOTransportHTTP2", package: "grpc-swift-nio-transport"),
@@ -47,7 +48,9 @@ let package = Package(
             name: "SDSAgent",
             dependencies: [
                 "SDSModel", "SDSServer", "SecretCache", "CertificateAuthority", "WorkloadAuthentication", "KubernetesAPI",
+                "UpstreamCA", "CentralCA", "IstioAPI",
                 .product(name: "GRPCCore", package: "grpc-swift-2"),
+                .product(name: "SwiftASN1", package: "swift-asn1"),
                 .product(name: "GRPCNIOTransportHTTP2", package: "grpc-swift-nio-transport"),
                 .product(name: "ServiceLifecycle", package: "swift-service-lifecycle"),
                 .product(name: "UnixSignals", package: "swift-service-lifecycle"),
@@ -117,6 +120,32 @@ let package = Package(
                 .product(name: "NIOSSL", package: "swift-nio-ssl"),
             ]
         ),
+        // A remote CA behind Istio's CSR API (istiod, istio-csr, `sds-agent ca serve`): the
+        // CertificateIssuer seam's second implementation, a gRPC client over TLS.
+        .target(
+            name: "UpstreamCA",
+            dependencies: [
+                "SDSModel", "CertificateAuthority", "IstioAPI",
+                .product(name: "GRPCCore", package: "grpc-swift-2"),
+                .product(name: "GRPCNIOTransportHTTP2", package: "grpc-swift-nio-transport"),
+                .product(name: "X509", package: "swift-certificates"),
+                .product(name: "SwiftASN1", package: "swift-asn1"),
+                .product(name: "CoreMetrics", package: "swift-metrics"),
+                .product(name: "Logging", package: "swift-log"),
+            ]
+        ),
+        // `sds-agent ca serve`: Istio's CSR API in front of the embedded CA, with istiod's rules.
+        .target(
+            name: "CentralCA",
+            dependencies: [
+                "SDSModel", "CertificateAuthority", "IstioAPI", "WorkloadAuthentication", "KubernetesAPI",
+                .product(name: "GRPCCore", package: "grpc-swift-2"),
+                .product(name: "X509", package: "swift-certificates"),
+                .product(name: "SwiftASN1", package: "swift-asn1"),
+                .product(name: "CoreMetrics", package: "swift-metrics"),
+                .product(name: "Logging", package: "swift-log"),
+            ]
+        ),
         // Small shared value types.
         .target(name: "SDSModel"),
         // Generated from Protos/ by scripts/generate-protos.sh. Do not edit.
@@ -128,6 +157,15 @@ let package = Package(
                 .product(name: "GRPCProtobuf", package: "grpc-swift-protobuf"),
             ],
             exclude: ["PROTOS.sha256"]
+        ),
+        // Generated from Protos/security/ (Istio's CA API) by scripts/generate-protos.sh. Do not edit.
+        .target(
+            name: "IstioAPI",
+            dependencies: [
+                .product(name: "SwiftProtobuf", package: "swift-protobuf"),
+                .product(name: "GRPCCore", package: "grpc-swift-2"),
+                .product(name: "GRPCProtobuf", package: "grpc-swift-protobuf"),
+            ]
         ),
 
         .testTarget(name: "SDSModelTests", dependencies: ["SDSModel"]),

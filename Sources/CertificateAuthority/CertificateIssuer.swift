@@ -1,20 +1,41 @@
+import Crypto
 import Foundation
 import SDSModel
 import X509
 
 /// The narrow seam between the agent and whatever CA signs its workloads' certificates.
 ///
-/// The embedded CA implements it today; a plug-in or remote CA can replace it without the cache
-/// or the SDS server noticing.
+/// Two implementations: ``EmbeddedCA`` (signs in the process) and the Istio CSR API client
+/// (`UpstreamCA`, a remote CA that may be slow or down). Either reports what changed through the
+/// ``IssuerChange`` callback it is built with; the cache and the SDS server never know which.
 public protocol CertificateIssuer: Sendable {
     /// Signs a certificate for `identity` (the authenticated caller, never taken from the CSR).
+    /// `credential` is the caller's verified token, for a CA that is asked on the caller's behalf;
+    /// nil for renewals when none is held, and for CAs that do not need it.
     ///
     /// - Returns: the leaf first, then any intermediates up to (not including) the root.
-    func issue(csr: CertificateSigningRequest, for identity: SPIFFEID, ttl: Duration) async throws(IssuanceError)
-        -> [Certificate]
+    func issue(csr: CertificateSigningRequest, for identity: SPIFFEID, ttl: Duration, credential: CallerCredential?)
+        async throws(IssuanceError) -> [Certificate]
 
     /// The roots that certificates from this issuer chain to.
     func trustBundle() async -> TrustBundle
+}
+
+extension CertificateIssuer {
+    /// Signs without a caller credential (the embedded CA, tests).
+    public func issue(csr: CertificateSigningRequest, for identity: SPIFFEID, ttl: Duration) async throws(IssuanceError)
+        -> [Certificate]
+    {
+        try await issue(csr: csr, for: identity, ttl: ttl, credential: nil)
+    }
+}
+
+/// What an issuer changed, for whoever must tell the streams.
+public enum IssuerChange: Sendable, Equatable {
+    /// The set of trusted roots changed: push the bundle to every stream.
+    case bundleChanged
+    /// New leaves are signed by another key: re-issue every certificate.
+    case signerChanged
 }
 
 /// Why a certificate was not issued.
@@ -29,8 +50,16 @@ public struct IssuanceError: Error, Hashable, Sendable, CustomStringConvertible 
         public static let identityRejected = Code("identity_rejected")
         /// The CA cannot sign right now (no key, expired root, signing failure).
         public static let unavailable = Code("ca_unavailable")
-        /// The issued chain failed verification against the CA's own roots.
+        /// The issued chain failed verification against the CA's own roots (or, from an upstream
+        /// CA, the answer is not a chain for the identity and key that were asked for).
         public static let verificationFailed = Code("verification_failed")
+        /// An upstream CA refused the caller (its token, or the node's right to ask for it).
+        public static let callerRefused = Code("caller_refused")
+
+        /// Whether asking again later may succeed without anything changing here.
+        public var isTransient: Bool { self == .unavailable }
+        /// Whether the CA refused what was asked (the caller's fault, not the CA's).
+        public var isRefusal: Bool { self == .csrRejected || self == .identityRejected || self == .callerRefused }
         public var description: String { name }
     }
 
@@ -45,4 +74,13 @@ public struct IssuanceError: Error, Hashable, Sendable, CustomStringConvertible 
     }
 
     public var description: String { "\(code): \(message)" }
+}
+
+extension TrustBundle {
+    /// The bundle of `roots` (PEM, in order), versioned by a digest of that PEM.
+    public init(roots: [Certificate], trustDomain: String) {
+        let pem = roots.compactMap { try? $0.serializeAsPEM().pemString }.joined(separator: "\n") + "\n"
+        let digest = SHA256.hash(data: Data(pem.utf8)).prefix(8).map { String(format: "%02x", $0) }.joined()
+        self.init(trustDomain: trustDomain, rootsPEM: roots.isEmpty ? "" : pem, version: digest)
+    }
 }

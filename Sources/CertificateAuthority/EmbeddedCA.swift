@@ -16,12 +16,7 @@ import X509
 /// Every issued chain is verified against the current roots before it is returned.
 public final class EmbeddedCA: CertificateIssuer {
     /// What changed, for whoever must tell the streams.
-    public enum Change: Sendable, Equatable {
-        /// The set of trusted roots changed.
-        case bundleChanged
-        /// New leaves are signed by another key; existing ones should be re-issued.
-        case signerChanged
-    }
+    public typealias Change = IssuerChange
 
     struct RetiringRoot {
         var root: Certificate
@@ -78,12 +73,7 @@ public final class EmbeddedCA: CertificateIssuer {
     /// Every root currently trusted.
     public var roots: [Certificate] { state.withLock { $0.roots } }
 
-    public func trustBundle() async -> TrustBundle {
-        let roots = self.roots
-        let pem = roots.compactMap { try? $0.serializeAsPEM().pemString }.joined(separator: "\n") + "\n"
-        let digest = SHA256.hash(data: Data(pem.utf8)).prefix(8).map { String(format: "%02x", $0) }.joined()
-        return TrustBundle(trustDomain: trustDomain, rootsPEM: pem, version: digest)
-    }
+    public func trustBundle() async -> TrustBundle { TrustBundle(roots: roots, trustDomain: trustDomain) }
 
     /// Step 1: makes the next self-signed root and publishes it in the bundle next to the current one.
     @discardableResult
@@ -138,14 +128,37 @@ public final class EmbeddedCA: CertificateIssuer {
         return true
     }
 
-    public func issue(csr: CertificateSigningRequest, for identity: SPIFFEID, ttl: Duration) async throws(IssuanceError)
-        -> [Certificate]
+    public func issue(csr: CertificateSigningRequest, for identity: SPIFFEID, ttl: Duration, credential: CallerCredential?)
+        async throws(IssuanceError) -> [Certificate]
+    {
+        try await issue(csr: csr, for: identity, ttl: ttl, csrRules: .strict)
+    }
+
+    /// How much of a CSR the CA looks at.
+    public enum CSRRules: Sendable {
+        /// ``CSRPolicy``: the CSR may ask for nothing but the caller's identity (the agent's own CSRs).
+        case strict
+        /// Only the key and its proof of possession; the rest is ignored and overwritten by the
+        /// caller's identity, as istiod does for any client (`sds-agent ca serve`).
+        case keyOnly
+    }
+
+    /// Signs a certificate for `identity` with the key in `csr`, checked by `csrRules`.
+    public func issue(csr: CertificateSigningRequest, for identity: SPIFFEID, ttl: Duration, csrRules: CSRRules)
+        async throws(IssuanceError) -> [Certificate]
     {
         guard identity.trustDomain == trustDomain else {
             throw IssuanceError(code: .identityRejected, message: "\(identity) is outside trust domain \(trustDomain)")
         }
-        if let reason = CSRPolicy.evaluate(csr, for: identity) {
-            throw IssuanceError(code: .csrRejected, message: reason)
+        switch csrRules {
+        case .strict:
+            if let reason = CSRPolicy.evaluate(csr, for: identity) {
+                throw IssuanceError(code: .csrRejected, message: reason)
+            }
+        case .keyOnly:
+            guard csr.publicKey.isValidSignature(csr.signature, for: csr) else {
+                throw IssuanceError(code: .csrRejected, message: "the CSR's signature does not verify with its own public key")
+            }
         }
         let (authority, roots) = state.withLock { ($0.active, $0.roots) }
         let now = self.now()

@@ -146,7 +146,7 @@ public enum RootCAStore {
 
     /// `mkdir -p` with `mode` for the last component; the error names the directory and the
     /// system's reason (read-only file system, no space, permission), not a Foundation dump.
-    static func makeDirectory(_ path: String, mode: mode_t) throws(CAStoreError) {
+    public static func makeDirectory(_ path: String, mode: mode_t) throws(CAStoreError) {
         var prefix = path.hasPrefix("/") ? "" : "."
         for component in path.split(separator: "/") {
             prefix += "/" + component

@@ -9,6 +9,7 @@ import SDSServer
 import SecretCache
 import ServiceLifecycle
 import UnixSignals
+import UpstreamCA
 import WorkloadAuthentication
 import X509
 
@@ -20,8 +21,9 @@ import X509
 public struct Agent: Service {
     private let configuration: AgentConfiguration
     private let service: SecretDiscoveryService
-    private let ca: EmbeddedCA
-    private let caChanges: AsyncStream<EmbeddedCA.Change>
+    private let ca: EmbeddedCA?
+    private let upstream: UpstreamCA?
+    private let caChanges: AsyncStream<IssuerChange>
     private let canRotateCA: Bool
     private let keySource: OIDCDiscoveryKeySource?
     private let api: KubernetesAPIClient?
@@ -36,30 +38,55 @@ public struct Agent: Service {
     {
         try configuration.validate()
 
-        let authority: SigningAuthority
-        var additionalRoots: [Certificate] = []
+        let (caChanges, changeSink) = AsyncStream.makeStream(of: IssuerChange.self)
+        let issuer: any CertificateIssuer
+        var ca: EmbeddedCA?
+        var upstream: UpstreamCA?
         let loadedFromFiles = configuration.caCertificateFile != nil
-        if let certFile = configuration.caCertificateFile, let keyFile = configuration.caKeyFile {
-            authority = try RootCAStore.load(certificateFile: certFile, keyFile: keyFile, bundleFile: configuration.caBundleFile)
+        if var upstreamConfiguration = configuration.upstreamCA {
+            let directory = URL(fileURLWithPath: configuration.stateDirectory).appendingPathComponent("upstream").path
+            do {
+                try RootCAStore.makeDirectory(directory, mode: 0o700)
+                upstreamConfiguration.bundleCacheFile = directory + "/trust-bundle.pem"
+            } catch {
+                logger.warning("upstream CA: cannot keep its trust bundle across restarts", metadata: ["error": "\(error)"])
+            }
+            let client = try UpstreamCA(
+                configuration: upstreamConfiguration, logger: logger, now: now, onChange: { changeSink.yield($0) })
+            logger.info(
+                "upstream CA configured",
+                metadata: [
+                    "ca": "\(upstreamConfiguration.host):\(upstreamConfiguration.port)",
+                    "credential": "\(upstreamConfiguration.credentialMode)", "cluster_id": "\(upstreamConfiguration.clusterID)",
+                ])
+            upstream = client
+            issuer = client
         } else {
-            authority = try RootCAStore.loadOrCreate(
-                stateDirectory: configuration.stateDirectory, trustDomain: configuration.trustDomain,
-                ttl: configuration.caTTL, now: now(), logger: logger)
-            additionalRoots = RootCAStore.additionalRoots(stateDirectory: configuration.stateDirectory, now: now())
+            let authority: SigningAuthority
+            var additionalRoots: [Certificate] = []
+            if let certFile = configuration.caCertificateFile, let keyFile = configuration.caKeyFile {
+                authority = try RootCAStore.load(certificateFile: certFile, keyFile: keyFile, bundleFile: configuration.caBundleFile)
+            } else {
+                authority = try RootCAStore.loadOrCreate(
+                    stateDirectory: configuration.stateDirectory, trustDomain: configuration.trustDomain,
+                    ttl: configuration.caTTL, now: now(), logger: logger)
+                additionalRoots = RootCAStore.additionalRoots(stateDirectory: configuration.stateDirectory, now: now())
+            }
+            // Leaves an old root signed before a restart expire within one certificate lifetime.
+            let embedded = EmbeddedCA(
+                authority: authority, trustDomain: configuration.trustDomain, logger: logger,
+                additionalRoots: additionalRoots, retireAfter: now().addingTimeInterval(configuration.certificateTTL.timeInterval),
+                now: now, onChange: { change, _ in changeSink.yield(change) })
+            ca = embedded
+            issuer = embedded
         }
-        let (caChanges, changeSink) = AsyncStream.makeStream(of: EmbeddedCA.Change.self)
-        // Leaves an old root signed before a restart expire within one certificate lifetime.
-        let ca = EmbeddedCA(
-            authority: authority, trustDomain: configuration.trustDomain, logger: logger,
-            additionalRoots: additionalRoots, retireAfter: now().addingTimeInterval(configuration.certificateTTL.timeInterval),
-            now: now, onChange: { change, _ in changeSink.yield(change) })
         let cache = SecretCache(
-            issuer: ca,
+            issuer: issuer,
             configuration: .init(
                 certificateTTL: configuration.certificateTTL, rotation: configuration.rotation, idleTTL: configuration.idleTTL),
             logger: logger, now: now)
         // Last, because it may open an HTTPS client that must be shut down: nothing throws after it.
-        let (authenticator, keySource, api) = try await makeAuthenticator(configuration, logger: logger, now: now)
+        let (authenticator, keySource, api) = try await configuration.tokenVerification.makeAuthenticator(logger: logger, now: now)
         let service = SecretDiscoveryService(
             configuration: .init(
                 workloadSecretName: configuration.workloadSecretName,
@@ -72,63 +99,17 @@ public struct Agent: Service {
             metadata: [
                 "jwks": "\(configuration.jwksFile ?? "-")", "oidc_discovery": "\(configuration.oidcDiscovery)",
                 "token_review": "\(configuration.tokenReview)", "trust_domain": "\(configuration.trustDomain)",
-                "roots": "\(ca.roots.count)",
+                "ca": "\(upstream != nil ? "upstream" : loadedFromFiles ? "files" : "embedded")",
             ])
         return Agent(
-            configuration: configuration, service: service, ca: ca, caChanges: caChanges, canRotateCA: !loadedFromFiles,
+            configuration: configuration, service: service, ca: ca, upstream: upstream, caChanges: caChanges,
+            canRotateCA: ca != nil && !loadedFromFiles,
             keySource: keySource, api: api, logger: logger, now: now, cache: cache)
     }
 
-    /// The token verifiers the configuration asks for, cheapest first: local keys (a JWKS file or
-    /// OIDC discovery), then the API server's TokenReview; all of them must accept a token.
-    private static func makeAuthenticator(
-        _ configuration: AgentConfiguration, logger: Logger, now: @escaping @Sendable () -> Date
-    ) async throws -> (any WorkloadAuthenticator, OIDCDiscoveryKeySource?, KubernetesAPIClient?) {
-        var fileKeys: VerificationKeySet?
-        if let jwksFile = configuration.jwksFile {
-            fileKeys = try await VerificationKeySet(jwksFile: jwksFile)
-            logger.info("JWKS loaded", metadata: ["jwks": "\(jwksFile)", "key_ids": "\(fileKeys!.keyIDs.sorted())"])
-        }
-        // The HTTPS client is created last: once it exists, nothing here throws.
-        var api: KubernetesAPIClient?
-        if let apiConfiguration = configuration.kubernetesAPI, configuration.oidcDiscovery || configuration.tokenReview {
-            api = try KubernetesAPIClient(configuration: apiConfiguration)
-        }
-        var authenticators: [any WorkloadAuthenticator] = []
-        var keySource: OIDCDiscoveryKeySource?
-        let keys: (any VerificationKeySource)?
-        if let fileKeys {
-            keys = fileKeys
-        } else if configuration.oidcDiscovery, let api {
-            keySource = OIDCDiscoveryKeySource(api: api, refreshInterval: configuration.jwksRefreshInterval, logger: logger)
-            keys = keySource
-        } else {
-            keys = nil
-        }
-        if let keys {
-            authenticators.append(
-                KubernetesTokenVerifier(
-                    configuration: .init(
-                        trustDomain: configuration.trustDomain, issuers: configuration.issuers,
-                        audiences: configuration.audiences, clockSkew: configuration.clockSkew,
-                        allowLegacyTokens: configuration.allowLegacyTokens, maxTokenAge: configuration.maxTokenAge),
-                    keys: keys, now: now))
-        }
-        if configuration.tokenReview, let api {
-            authenticators.append(
-                TokenReviewAuthenticator(
-                    configuration: .init(
-                        trustDomain: configuration.trustDomain, audiences: configuration.audiences,
-                        allowLegacyTokens: configuration.allowLegacyTokens),
-                    api: api, now: now))
-        }
-        let authenticator = authenticators.count == 1 ? authenticators[0] : CombinedAuthenticator(authenticators)
-        return (authenticator, keySource, api)
-    }
-
     private init(
-        configuration: AgentConfiguration, service: SecretDiscoveryService, ca: EmbeddedCA,
-        caChanges: AsyncStream<EmbeddedCA.Change>, canRotateCA: Bool, keySource: OIDCDiscoveryKeySource?,
+        configuration: AgentConfiguration, service: SecretDiscoveryService, ca: EmbeddedCA?, upstream: UpstreamCA?,
+        caChanges: AsyncStream<IssuerChange>, canRotateCA: Bool, keySource: OIDCDiscoveryKeySource?,
         api: KubernetesAPIClient?, logger: Logger, now: @escaping @Sendable () -> Date, cache: SecretCache
     ) {
         self.keySource = keySource
@@ -136,6 +117,7 @@ public struct Agent: Service {
         self.configuration = configuration
         self.service = service
         self.ca = ca
+        self.upstream = upstream
         self.caChanges = caChanges
         self.canRotateCA = canRotateCA
         self.logger = logger
@@ -195,9 +177,11 @@ public struct Agent: Service {
             ])
         let (triggers, trigger) = AsyncStream.makeStream(of: Void.self, bufferingPolicy: .bufferingNewest(1))
         let rotator = Rotator(cache: cache)
-        let caRotator = CARotator(
-            ca: ca, schedule: .init(rootTTL: configuration.caTTL, activationDelay: configuration.caActivationDelay),
-            triggers: triggers, logger: logger, now: now)
+        let caRotator = ca.map {
+            CARotator(
+                ca: $0, schedule: .init(rootTTL: configuration.caTTL, activationDelay: configuration.caActivationDelay),
+                triggers: triggers, logger: logger, now: now)
+        }
 
         try await withGracefulShutdownHandler {
             try await withThrowingDiscardingTaskGroup { group in
@@ -210,13 +194,25 @@ public struct Agent: Service {
                     }
                 }
                 group.addTask { try await rotator.run() }
-                if canRotateCA { group.addTask { try await caRotator.run() } }
+                if canRotateCA, let caRotator { group.addTask { try await caRotator.run() } }
+                if let upstream {
+                    group.addTask {
+                        do {
+                            try await upstream.run()
+                        } catch {
+                            if !Task.isCancelled { throw error }
+                        }
+                    }
+                }
                 group.addTask { await relayCAChanges() }
                 if let keySource { group.addTask { await keySource.run() } }
                 group.addTask {
                     for await _ in await UnixSignalsSequence(trapping: .sigusr1) {
                         guard canRotateCA else {
-                            logger.warning("SIGUSR1: a CA loaded from --ca-cert is rotated by replacing its files, not by the agent")
+                            logger.warning(
+                                upstream != nil
+                                    ? "SIGUSR1: the upstream CA rotates its own root; the agent pushes it when the CA sends it"
+                                    : "SIGUSR1: a CA loaded from --ca-cert is rotated by replacing its files, not by the agent")
                             continue
                         }
                         logger.notice("SIGUSR1: starting a CA root rotation")
@@ -237,6 +233,7 @@ public struct Agent: Service {
         } onGracefulShutdown: {
             logger.notice("shutting down: no new streams; open streams end")
             server.beginGracefulShutdown()
+            upstream?.shutdown()
         }
     }
 
@@ -248,7 +245,7 @@ public struct Agent: Service {
                 cache.bundleChanged()
             case .signerChanged:
                 await cache.renewAll()
-                if canRotateCA {
+                if canRotateCA, let ca {
                     do {
                         try RootCAStore.persist(
                             active: ca.activeAuthority, roots: ca.roots, stateDirectory: configuration.stateDirectory)

@@ -3,6 +3,7 @@ import KubernetesAPI
 import SDSModel
 import SDSServer
 import SecretCache
+import UpstreamCA
 import WorkloadAuthentication
 
 /// Everything `sds-agent serve` needs, validated before anything starts.
@@ -68,6 +69,8 @@ public struct AgentConfiguration: Sendable {
     public var maxTokenAge: Duration?
     /// Bounds on connections, streams and requests.
     public var limits: Limits = .defaults
+    /// A remote CA behind Istio's CSR API instead of the embedded CA (`--upstream-ca`).
+    public var upstreamCA: UpstreamCA.Configuration?
 
     /// Bounds on what callers can make the agent hold; each is answered to the offending caller
     /// only, logged (throttled) and counted.
@@ -115,6 +118,19 @@ public struct AgentConfiguration: Sendable {
         self.maxStreamsPerConnection = maxStreamsPerConnection
     }
 
+    /// How tokens are verified (the subset of these settings the verifiers need).
+    public var tokenVerification: TokenVerification {
+        var verification = TokenVerification(
+            trustDomain: trustDomain, jwksFile: jwksFile, issuers: issuers, audiences: audiences, clockSkew: clockSkew)
+        verification.oidcDiscovery = oidcDiscovery
+        verification.jwksRefreshInterval = jwksRefreshInterval
+        verification.tokenReview = tokenReview
+        verification.kubernetesAPI = kubernetesAPI
+        verification.allowLegacyTokens = allowLegacyTokens
+        verification.maxTokenAge = maxTokenAge
+        return verification
+    }
+
     /// The validation-context names actually served.
     public var effectiveValidationContextNames: Set<String> {
         validationContextNames.isEmpty ? ["ROOTCA", "spiffe://\(trustDomain)"] : Set(validationContextNames)
@@ -123,22 +139,7 @@ public struct AgentConfiguration: Sendable {
     /// Checks the configuration; the error says which setting is wrong and why.
     public func validate() throws(ConfigurationError) {
         func fail(_ message: String) -> ConfigurationError { ConfigurationError(message: message) }
-        guard SPIFFEID.isValidTrustDomain(trustDomain) else {
-            throw fail("--trust-domain '\(trustDomain)' is not a valid trust domain (lowercase letters, digits, '.', '-', '_')")
-        }
-        guard !issuers.isEmpty else { throw fail("at least one --issuer is required") }
-        guard jwksFile != nil || oidcDiscovery || tokenReview else {
-            throw fail("tokens need a verifier: --jwks FILE, --oidc-discovery or --token-review")
-        }
-        guard !(jwksFile != nil && oidcDiscovery) else {
-            throw fail("--jwks and --oidc-discovery both name the verification keys; use one")
-        }
-        if oidcDiscovery || tokenReview {
-            guard let api = kubernetesAPI, api.serverURL.hasPrefix("https://") else {
-                throw fail("--oidc-discovery and --token-review need the API server: --kube-api-server https://… (in a pod, KUBERNETES_SERVICE_HOST sets it)")
-            }
-        }
-        guard !audiences.isEmpty else { throw fail("at least one --audience is required") }
+        try tokenVerification.validate()
         guard certificateTTL >= .seconds(10) else { throw fail("--cert-ttl must be at least 10s") }
         guard caTTL > certificateTTL else { throw fail("--ca-ttl must be longer than --cert-ttl") }
         guard socketMode <= 0o777 else { throw fail("--socket-mode must be an octal mode such as 0660") }
@@ -147,6 +148,18 @@ public struct AgentConfiguration: Sendable {
         }
         guard (caCertificateFile == nil) == (caKeyFile == nil) else {
             throw fail("--ca-cert and --ca-key go together")
+        }
+        if let upstream = upstreamCA {
+            guard caCertificateFile == nil, caBundleFile == nil else {
+                throw fail("--upstream-ca and --ca-cert/--ca-bundle both name the CA; use one")
+            }
+            guard !upstream.serverBundleFile.isEmpty else {
+                throw fail("--upstream-ca needs --upstream-ca-bundle: the PEM roots that verify the CA server's certificate")
+            }
+            if upstream.credentialMode == .node && (upstream.tokenFile ?? "").isEmpty {
+                throw fail("--upstream-ca-credential node needs --upstream-ca-token-file: the agent's own projected token")
+            }
+            guard !upstream.clusterID.isEmpty else { throw fail("--upstream-ca-cluster-id must not be empty") }
         }
         guard !tokenHeader.isEmpty else { throw fail("--token-header must not be empty") }
         guard maxStreamsPerConnection > 0 else { throw fail("--max-streams-per-connection must be positive") }
@@ -161,7 +174,6 @@ public struct AgentConfiguration: Sendable {
         guard (0.1...0.9).contains(rotation.fraction) else { throw fail("--rotation-fraction must be between 0.1 and 0.9") }
         guard (0...0.5).contains(rotation.jitter) else { throw fail("--rotation-jitter must be between 0 and 0.5") }
         guard tokenExpiryMargin >= .zero else { throw fail("--token-expiry-margin must not be negative") }
-        if let maxTokenAge, maxTokenAge <= .zero { throw fail("--max-token-age must be positive") }
         if peerPolicy.requirePodBinding {
             var isDirectory: ObjCBool = false
             guard FileManager.default.fileExists(atPath: peerPolicy.procRoot, isDirectory: &isDirectory), isDirectory.boolValue else {

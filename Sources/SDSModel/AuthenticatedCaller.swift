@@ -22,6 +22,8 @@ public struct AuthenticatedCaller: Hashable, Sendable {
     public var subject: String
     /// The key ID that verified the token, for logs.
     public var keyID: String?
+    /// The verified token itself, when a CA is asked on the caller's behalf (never logged).
+    public var credential: CallerCredential?
 
     public init(
         spiffeID: SPIFFEID, namespace: String, serviceAccount: String, credentialExpiry: Date,

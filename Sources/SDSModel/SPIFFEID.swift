@@ -112,3 +112,15 @@ public enum KubernetesName {
             && bytes.allSatisfy { isAlnum($0) || $0 == UInt8(ascii: "-") || $0 == UInt8(ascii: ".") }
     }
 }
+
+extension SPIFFEID {
+    /// The namespace and service account of a Kubernetes workload ID (`/ns/NS/sa/SA`), each a
+    /// valid Kubernetes name; nil for any other path.
+    public var kubernetesServiceAccount: (namespace: String, serviceAccount: String)? {
+        let parts = path.split(separator: "/", omittingEmptySubsequences: false)
+        guard parts.count == 5, parts[0].isEmpty, parts[1] == "ns", parts[3] == "sa",
+            KubernetesName.isValid(String(parts[2])), KubernetesName.isValid(String(parts[4]))
+        else { return nil }
+        return (String(parts[2]), String(parts[4]))
+    }
+}

@@ -47,4 +47,7 @@ public struct TrustBundle: Sendable, Hashable {
         self.rootsPEM = rootsPEM
         self.version = version
     }
+
+    /// Whether it holds no root yet (an upstream CA that has not answered once).
+    public var isEmpty: Bool { !rootsPEM.contains("-----BEGIN") }
 }

@@ -29,29 +29,36 @@ struct ResourceResolver: Sendable {
     /// The current resources for `names`, sorted by name.
     func resolve(_ names: some Sequence<String>) async throws -> [Resolved] {
         var resolved: [Resolved] = []
-        for name in Set(names).sorted() {
+        // The workload secret first: with an upstream CA, its answer is what brings the roots.
+        let ordered = Set(names).sorted { ($0 == configuration.workloadSecretName ? 0 : 1, $0) < ($1 == configuration.workloadSecretName ? 0 : 1, $1) }
+        for name in ordered {
             let resource: Envoy_Extensions_TransportSockets_Tls_V3_Secret
             let version: String
             if name == configuration.workloadSecretName {
                 let secret: WorkloadSecret
                 do {
-                    secret = try await secrets.workloadSecret(for: caller.spiffeID)
+                    secret = try await secrets.workloadSecret(for: caller.spiffeID, credential: caller.credential)
                 } catch {
                     logger.error("no certificate for the caller", metadata: ["error": "\(error.message)"])
+                    // A refusal is the caller's (permission_denied); a CA that cannot answer now is
+                    // `unavailable` (Envoy retries); only our own failure is `internal`.
                     throw RPCError(
-                        code: error.isTransient ? .unavailable : .internalError,
+                        code: error.isTransient ? .unavailable : error.isRefusal ? .permissionDenied : .internalError,
                         message: "cannot issue a certificate for \(caller.spiffeID): \(error.message)")
                 }
                 resource = SecretResources.tlsCertificate(named: name, from: secret)
                 version = secret.version
             } else {
                 let bundle = await secrets.trustBundle()
+                guard !bundle.isEmpty else {
+                    throw RPCError(code: .unavailable, message: "no trust bundle yet: the CA has not answered; retry")
+                }
                 resource = SecretResources.validationContext(named: name, from: bundle)
                 version = bundle.version
             }
             resolved.append(Resolved(name: name, version: version, resource: try SecretResources.pack(resource)))
         }
-        return resolved
+        return resolved.sorted { $0.name < $1.name }
     }
 
     /// A state-of-the-world response for `names`; its version is derived from the resources'.

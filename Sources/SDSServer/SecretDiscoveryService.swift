@@ -175,9 +175,10 @@ public struct SecretDiscoveryService: Envoy_Service_Secret_V3_SecretDiscoverySer
                 "rejected SDS call: no service-account token in the call", detail: "no token",
                 message: "no service-account token: send it in '\(configuration.tokenHeaderKey)' or 'authorization: Bearer'")
         }
-        let caller: AuthenticatedCaller
+        var caller: AuthenticatedCaller
         do {
             caller = try await authenticator.authenticate(token: token)
+            caller.credential = CallerCredential(token: token, expiry: caller.credentialExpiry)
         } catch {
             logMetadata.merge(["detail": "\(error.message)", "kid": "\(error.keyID ?? "-")", "sub": "\(error.subject ?? "-")"]) { $1 }
             // Our failure (keys not loaded, API server down) is `unavailable`: Envoy retries it.

@@ -24,14 +24,18 @@ public actor SecretCache: SecretSource {
         public var rotation: RotationPolicy
         /// How long an identity no stream watches stays cached.
         public var idleTTL: Duration
+        /// Most renewals in flight at once: a remote CA answers slower than the embedded one,
+        /// and a thousand identities renewed one by one would take minutes.
+        public var maxConcurrentRenewals: Int
 
         public init(
             certificateTTL: Duration = .seconds(24 * 3600), rotation: RotationPolicy = RotationPolicy(),
-            idleTTL: Duration = .seconds(300)
+            idleTTL: Duration = .seconds(300), maxConcurrentRenewals: Int = 16
         ) {
             self.certificateTTL = certificateTTL
             self.rotation = rotation
             self.idleTTL = idleTTL
+            self.maxConcurrentRenewals = max(1, maxConcurrentRenewals)
         }
     }
 
@@ -42,6 +46,9 @@ public actor SecretCache: SecretSource {
         var failures = 0
         var nextAttempt: Date = .distantPast
         var lastWatched: Date
+        /// The newest caller token seen for the identity, for a CA asked on the caller's behalf;
+        /// renewals use it while it is valid.
+        var credential: CallerCredential?
     }
 
     private let issuer: any CertificateIssuer
@@ -99,13 +106,18 @@ public actor SecretCache: SecretSource {
 
     public nonisolated func updates(for identity: SPIFFEID) -> AsyncStream<Void> { updates.watch(identity) }
 
-    public func workloadSecret(for identity: SPIFFEID) async throws(SecretError) -> WorkloadSecret {
+    public func workloadSecret(for identity: SPIFFEID, credential: CallerCredential?) async throws(SecretError)
+        -> WorkloadSecret
+    {
         let now = self.now()
+        if let credential, entries[identity] != nil, credential.expiry > (entries[identity]?.credential?.expiry ?? .distantPast) {
+            entries[identity]?.credential = credential
+        }
         if let entry = entries[identity] {
             if let secret = entry.secret, now < secret.notAfter { return secret }
             if let task = entry.issuing { return try await Self.value(of: task) }
         }
-        return try await issue(for: identity, reason: "first request")
+        return try await issue(for: identity, reason: "first request", credential: credential)
     }
 
     /// Renews what is due, retries what failed, drops what nobody watches. Called every tick.
@@ -123,8 +135,19 @@ public actor SecretCache: SecretSource {
         let due = entries.filter { _, entry in
             entry.secret != nil && entry.issuing == nil && now >= entry.renewAt && now >= entry.nextAttempt
         }.keys
-        for identity in due.sorted() {
-            _ = try? await issue(for: identity, reason: "rotation")
+        // Concurrently, at most `maxConcurrentRenewals` at a time (each waits for its CA answer).
+        var pending = due.sorted()[...]
+        await withTaskGroup(of: Void.self) { group in
+            var running = 0
+            while let identity = pending.popFirst() {
+                if running == configuration.maxConcurrentRenewals {
+                    await group.next()
+                    running -= 1
+                }
+                let credential = entries[identity]?.credential
+                group.addTask { _ = try? await self.issue(for: identity, reason: "rotation", credential: credential) }
+                running += 1
+            }
         }
     }
 
@@ -139,18 +162,26 @@ public actor SecretCache: SecretSource {
     /// Tells every stream that the trust bundle changed.
     public nonisolated func bundleChanged() { updates.bundleChanged() }
 
-    private func issue(for identity: SPIFFEID, reason: String) async throws(SecretError) -> WorkloadSecret {
+    private func issue(for identity: SPIFFEID, reason: String, credential: CallerCredential?) async throws(SecretError)
+        -> WorkloadSecret
+    {
         if let task = entries[identity]?.issuing { return try await Self.value(of: task) }
         let issuer = self.issuer
+        // An expired token is no use to a CA; without one a forwarding CA refuses, and the next
+        // stream's fresh token renews.
+        let credential = credential.flatMap { $0.expiry > now() ? $0 : nil }
         let ttl = configuration.certificateTTL
         let duration = metrics.issueDuration
         let task = Task {
             let started = ContinuousClock.now
             defer { duration.recordNanoseconds(Int64(started.duration(to: .now) / .nanoseconds(1))) }
-            return try await Self.mint(for: identity, issuer: issuer, ttl: ttl)
+            return try await Self.mint(for: identity, issuer: issuer, ttl: ttl, credential: credential)
         }
         let issuedAt = now()
         entries[identity, default: Entry(lastWatched: issuedAt)].issuing = task
+        if let credential, credential.expiry > (entries[identity]?.credential?.expiry ?? .distantPast) {
+            entries[identity]?.credential = credential
+        }
         do {
             let secret = try await Self.value(of: task)
             let previous = entries[identity]?.secret
@@ -206,8 +237,8 @@ public actor SecretCache: SecretSource {
     }
 
     /// Generates a key, builds a CSR for `identity`, and has it signed.
-    static func mint(for identity: SPIFFEID, issuer: any CertificateIssuer, ttl: Duration) async throws(SecretError)
-        -> WorkloadSecret
+    static func mint(for identity: SPIFFEID, issuer: any CertificateIssuer, ttl: Duration, credential: CallerCredential? = nil)
+        async throws(SecretError) -> WorkloadSecret
     {
         let key = P256.Signing.PrivateKey()
         let csr: CertificateSigningRequest
@@ -218,10 +249,11 @@ public actor SecretCache: SecretSource {
             throw SecretError(isTransient: false, message: "cannot build a CSR for \(identity): \(error)")
         }
         do {
-            chain = try await issuer.issue(csr: csr, for: identity, ttl: ttl)
+            chain = try await issuer.issue(csr: csr, for: identity, ttl: ttl, credential: credential)
         } catch {
-            let transient = error.code == .unavailable
-            throw SecretError(isTransient: transient, message: "the CA refused \(identity): \(error)")
+            throw SecretError(
+                isTransient: error.code.isTransient, isRefusal: error.code.isRefusal,
+                message: error.code.isTransient ? "the CA cannot sign \(identity) now: \(error)" : "the CA refused \(identity): \(error)")
         }
         do {
             let chainPEM = try chain.map { try $0.serializeAsPEM().pemString }.joined(separator: "\n") + "\n"

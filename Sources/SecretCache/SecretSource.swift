@@ -6,7 +6,8 @@ public protocol SecretSource: Sendable {
     /// The current certificate and key for `identity`, issuing one if there is none yet.
     ///
     /// The caller must have authenticated `identity`; the source does not check it again.
-    func workloadSecret(for identity: SPIFFEID) async throws(SecretError) -> WorkloadSecret
+    /// `credential` is the caller's verified token, kept for a CA asked on the caller's behalf.
+    func workloadSecret(for identity: SPIFFEID, credential: CallerCredential?) async throws(SecretError) -> WorkloadSecret
 
     /// The current trust bundle.
     func trustBundle() async -> TrustBundle
@@ -16,15 +17,25 @@ public protocol SecretSource: Sendable {
     func updates(for identity: SPIFFEID) -> AsyncStream<Void>
 }
 
+extension SecretSource {
+    /// The current secret for `identity`, with no caller credential to forward.
+    public func workloadSecret(for identity: SPIFFEID) async throws(SecretError) -> WorkloadSecret {
+        try await workloadSecret(for: identity, credential: nil)
+    }
+}
+
 /// A secret that could not be produced.
 public struct SecretError: Error, Sendable, CustomStringConvertible {
     /// Whether retrying later may help (the CA is unavailable) or not (the request was refused).
     public var isTransient: Bool
+    /// The CA refused the caller or its request: the caller's fault, answered `permission_denied`.
+    public var isRefusal: Bool
     /// What went wrong, in words.
     public var message: String
 
-    public init(isTransient: Bool, message: String) {
+    public init(isTransient: Bool, isRefusal: Bool = false, message: String) {
         self.isTransient = isTransient
+        self.isRefusal = isRefusal
         self.message = message
     }
 

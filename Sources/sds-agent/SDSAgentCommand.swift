@@ -6,6 +6,6 @@ struct SDSAgentCommand: AsyncParsableCommand {
     static let configuration = CommandConfiguration(
         commandName: "sds-agent",
         abstract: "Envoy SDS node agent: SPIFFE workload certificates for the sidecars on this node.",
-        subcommands: [Serve.self, Bootstrap.self, Check.self]
+        subcommands: [Serve.self, Bootstrap.self, Check.self, CA.self]
     )
 }

@@ -9,6 +9,7 @@ import SDSModel
 import SecretCache
 import WorkloadAuthentication
 import ServiceLifecycle
+import UpstreamCA
 
 /// `sds-agent serve`: the agent itself. Its flags are a public contract (scripts, manifests).
 struct Serve: AsyncParsableCommand {
@@ -146,6 +147,24 @@ struct Serve: AsyncParsableCommand {
     @Option(help: "Close a connection that has had no open stream for this long (default 5m).", transform: parseDuration)
     var idleConnectionTimeout: Duration = AgentConfiguration.Limits.defaults.connections.idleTimeout
 
+    @Option(help: "Istio CSR API endpoint over TLS, HOST:PORT (istiod, cert-manager istio-csr, sds-agent ca serve); absent = embedded CA.")
+    var upstreamCa: String?
+
+    @Option(help: "PEM roots that verify the upstream CA server's TLS certificate.")
+    var upstreamCaBundle: String?
+
+    @Option(help: "Name to verify in the upstream CA's certificate (default: HOST of --upstream-ca).")
+    var upstreamCaServerName: String?
+
+    @Option(help: "Token sent to the upstream CA: forward (the caller's own; default) or node (the agent's, with ImpersonatedIdentity).")
+    var upstreamCaCredential: UpstreamCA.CredentialMode = .forward
+
+    @Option(help: "Node mode: the agent's own projected token for the upstream CA (re-read for every call).")
+    var upstreamCaTokenFile: String?
+
+    @Option(help: "Sent to the upstream CA as ClusterID.")
+    var upstreamCaClusterId = "Kubernetes"
+
     @Option(help: "Serve Prometheus metrics at http://HOST:PORT/metrics, e.g. 0.0.0.0:9102 (default: off).")
     var metricsAddress: String?
 
@@ -153,14 +172,7 @@ struct Serve: AsyncParsableCommand {
     var logLevel = "info"
 
     func run() async throws {
-        let level = Logger.Level(rawValue: logLevel) ?? .info
-        LoggingSystem.bootstrap { label in
-            // Every line passes the escaping handler: callers' text cannot forge a line (CWE-117).
-            var handler = EscapingLogHandler(wrapping: StreamLogHandler.standardError(label: label))
-            handler.logLevel = level
-            return handler
-        }
-        let logger = Logger(label: "sds-agent")
+        let logger = bootstrapLogging(level: logLevel, label: "sds-agent")
         var metricsEndpoint: MetricsEndpoint?
         if let metricsAddress {
             guard let address = MetricsEndpoint.Address(metricsAddress) else {
@@ -204,6 +216,17 @@ struct Serve: AsyncParsableCommand {
         configuration.limits.streams.firstRequestTimeout = firstRequestTimeout
         configuration.limits.maxRequestBytes = maxRequestBytes
         configuration.limits.listenBacklog = listenBacklog
+        if let upstreamCa {
+            guard let (host, port) = UpstreamCA.Configuration.parseAddress(upstreamCa) else {
+                throw ValidationError("--upstream-ca '\(upstreamCa.callerText(limit: 128))' is not HOST:PORT such as istiod.istio-system.svc:15012")
+            }
+            configuration.upstreamCA = .init(
+                host: host, port: port, serverBundleFile: upstreamCaBundle ?? "", serverName: upstreamCaServerName,
+                credentialMode: upstreamCaCredential, tokenFile: upstreamCaTokenFile, clusterID: upstreamCaClusterId,
+                trustDomain: trustDomain)
+        } else if upstreamCaBundle != nil || upstreamCaServerName != nil || upstreamCaTokenFile != nil {
+            throw ValidationError("--upstream-ca-bundle, --upstream-ca-server-name and --upstream-ca-token-file need --upstream-ca HOST:PORT")
+        }
         do {
             let agent = try await Agent.make(configuration: configuration, logger: logger)
             let group = ServiceGroup(
@@ -219,6 +242,17 @@ struct Serve: AsyncParsableCommand {
     }
 }
 
+/// Every line passes the escaping handler: callers' text cannot forge a line (CWE-117).
+func bootstrapLogging(level text: String, label: String) -> Logger {
+    let level = Logger.Level(rawValue: text) ?? .info
+    LoggingSystem.bootstrap { label in
+        var handler = EscapingLogHandler(wrapping: StreamLogHandler.standardError(label: label))
+        handler.logLevel = level
+        return handler
+    }
+    return Logger(label: label)
+}
+
 func parseDuration(_ text: String) throws -> Duration {
     guard let duration = DurationText.parse(text) else {
         throw ValidationError(
@@ -226,3 +260,5 @@ func parseDuration(_ text: String) throws -> Duration {
     }
     return duration
 }
+
+extension UpstreamCA.CredentialMode: ExpressibleByArgument {}

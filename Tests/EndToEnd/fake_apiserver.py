@@ -1,7 +1,8 @@
 """A local HTTPS stand-in for the Kubernetes API server, for the end-to-end suites.
 
-There is no API server on these machines. This one answers the three calls the agent makes,
-with the JSON shapes the real one uses: OIDC discovery, the JWKS, and TokenReview (which it
+There is no API server on these machines. This one answers the calls the agent makes,
+with the JSON shapes the real one uses: OIDC discovery, the JWKS, TokenReview, and (for `ca serve`'s
+node authorization) GET of a pod and the list of a namespace's pods on a node (which it
 decides by verifying the token against the signer's key, as the API server would, plus a set of
 revoked tokens standing in for deleted pods). It serves TLS with a certificate for 127.0.0.1
 from a CA of its own, and answers only callers presenting the agent's bearer token.
@@ -64,6 +65,8 @@ class FakeAPIServer:
         self.ca_file, cert_file, key_file = _certificates(directory)
         self.revoked = set()
         self.requests = []
+        # Pods by (namespace, name): {"uid", "serviceAccountName", "nodeName"} (for node authorization).
+        self.pods = {}
         server = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -94,6 +97,8 @@ class FakeAPIServer:
                                        "id_token_signing_alg_values_supported": ["RS256"]})
                 elif self.path == "/openid/v1/jwks":
                     self._answer(200, {"keys": [server.signer.jwk()]})
+                elif self.path.startswith("/api/v1/namespaces/"):
+                    server.answer_pods(self)
                 else:
                     self._answer(404, {"kind": "Status", "code": 404})
 
@@ -111,6 +116,29 @@ class FakeAPIServer:
         self.httpd.socket = context.wrap_socket(self.httpd.socket, server_side=True)
         self.url = f"https://127.0.0.1:{self.httpd.server_address[1]}"
         self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
+
+    @staticmethod
+    def _pod(namespace, name, pod):
+        return {"apiVersion": "v1", "kind": "Pod",
+                "metadata": {"name": name, "namespace": namespace, "uid": pod["uid"]},
+                "spec": {"serviceAccountName": pod["serviceAccountName"], "nodeName": pod["nodeName"]},
+                "status": {"phase": "Running"}}
+
+    def answer_pods(self, handler):
+        """GET /api/v1/namespaces/NS/pods/NAME and GET /api/v1/namespaces/NS/pods?fieldSelector=spec.nodeName%3DNODE."""
+        path, _, query = handler.path.partition("?")
+        parts = path.split("/")
+        if len(parts) == 7 and parts[5] == "pods":
+            pod = self.pods.get((parts[4], parts[6]))
+            if pod is None:
+                return handler._answer(404, {"kind": "Status", "code": 404, "reason": "NotFound"})
+            return handler._answer(200, self._pod(parts[4], parts[6], pod))
+        if len(parts) == 6 and parts[5] == "pods" and query.startswith("fieldSelector=spec.nodeName%3D"):
+            node = query[len("fieldSelector=spec.nodeName%3D"):]
+            items = [self._pod(ns, name, pod) for (ns, name), pod in self.pods.items()
+                     if ns == parts[4] and pod["nodeName"] == node]
+            return handler._answer(200, {"apiVersion": "v1", "kind": "PodList", "items": items})
+        return handler._answer(404, {"kind": "Status", "code": 404})
 
     def review(self, token, audiences):
         if token in self.revoked:

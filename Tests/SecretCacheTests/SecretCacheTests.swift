@@ -18,7 +18,7 @@ final class FlakyIssuer: CertificateIssuer, @unchecked Sendable {
         set { state.withLock { $0.failing = newValue } }
     }
     var attempts: Int { state.withLock { $0.attempts } }
-    func issue(csr: CertificateSigningRequest, for identity: SPIFFEID, ttl: Duration) async throws(IssuanceError) -> [Certificate] {
+    func issue(csr: CertificateSigningRequest, for identity: SPIFFEID, ttl: Duration, credential: CallerCredential?) async throws(IssuanceError) -> [Certificate] {
         let failing = state.withLock { state -> Bool in
             state.attempts += 1
             return state.failing
@@ -160,7 +160,7 @@ final class FlakyIssuer: CertificateIssuer, @unchecked Sendable {
 
     @Test func aRefusedIssuanceIsNotCached() async throws {
         struct RefusingIssuer: CertificateIssuer {
-            func issue(csr: CertificateSigningRequest, for identity: SPIFFEID, ttl: Duration) async throws(IssuanceError) -> [Certificate] {
+            func issue(csr: CertificateSigningRequest, for identity: SPIFFEID, ttl: Duration, credential: CallerCredential?) async throws(IssuanceError) -> [Certificate] {
                 throw IssuanceError(code: .unavailable, message: "CA offline")
             }
             func trustBundle() async -> TrustBundle { TrustBundle(trustDomain: "cluster.local", rootsPEM: "", version: "0") }

@@ -1,0 +1,248 @@
+import CentralCA
+import CertificateAuthority
+import Foundation
+import GRPCCore
+import GRPCNIOTransportHTTP2
+import KubernetesAPI
+import Logging
+import SDSModel
+import ServiceLifecycle
+import UnixSignals
+import WorkloadAuthentication
+import SwiftASN1
+import X509
+
+/// Everything `sds-agent ca serve` needs, validated before it listens.
+public struct CentralCAConfiguration: Sendable {
+    /// `HOST:PORT` to serve Istio's CSR API on, over TLS.
+    public var listenHost: String
+    public var listenPort: Int
+    /// How callers' tokens are verified (the same verifiers as `serve`).
+    public var tokens: TokenVerification
+    /// Directory of the CA's root (`<dir>/ca/root-cert.pem`, as `serve` keeps it).
+    public var stateDirectory: String
+    /// Lifetime of a root it generates.
+    public var caTTL: Duration = .seconds(365 * 24 * 3600)
+    /// A CA to sign with instead of a generated root.
+    public var caCertificateFile: String?
+    public var caKeyFile: String?
+    /// Lifetime when a request asks for none.
+    public var certificateTTL: Duration = .seconds(24 * 3600)
+    /// Longest lifetime granted (istiod's default maximum is 90 days).
+    public var maxCertificateTTL: Duration = .seconds(90 * 24 * 3600)
+    /// After SIGUSR1, how long old + new roots are sent before the new one signs. Agents learn the
+    /// new root from their next answer, so this must exceed their renewal interval.
+    public var caActivationDelay: Duration = .seconds(30)
+    /// SANs of the TLS certificate it issues itself.
+    public var serverNames: [String] = ["localhost", "127.0.0.1"]
+    /// A TLS certificate and key to present instead.
+    public var tlsCertificateFile: String?
+    public var tlsKeyFile: String?
+    /// `NAMESPACE/NAME` service accounts that may ask for identities on their node.
+    public var trustedNodeAccounts: [String] = []
+
+    public init(listenHost: String, listenPort: Int, tokens: TokenVerification, stateDirectory: String) {
+        self.listenHost = listenHost
+        self.listenPort = listenPort
+        self.tokens = tokens
+        self.stateDirectory = stateDirectory
+    }
+
+    /// Checks the configuration; the error names the flag.
+    public func validate() throws(ConfigurationError) {
+        func fail(_ message: String) -> ConfigurationError { ConfigurationError(message: message) }
+        try tokens.validate()
+        guard !stateDirectory.isEmpty else { throw fail("--state-dir must not be empty") }
+        guard certificateTTL >= .seconds(10) else { throw fail("--cert-ttl must be at least 10s") }
+        guard maxCertificateTTL >= certificateTTL else { throw fail("--max-cert-ttl must be at least --cert-ttl") }
+        guard caTTL > maxCertificateTTL || caCertificateFile != nil else {
+            throw fail("--ca-ttl must be longer than --max-cert-ttl")
+        }
+        guard (caCertificateFile == nil) == (caKeyFile == nil) else { throw fail("--ca-cert and --ca-key go together") }
+        guard (tlsCertificateFile == nil) == (tlsKeyFile == nil) else { throw fail("--tls-cert and --tls-key go together") }
+        guard tlsCertificateFile != nil || !serverNames.isEmpty else { throw fail("--server-name: at least one name") }
+        for name in serverNames where name.isEmpty || name.contains(where: { $0.isWhitespace || $0 == "/" }) {
+            throw fail("--server-name '\(name)' is not a DNS name or an IP address")
+        }
+        for account in trustedNodeAccounts {
+            let parts = account.split(separator: "/", omittingEmptySubsequences: false)
+            guard parts.count == 2, KubernetesName.isValid(String(parts[0])), KubernetesName.isValid(String(parts[1])) else {
+                throw fail("--trusted-node-account '\(account)' is not NAMESPACE/NAME")
+            }
+        }
+    }
+}
+
+/// `sds-agent ca serve`: a central CA speaking Istio's CSR API over TLS, for meshes without istiod.
+/// Agents on every node point `--upstream-ca` at it; their keys and its key never move.
+public struct CentralCAServer: Service {
+    private let configuration: CentralCAConfiguration
+    private let service: IstioCertificateService
+    private let ca: EmbeddedCA
+    private let caChanges: AsyncStream<IssuerChange>
+    private let canRotate: Bool
+    private let tlsChainPEM: String
+    private let tlsKeyPEM: String
+    private let keySource: OIDCDiscoveryKeySource?
+    private let api: KubernetesAPIClient?
+    private let logger: Logger
+    private let now: @Sendable () -> Date
+
+    /// Loads or creates the root, issues the TLS certificate, loads the verifiers.
+    public static func make(
+        configuration: CentralCAConfiguration, logger: Logger, now: @escaping @Sendable () -> Date = { Date() }
+    ) async throws -> CentralCAServer {
+        try configuration.validate()
+        let authority: SigningAuthority
+        if let certFile = configuration.caCertificateFile, let keyFile = configuration.caKeyFile {
+            authority = try RootCAStore.load(certificateFile: certFile, keyFile: keyFile)
+        } else {
+            authority = try RootCAStore.loadOrCreate(
+                stateDirectory: configuration.stateDirectory, trustDomain: configuration.tokens.trustDomain,
+                ttl: configuration.caTTL, now: now(), logger: logger)
+        }
+        let (caChanges, changeSink) = AsyncStream.makeStream(of: IssuerChange.self)
+        let ca = EmbeddedCA(
+            authority: authority, trustDomain: configuration.tokens.trustDomain, logger: logger,
+            additionalRoots: configuration.caCertificateFile == nil
+                ? RootCAStore.additionalRoots(stateDirectory: configuration.stateDirectory, now: now()) : [],
+            retireAfter: now().addingTimeInterval(configuration.maxCertificateTTL.timeInterval),
+            now: now, onChange: { change, _ in changeSink.yield(change) })
+
+        let tlsChainPEM: String
+        let tlsKeyPEM: String
+        if let certFile = configuration.tlsCertificateFile, let keyFile = configuration.tlsKeyFile {
+            do {
+                tlsChainPEM = try String(contentsOfFile: certFile, encoding: .utf8)
+                tlsKeyPEM = try String(contentsOfFile: keyFile, encoding: .utf8)
+            } catch {
+                throw ConfigurationError(message: "--tls-cert/--tls-key: cannot read \(certFile) or \(keyFile)")
+            }
+        } else {
+            let (chain, key) = try authority.issueServingCertificate(
+                names: configuration.serverNames, ttl: configuration.caTTL, now: now())
+            tlsChainPEM = try chain.map { try $0.serializeAsPEM().pemString + "\n" }.joined()
+            tlsKeyPEM = try key.serializeAsPEM().pemString + "\n"
+        }
+
+        let needsAPI = !configuration.trustedNodeAccounts.isEmpty
+        if needsAPI && configuration.tokens.kubernetesAPI == nil {
+            throw ConfigurationError(
+                message: "--trusted-node-account needs the API server (--kube-api-server) to find the pods on the caller's node")
+        }
+        let (authenticator, keySource, api) = try await configuration.tokens.makeAuthenticator(
+            logger: logger, now: now, needsAPI: needsAPI)
+        let service = IstioCertificateService(
+            configuration: .init(
+                trustDomain: configuration.tokens.trustDomain, defaultTTL: configuration.certificateTTL,
+                maxTTL: configuration.maxCertificateTTL, trustedNodeAccounts: Set(configuration.trustedNodeAccounts)),
+            authenticator: authenticator, ca: ca, nodes: api.map { KubernetesNodeAuthorizer(api: $0) }, logger: logger)
+        return CentralCAServer(
+            configuration: configuration, service: service, ca: ca, caChanges: caChanges,
+            canRotate: configuration.caCertificateFile == nil, tlsChainPEM: tlsChainPEM, tlsKeyPEM: tlsKeyPEM,
+            keySource: keySource, api: api, logger: logger, now: now)
+    }
+
+    private init(
+        configuration: CentralCAConfiguration, service: IstioCertificateService, ca: EmbeddedCA,
+        caChanges: AsyncStream<IssuerChange>, canRotate: Bool, tlsChainPEM: String, tlsKeyPEM: String,
+        keySource: OIDCDiscoveryKeySource?, api: KubernetesAPIClient?, logger: Logger, now: @escaping @Sendable () -> Date
+    ) {
+        self.configuration = configuration
+        self.service = service
+        self.ca = ca
+        self.caChanges = caChanges
+        self.canRotate = canRotate
+        self.tlsChainPEM = tlsChainPEM
+        self.tlsKeyPEM = tlsKeyPEM
+        self.keySource = keySource
+        self.api = api
+        self.logger = logger
+        self.now = now
+    }
+
+    public func run() async throws {
+        defer { Task { [api] in await api?.shutdown() } }
+        let address: GRPCNIOTransportCore.SocketAddress =
+            configuration.listenHost.contains(":")
+            ? .ipv6(host: configuration.listenHost, port: configuration.listenPort)
+            : .ipv4(host: configuration.listenHost, port: configuration.listenPort)
+        let transport = HTTP2ServerTransport.Posix(
+            address: address,
+            transportSecurity: .tls(
+                certificateChain: PEMDocument.parseMultipleQuietly(tlsChainPEM).map { .bytes(Array($0.utf8), format: .pem) },
+                privateKey: .bytes(Array(tlsKeyPEM.utf8), format: .pem)))
+        let server = GRPCServer(transport: transport, services: [service])
+        let (triggers, trigger) = AsyncStream.makeStream(of: Void.self, bufferingPolicy: .bufferingNewest(1))
+        let rotator = CARotator(
+            ca: ca, schedule: .init(rootTTL: configuration.caTTL, activationDelay: configuration.caActivationDelay),
+            triggers: triggers, logger: logger, now: now)
+        let ca = self.ca
+        let logger = self.logger
+        let configuration = self.configuration
+        let canRotate = self.canRotate
+
+        try await withGracefulShutdownHandler {
+            try await withThrowingDiscardingTaskGroup { group in
+                group.addTask {
+                    do {
+                        try await server.serve()
+                    } catch {
+                        if !Task.isCancelled { throw error }
+                    }
+                }
+                group.addTask {
+                    if let bound = try? await transport.listeningAddress {
+                        logger.notice(
+                            "sds-agent ca serving Istio's CSR API",
+                            metadata: [
+                                "address": "\(bound)", "trust_domain": "\(configuration.tokens.trustDomain)",
+                                "server_names": "\(configuration.serverNames)", "pid": "\(getpid())",
+                                "root_not_after": "\(ca.activeCertificate.notValidAfter.formatted(.iso8601))",
+                                "trusted_node_accounts": "\(configuration.trustedNodeAccounts)",
+                            ])
+                    }
+                }
+                if canRotate { group.addTask { try await rotator.run() } }
+                if let keySource { group.addTask { await keySource.run() } }
+                group.addTask {
+                    for await change in caChanges where change == .signerChanged && canRotate {
+                        do {
+                            try RootCAStore.persist(
+                                active: ca.activeAuthority, roots: ca.roots, stateDirectory: configuration.stateDirectory)
+                        } catch {
+                            logger.error("CA rotation: cannot persist the new root", metadata: ["error": "\(error)"])
+                        }
+                    }
+                }
+                group.addTask {
+                    for await _ in await UnixSignalsSequence(trapping: .sigusr1) {
+                        guard canRotate else {
+                            logger.warning("SIGUSR1: a CA loaded from --ca-cert is rotated by replacing its files")
+                            continue
+                        }
+                        logger.notice("SIGUSR1: starting a CA root rotation")
+                        trigger.yield()
+                    }
+                }
+                group.addTask {
+                    for await signal in await UnixSignalsSequence(trapping: .sighup, .sigusr2, .sigalrm) {
+                        logger.notice("\(signal): nothing to do; the CA carries on")
+                    }
+                }
+                try await gracefulShutdown()
+                group.cancelAll()
+            }
+        } onGracefulShutdown: {
+            logger.notice("ca shutting down")
+            server.beginGracefulShutdown()
+        }
+    }
+}
+
+extension PEMDocument {
+    /// The PEM blocks of `text`, each as its own PEM string (what gRPC's TLS configuration takes).
+    static func parseMultipleQuietly(_ text: String) -> [String] {
+        ((try? PEMDocument.parseMultiple(pemString: text)) ?? []).map(\.pemString)
+    }
+}

@@ -1,0 +1,150 @@
+import ArgumentParser
+import Foundation
+import KubernetesAPI
+import Logging
+import Metrics
+import Prometheus
+import SDSAgent
+import ServiceLifecycle
+import UpstreamCA
+
+/// `sds-agent ca`: the central CA for meshes without istiod.
+struct CA: AsyncParsableCommand {
+    static let configuration = CommandConfiguration(
+        abstract: "A central CA speaking Istio's CSR API, for agents in --upstream-ca mode.",
+        subcommands: [CAServe.self])
+}
+
+/// `sds-agent ca serve`: its flags are a public contract (scripts, manifests).
+struct CAServe: AsyncParsableCommand {
+    static let configuration = CommandConfiguration(
+        commandName: "serve",
+        abstract: "Serve istio.v1.auth.IstioCertificateService over TLS: authenticate callers by their service-account token, sign their identity.")
+
+    @Option(help: "HOST:PORT to listen on (TLS), e.g. 0.0.0.0:15012.")
+    var listen: String
+
+    @Option(help: "SPIFFE trust domain of the identities issued.")
+    var trustDomain: String
+
+    @Option(help: "JWKS file with the public keys that sign service-account tokens.")
+    var jwks: String?
+
+    @Flag(help: "Fetch the token signing keys from the API server's OIDC discovery (instead of --jwks).")
+    var oidcDiscovery = false
+
+    @Option(help: "How often --oidc-discovery fetches the keys again, e.g. 1h.", transform: parseDuration)
+    var jwksRefreshInterval: Duration = .seconds(3600)
+
+    @Flag(help: "Have the API server review every token (TokenReview).")
+    var tokenReview = false
+
+    @Option(help: "API server URL for --oidc-discovery/--token-review/--trusted-node-account (default: from KUBERNETES_SERVICE_HOST/PORT).")
+    var kubeApiServer: String?
+
+    @Option(help: "CA bundle that signs the API server's certificate.")
+    var kubeCaFile = KubernetesAPIClient.Configuration.serviceAccountDirectory + "/ca.crt"
+
+    @Option(help: "The CA's own service-account token, sent to the API server (re-read per request).")
+    var kubeTokenFile = KubernetesAPIClient.Configuration.serviceAccountDirectory + "/token"
+
+    @Option(help: "Accepted token issuer (repeatable).")
+    var issuer: [String] = []
+
+    @Option(help: "Accepted token audience (repeatable; istiod's default is istio-ca).")
+    var audience: [String] = []
+
+    @Option(help: "Tolerated clock skew for token times, e.g. 30s.", transform: parseDuration)
+    var clockSkew: Duration = .seconds(30)
+
+    @Option(help: "Directory of the CA's root: DIR/ca/root-cert.pem (as `serve` keeps it; key mode 0600).")
+    var stateDir: String
+
+    @Option(help: "Lifetime of a root it generates, e.g. 8760h.", transform: parseDuration)
+    var caTtl: Duration = .seconds(365 * 24 * 3600)
+
+    @Option(help: "PEM certificate (signing cert first, then intermediates) to sign with instead of a generated root.")
+    var caCert: String?
+
+    @Option(help: "PEM private key for --ca-cert.")
+    var caKey: String?
+
+    @Option(help: "Certificate lifetime when a request asks for none, e.g. 24h.", transform: parseDuration)
+    var certTtl: Duration = .seconds(24 * 3600)
+
+    @Option(help: "Longest certificate lifetime granted, whatever is asked (default 2160h, istiod's).", transform: parseDuration)
+    var maxCertTtl: Duration = .seconds(90 * 24 * 3600)
+
+    @Option(help: "After SIGUSR1, send old + new roots this long before signing with the new one; longer than the agents' renewal interval.", transform: parseDuration)
+    var caActivationDelay: Duration = .seconds(30)
+
+    @Option(help: "SAN of its TLS certificate (repeatable; default localhost and 127.0.0.1).")
+    var serverName: [String] = []
+
+    @Option(help: "PEM TLS certificate chain to present instead of one it issues itself.")
+    var tlsCert: String?
+
+    @Option(help: "PEM private key for --tls-cert.")
+    var tlsKey: String?
+
+    @Option(help: "NAMESPACE/NAME of a node agent's service account that may ask for identities of pods on its node (ImpersonatedIdentity; repeatable).")
+    var trustedNodeAccount: [String] = []
+
+    @Flag(help: "Accept legacy non-expiring secret-based service-account tokens (not recommended).")
+    var allowLegacyTokens = false
+
+    @Option(help: "Serve Prometheus metrics at http://HOST:PORT/metrics (default: off).")
+    var metricsAddress: String?
+
+    @Option(help: "Log level: trace, debug, info, notice, warning, error.")
+    var logLevel = "info"
+
+    func run() async throws {
+        let logger = bootstrapLogging(level: logLevel, label: "sds-agent-ca")
+        var services: [ServiceGroupConfiguration.ServiceConfiguration] = []
+        if let metricsAddress {
+            guard let address = MetricsEndpoint.Address(metricsAddress) else {
+                throw ValidationError("--metrics-address '\(metricsAddress)' is not HOST:PORT such as 0.0.0.0:9102")
+            }
+            let registry = PrometheusCollectorRegistry()
+            MetricsSystem.bootstrap(PrometheusMetricsFactory(registry: registry))
+            services.append(.init(service: MetricsEndpoint(address: address, registry: registry, logger: logger)))
+        }
+        guard let (host, port) = UpstreamCA.Configuration.parseAddress(listen) else {
+            throw ValidationError("--listen '\(listen.callerText(limit: 128))' is not HOST:PORT such as 0.0.0.0:15012")
+        }
+        var tokens = TokenVerification(
+            trustDomain: trustDomain, jwksFile: jwks,
+            issuers: issuer.isEmpty ? ["https://kubernetes.default.svc.cluster.local"] : issuer,
+            audiences: audience.isEmpty ? ["istio-ca"] : audience, clockSkew: clockSkew)
+        tokens.oidcDiscovery = oidcDiscovery
+        tokens.jwksRefreshInterval = jwksRefreshInterval
+        tokens.tokenReview = tokenReview
+        tokens.allowLegacyTokens = allowLegacyTokens
+        if let server = kubeApiServer ?? KubernetesAPIClient.Configuration.inClusterServerURL() {
+            tokens.kubernetesAPI = .init(serverURL: server, caFile: kubeCaFile, tokenFile: kubeTokenFile)
+        }
+        var configuration = CentralCAConfiguration(listenHost: host, listenPort: port, tokens: tokens, stateDirectory: stateDir)
+        configuration.caTTL = caTtl
+        configuration.caCertificateFile = caCert
+        configuration.caKeyFile = caKey
+        configuration.certificateTTL = certTtl
+        configuration.maxCertificateTTL = maxCertTtl
+        configuration.caActivationDelay = caActivationDelay
+        if !serverName.isEmpty { configuration.serverNames = serverName }
+        configuration.tlsCertificateFile = tlsCert
+        configuration.tlsKeyFile = tlsKey
+        configuration.trustedNodeAccounts = trustedNodeAccount
+        do {
+            let server = try await CentralCAServer.make(configuration: configuration, logger: logger)
+            let group = ServiceGroup(
+                configuration: .init(
+                    services: [.init(service: server)] + services,
+                    gracefulShutdownSignals: [.sigterm, .sigint, .sigquit], cancellationSignals: [], logger: logger))
+            try await group.run()
+        } catch {
+            logger.critical("sds-agent ca stopped: \(error)")
+            throw ExitCode.failure
+        }
+    }
+}
