@@ -202,6 +202,16 @@ let package = Package(
             ]
         ),
         .testTarget(
+            name: "UpstreamCATests",
+            dependencies: [
+                "UpstreamCA", "CentralCA", "CertificateAuthority", "SecretCache", "WorkloadAuthentication", "SDSModel", "TestSupport",
+                .product(name: "GRPCCore", package: "grpc-swift-2"),
+                .product(name: "GRPCNIOTransportHTTP2", package: "grpc-swift-nio-transport"),
+                .product(name: "X509", package: "swift-certificates"),
+                .product(name: "Crypto", package: "swift-crypto"),
+            ]
+        ),
+        .testTarget(
             name: "SDSAgentTests",
             dependencies: [
                 "SDSAgent", "SDSModel", "SDSServer", "SecretCache", "WorkloadAuthentication", "EnvoyAPI", "TestSupport",

@@ -209,13 +209,14 @@ public final class UpstreamCA: CertificateIssuer {
         } catch {
             throw IssuanceError(code: .csrRejected, message: "cannot encode the CSR: \(error)")
         }
+        // No token to send is not the CA's fault and does not pass by retrying now.
+        let token = try bearerToken(for: credential)
         let started = ContinuousClock.now
         let deadline = started + configuration.issueDeadline
         var attempt = 0
         while true {
             attempt += 1
             do {
-                let token = try bearerToken(for: credential)
                 let chainPEM = try await call(request, token: token, timeout: min(configuration.callTimeout, deadline - .now))
                 let (chain, roots) = try await verify(answer: chainPEM, for: identity, key: csr.publicKey)
                 metrics.ok.increment()
