@@ -14,10 +14,18 @@ kubectl -n "$NS" create configmap sds-agent-jwks --from-file=jwks.json=/tmp/sds-
 if [ "${1:-}" = "--rotate-jwks" ]; then exit 0; fi
 if kubectl -n "$NS" get secret sds-agent-ca >/dev/null 2>&1; then
   echo "secret $NS/sds-agent-ca exists; leaving it" >&2
-  exit 0
+else
+  dir=$(mktemp -d)
+  trap 'rm -rf "$dir"' EXIT
+  TD=$(kubectl -n "$NS" get configmap sds-agent-config -o jsonpath='{.data.trust-domain}' 2>/dev/null || echo cluster.local)
+  "$(dirname "$0")/make-ca.sh" "$dir" "${TD:-cluster.local}"
+  kubectl -n "$NS" create secret tls sds-agent-ca --cert="$dir/tls.crt" --key="$dir/tls.key"
 fi
-dir=$(mktemp -d)
-trap 'rm -rf "$dir"' EXIT
-TD=$(kubectl -n "$NS" get configmap sds-agent-config -o jsonpath='{.data.trust-domain}' 2>/dev/null || echo cluster.local)
-"$(dirname "$0")/make-ca.sh" "$dir" "${TD:-cluster.local}"
-kubectl -n "$NS" create secret tls sds-agent-ca --cert="$dir/tls.crt" --key="$dir/tls.key"
+
+# For the central CA (optional/central-ca.yaml + optional/upstream): the root that verifies its TLS
+# certificate, without the key: the last certificate of the Secret's tls.crt.
+kubectl -n "$NS" get secret sds-agent-ca -o jsonpath='{.data.tls\.crt}' | base64 -d |
+  awk '/BEGIN CERTIFICATE/ {pem=""} {pem = pem $0 "\n"} /END CERTIFICATE/ {last=pem} END {printf "%s", last}' \
+  > /tmp/sds-agent-ca-root.pem
+kubectl -n "$NS" create configmap sds-agent-ca-root --from-file=root-cert.pem=/tmp/sds-agent-ca-root.pem \
+  --dry-run=client -o yaml | kubectl apply -f -

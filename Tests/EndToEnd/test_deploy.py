@@ -93,8 +93,7 @@ def test_the_base_grants_no_rbac_and_the_token_review_option_only_what_it_needs(
     assert not [d for p in base for d in documents(os.path.join(DEPLOY, p)) if d["kind"] in RBAC_KINDS]
     # The opt-in file for --token-review/--oidc-discovery: create tokenreviews, plus the
     # built-in issuer-discovery role, bound to the agent's service account only.
-    rbac = [(p, d) for p, d in objects() if d["kind"] in RBAC_KINDS]
-    assert {p for p, _ in rbac} == {"optional/token-review-rbac.yaml"}
+    rbac = [(p, d) for p, d in objects() if d["kind"] in RBAC_KINDS and p == "optional/token-review-rbac.yaml"]
     roles = [d for _, d in rbac if d["kind"] in ("Role", "ClusterRole")]
     assert [r["rules"] for r in roles] == [
         [{"apiGroups": ["authentication.k8s.io"], "resources": ["tokenreviews"], "verbs": ["create"]}]]
@@ -102,6 +101,78 @@ def test_the_base_grants_no_rbac_and_the_token_review_option_only_what_it_needs(
     assert {b["roleRef"]["name"] for b in bindings} == {"sds-agent-token-review", "system:service-account-issuer-discovery"}
     for b in bindings:
         assert b["subjects"] == [{"kind": "ServiceAccount", "name": "sds-agent", "namespace": "sds-agent"}]
+
+
+def test_only_the_optional_files_grant_rbac_and_the_central_ca_only_reads_pods():
+    files = {p for p, d in objects() if d["kind"] in RBAC_KINDS}
+    assert files == {"optional/token-review-rbac.yaml", "optional/central-ca.yaml"}
+    rbac = [d for p, d in objects() if d["kind"] in RBAC_KINDS and p == "optional/central-ca.yaml"]
+    (role,) = [d for d in rbac if d["kind"] == "ClusterRole"]
+    assert role["rules"] == [{"apiGroups": [""], "resources": ["pods"], "verbs": ["get", "list"]}]
+    (binding,) = [d for d in rbac if d["kind"] == "ClusterRoleBinding"]
+    assert binding["subjects"] == [{"kind": "ServiceAccount", "name": "sds-agent-ca", "namespace": "sds-agent"}]
+
+
+def apply_json_patch(doc, operations):
+    """The JSON Patch (RFC 6902) subset kustomize overlays use here: add and replace."""
+    import copy
+    doc = copy.deepcopy(doc)
+    for op in operations:
+        *parents, last = op["path"].strip("/").split("/")
+        target = doc
+        for part in parents:
+            target = target[int(part)] if isinstance(target, list) else target[part]
+        if isinstance(target, list):
+            if op["op"] == "add":
+                target.insert(len(target) if last == "-" else int(last), op["value"])
+            else:
+                assert op["op"] == "replace"
+                target[int(last)] = op["value"]
+        else:
+            assert op["op"] == "replace" and last in target or op["op"] == "add"
+            target[last] = op["value"]
+    return doc
+
+
+def flags_of(*command):
+    help_text = subprocess.run([AGENT_BIN, *command, "--help"], capture_output=True, text=True, timeout=30).stdout
+    return set(re.findall(r"--[a-z][a-z0-9-]+", help_text))
+
+
+def test_the_upstream_overlay_takes_the_ca_key_off_every_node_and_points_at_the_central_ca():
+    with open(os.path.join(DEPLOY, "optional", "upstream", "kustomization.yaml")) as f:
+        overlay = yaml.safe_load(f)
+    assert overlay["resources"] == ["../.."]
+    (patch,) = overlay["patches"]
+    assert patch["target"] == {"kind": "DaemonSet", "name": "sds-agent"}
+    daemonset = apply_json_patch(find("DaemonSet", "sds-agent"), yaml.safe_load(patch["patch"]))
+    kubernetes_validate.validate(daemonset, KUBERNETES_VERSION, strict=True)
+    pod = daemonset["spec"]["template"]["spec"]
+    (agent,) = pod["containers"]
+    # No node holds the CA key any more.
+    assert not [v for v in pod["volumes"] if v.get("secret", {}).get("secretName") == "sds-agent-ca"]
+    assert not any(a.startswith(("--ca-cert", "--ca-key")) for a in agent["args"])
+    mounted = {m["name"] for m in agent["volumeMounts"]}
+    assert mounted == {v["name"] for v in pod["volumes"]}
+    # Every flag exists; the agent reaches the central CA's Service by a name its certificate holds.
+    args = dict(a.split("=", 1) for a in agent["args"] if a.startswith("--"))
+    assert set(args) <= flags_of("serve")
+    ca = find("Deployment", "sds-agent-ca")["spec"]["template"]["spec"]
+    (ca_container,) = ca["containers"]
+    assert {a.split("=", 1)[0] for a in ca_container["args"] if a.startswith("--")} <= flags_of("ca", "serve")
+    service = find("Service", "sds-agent-ca")
+    host, port = args["--upstream-ca"].rsplit(":", 1)
+    assert host == f"{service['metadata']['name']}.{service['metadata']['namespace']}.svc"
+    assert int(port) == service["spec"]["ports"][0]["port"]
+    assert f"--server-name={host}" in ca_container["args"]
+    # Node mode: the agent's own token, with the audience the CA accepts, for the account it trusts.
+    assert args["--upstream-ca-credential"] == "node"
+    token = next(s["serviceAccountToken"] for v in pod["volumes"] if "projected" in v for s in v["projected"]["sources"])
+    assert f"--audience={token['audience']}" in ca_container["args"]
+    assert args["--upstream-ca-token-file"].endswith("/" + token["path"])
+    account = f"{daemonset['metadata']['namespace']}/{pod['serviceAccountName']}"
+    assert f"--trusted-node-account={account}" in ca_container["args"]
+    assert args["--upstream-ca-bundle"].startswith(next(m["mountPath"] for m in agent["volumeMounts"] if m["name"] == "ca-root"))
 
 
 def socket_volume_names(pod):
