@@ -8,6 +8,14 @@ export PATH="/opt/swift/usr/bin:$PATH"
 out=${1:?usage: build-release.sh OUT_DIR}
 scratch=${SDS_RELEASE_SCRATCH:-.build-release}
 
+# The commit goes into the binary (`sds-agent version`) for the build only; the file is restored after.
+commit_file=Sources/SDSAgent/BuildCommit.swift
+if commit=$(git rev-parse --short=12 HEAD 2>/dev/null); then
+  [ -z "$(git status --porcelain 2>/dev/null)" ] || commit="$commit-dirty"
+  cp "$commit_file" "$commit_file.orig"
+  trap 'mv -f "$commit_file.orig" "$commit_file"' EXIT
+  printf '// Rewritten by scripts/build-release.sh for the duration of a release build; keep it one line.\nlet buildCommit = "%s"\n' "$commit" > "$commit_file"
+fi
 swift build -c release --static-swift-stdlib --product sds-agent --scratch-path "$scratch"
 bin=$(swift build -c release --static-swift-stdlib --scratch-path "$scratch" --show-bin-path)
 
@@ -23,4 +31,5 @@ if ldd "$out/bin/sds-agent" | grep -q 'libswift\|libFoundation\|libdispatch'; th
   exit 1
 fi
 "$out/bin/sds-agent" --help >/dev/null
+"$out/bin/sds-agent" version
 echo "built $out/bin/sds-agent ($(du -h "$out/bin/sds-agent" | cut -f1))"

@@ -36,7 +36,7 @@ extension SigningAuthority {
     }
 
     /// The bytes of an IPv4 or IPv6 address literal; nil for a name.
-    static func addressBytes(_ text: String) -> [UInt8]? {
+    public static func addressBytes(_ text: String) -> [UInt8]? {
         var v4 = in_addr()
         if inet_pton(AF_INET, text, &v4) == 1 { return withUnsafeBytes(of: &v4) { Array($0) } }
         var v6 = in6_addr()

@@ -1,4 +1,5 @@
 import CertificateAuthority
+import CoreMetrics
 import Foundation
 import GRPCCore
 import GRPCNIOTransportHTTP2
@@ -23,9 +24,12 @@ public struct Agent: Service {
     private let service: SecretDiscoveryService
     private let ca: EmbeddedCA?
     private let upstream: UpstreamCA?
+    private let readiness: AgentReadiness
     private let caChanges: AsyncStream<IssuerChange>
     private let canRotateCA: Bool
     private let keySource: OIDCDiscoveryKeySource?
+    private let fileKeys: JWKSFileKeySource?
+    private let reloadSettings: @Sendable () async -> Void
     private let api: KubernetesAPIClient?
     private let logger: Logger
     private let now: @Sendable () -> Date
@@ -33,9 +37,12 @@ public struct Agent: Service {
     public let cache: SecretCache
 
     /// Validates `configuration` and builds the components.
-    public static func make(configuration: AgentConfiguration, logger: Logger, now: @escaping @Sendable () -> Date = { Date() })
-        async throws -> Agent
-    {
+    /// - Parameter reloadSettings: on SIGHUP, before the agent reloads its JWKS file: the caller's
+    ///   part of a reload (the configuration file's live settings, such as the log level).
+    public static func make(
+        configuration: AgentConfiguration, logger: Logger, readiness: AgentReadiness = AgentReadiness(),
+        reloadSettings: @escaping @Sendable () async -> Void = {}, now: @escaping @Sendable () -> Date = { Date() }
+    ) async throws -> Agent {
         try configuration.validate()
 
         let (caChanges, changeSink) = AsyncStream.makeStream(of: IssuerChange.self)
@@ -79,6 +86,19 @@ public struct Agent: Service {
                 now: now, onChange: { change, _ in changeSink.yield(change) })
             ca = embedded
             issuer = embedded
+            // Checked before it is trusted: the CA's own life bounds every leaf.
+            let notAfter = authority.certificate.notValidAfter
+            logger.info("CA certificate", metadata: [
+                "not_after": "\(notAfter.formatted(.iso8601))", "subject": "\(authority.certificate.subject)",
+            ])
+            if notAfter < now().addingTimeInterval(configuration.certificateTTL.timeInterval) {
+                logger.warning(
+                    "certificates will be cut short: the CA expires before --cert-ttl runs out",
+                    metadata: [
+                        "ca_not_after": "\(notAfter.formatted(.iso8601))",
+                        "cert_ttl_ends": "\(now().addingTimeInterval(configuration.certificateTTL.timeInterval).formatted(.iso8601))",
+                    ])
+            }
         }
         let cache = SecretCache(
             issuer: issuer,
@@ -86,14 +106,35 @@ public struct Agent: Service {
                 certificateTTL: configuration.certificateTTL, rotation: configuration.rotation, idleTTL: configuration.idleTTL),
             logger: logger, now: now)
         // Last, because it may open an HTTPS client that must be shut down: nothing throws after it.
-        let (authenticator, keySource, api) = try await configuration.tokenVerification.makeAuthenticator(logger: logger, now: now)
+        let verifiers = try await configuration.tokenVerification.makeAuthenticator(logger: logger, now: now)
+        let (authenticator, keySource, api) = (verifiers.authenticator, verifiers.keySource, verifiers.api)
+        if let keySource {
+            readiness.add { keySource.hasKeys ? nil : "no token verification keys yet: OIDC discovery has not answered" }
+        }
+        if let ca {
+            readiness.add {
+                let certificate = ca.activeCertificate
+                let time = now()
+                if time >= certificate.notValidAfter {
+                    return "the CA certificate expired at \(certificate.notValidAfter.formatted(.iso8601)): it cannot sign"
+                }
+                if time < certificate.notValidBefore {
+                    return "the CA certificate is not valid before \(certificate.notValidBefore.formatted(.iso8601))"
+                }
+                return nil
+            }
+        }
+        if let upstream, let address = configuration.upstreamCA.map({ "\($0.host):\($0.port)" }) {
+            readiness.add { upstream.isReachable == false ? "the upstream CA \(address) does not answer" : nil }
+        }
         let service = SecretDiscoveryService(
             configuration: .init(
                 workloadSecretName: configuration.workloadSecretName,
                 validationContextNames: configuration.effectiveValidationContextNames,
                 tokenHeaderKey: configuration.tokenHeader, tokenExpiryMargin: configuration.tokenExpiryMargin,
                 authorization: configuration.authorization, peerPolicy: configuration.peerPolicy, limits: configuration.limits.streams),
-            authenticator: authenticator, secrets: cache, logger: logger, now: now)
+            authenticator: authenticator, secrets: cache, logger: logger, now: now,
+            readiness: { readiness.notReadyReason })
         logger.info(
             "verifier and CA loaded",
             metadata: [
@@ -102,22 +143,28 @@ public struct Agent: Service {
                 "ca": "\(upstream != nil ? "upstream" : loadedFromFiles ? "files" : "embedded")",
             ])
         return Agent(
-            configuration: configuration, service: service, ca: ca, upstream: upstream, caChanges: caChanges,
+            configuration: configuration, service: service, ca: ca, upstream: upstream, readiness: readiness, caChanges: caChanges,
             canRotateCA: ca != nil && !loadedFromFiles,
-            keySource: keySource, api: api, logger: logger, now: now, cache: cache)
+            keySource: keySource, fileKeys: verifiers.fileKeys, reloadSettings: reloadSettings, api: api, logger: logger,
+            now: now, cache: cache)
     }
 
     private init(
         configuration: AgentConfiguration, service: SecretDiscoveryService, ca: EmbeddedCA?, upstream: UpstreamCA?,
+        readiness: AgentReadiness,
         caChanges: AsyncStream<IssuerChange>, canRotateCA: Bool, keySource: OIDCDiscoveryKeySource?,
-        api: KubernetesAPIClient?, logger: Logger, now: @escaping @Sendable () -> Date, cache: SecretCache
+        fileKeys: JWKSFileKeySource?, reloadSettings: @escaping @Sendable () async -> Void, api: KubernetesAPIClient?,
+        logger: Logger, now: @escaping @Sendable () -> Date, cache: SecretCache
     ) {
         self.keySource = keySource
+        self.fileKeys = fileKeys
+        self.reloadSettings = reloadSettings
         self.api = api
         self.configuration = configuration
         self.service = service
         self.ca = ca
         self.upstream = upstream
+        self.readiness = readiness
         self.caChanges = caChanges
         self.canRotateCA = canRotateCA
         self.logger = logger
@@ -126,7 +173,7 @@ public struct Agent: Service {
     }
 
     /// Listens on the socket and serves until graceful shutdown (SIGTERM/SIGINT/SIGQUIT through
-    /// the ServiceGroup). `SIGUSR1` starts a root rotation of the embedded CA; `SIGHUP`, `SIGUSR2`
+    /// the ServiceGroup). `SIGUSR1` starts a root rotation of the embedded CA; `SIGHUP` reloads (JWKS file, and the caller's settings); `SIGUSR2`
     /// and `SIGALRM` are logged and otherwise ignored, so none of them kills the agent.
     public func run() async throws {
         do {
@@ -136,6 +183,20 @@ public struct Agent: Service {
             throw error
         }
         await api?.shutdown()
+    }
+
+    /// What `sds-agent inspect` shows.
+    public func inspection() async -> Inspection {
+        let ca =
+            configuration.upstreamCA.map { "upstream \($0.host):\($0.port)" }
+            ?? (configuration.caCertificateFile != nil ? "files" : "embedded")
+        let reason = readiness.notReadyReason
+        return await Inspection.make(
+            agent: .init(
+                version: BuildInfo.version, pid: getpid(), socket: configuration.socketPath,
+                trustDomain: configuration.trustDomain, ca: ca, ready: reason == nil, notReadyReason: reason),
+            cache: cache, streams: service.openStreams.snapshot, bundle: await cache.trustBundle(),
+            bundleNames: configuration.effectiveValidationContextNames.sorted())
     }
 
     private func serve() async throws {
@@ -173,7 +234,8 @@ public struct Agent: Service {
                 "socket": "\(path)", "mode": "\(String(configuration.socketMode, radix: 8))",
                 "workload_secret": "\(configuration.workloadSecretName)",
                 "validation_contexts": "\(configuration.effectiveValidationContextNames.sorted())",
-                "cert_ttl": "\(configuration.certificateTTL)", "pid": "\(getpid())",
+                "cert_ttl": "\(DurationText.format(configuration.certificateTTL))", "pid": "\(getpid())",
+                "version": "\(BuildInfo.version)",
             ])
         let (triggers, trigger) = AsyncStream.makeStream(of: Void.self, bufferingPolicy: .bufferingNewest(1))
         let rotator = Rotator(cache: cache)
@@ -185,6 +247,9 @@ public struct Agent: Service {
 
         try await withGracefulShutdownHandler {
             try await withThrowingDiscardingTaskGroup { group in
+                group.addTask { [readiness] in
+                    if (try? await transport.listeningAddress) != nil { readiness.markListening() }
+                }
                 group.addTask {
                     do {
                         try await server.serve()
@@ -194,6 +259,27 @@ public struct Agent: Service {
                     }
                 }
                 group.addTask { try await rotator.run() }
+                if let adminPath = configuration.effectiveAdminSocketPath {
+                    let admin = AdminEndpoint(path: adminPath, logger: logger) { await self.inspection().json() }
+                    group.addTask {
+                        do {
+                            try await admin.run()
+                        } catch {
+                            // Inspect is for humans: without it the agent still serves.
+                            logger.error("admin socket unavailable; sds-agent inspect will not work", metadata: ["error": "\(error)"])
+                        }
+                    }
+                }
+                group.addTask { [ca, upstream, now] in
+                    // Seconds until the CA (or the earliest upstream root) expires, for alerts.
+                    let gauge = Meter(label: "sds_agent_ca_expiry_seconds")
+                    while !Task.isCancelled {
+                        if let notAfter = ca?.activeCertificate.notValidAfter ?? upstream?.earliestRootNotAfter {
+                            gauge.set(notAfter.timeIntervalSince(now()))
+                        }
+                        try? await Task.sleep(for: .seconds(10))
+                    }
+                }
                 if canRotateCA, let caRotator { group.addTask { try await caRotator.run() } }
                 if let upstream {
                     group.addTask {
@@ -219,12 +305,17 @@ public struct Agent: Service {
                         trigger.yield()
                     }
                 }
-                group.addTask {
-                    // Signals whose default action would kill the agent and leave its socket behind.
+                group.addTask { [reloadSettings, fileKeys] in
+                    // SIGHUP reloads; the others are logged: their default action would kill the
+                    // agent and leave its socket behind.
                     for await signal in await UnixSignalsSequence(trapping: .sighup, .sigusr2, .sigalrm) {
-                        logger.notice(
-                            "\(signal): nothing to do; the agent carries on",
-                            metadata: ["hint": "\(signal == .sighup ? "configuration reload is not supported yet: restart to apply changes" : "unused signal")"])
+                        guard signal == .sighup else {
+                            logger.notice("\(signal): nothing to do; the agent carries on")
+                            continue
+                        }
+                        logger.notice("SIGHUP: reloading the configuration file's live settings and the JWKS file")
+                        await reloadSettings()
+                        await fileKeys?.reload(logger: logger)
                     }
                 }
                 try await gracefulShutdown()
@@ -256,4 +347,10 @@ public struct Agent: Service {
             }
         }
     }
+}
+
+extension Agent: CustomStringConvertible {
+    /// What ServiceLifecycle logs for the service: its socket, not the whole configuration (which
+    /// would print paths, URLs and policies at every start and stop).
+    public var description: String { "Agent(socket: \(configuration.socketPath))" }
 }

@@ -69,6 +69,13 @@ public struct AgentConfiguration: Sendable {
     public var maxTokenAge: Duration?
     /// Bounds on connections, streams and requests.
     public var limits: Limits = .defaults
+    /// The admin socket (`sds-agent inspect`); nil for `<state-dir>/admin.sock`, empty for none.
+    public var adminSocketPath: String?
+    /// The admin socket in use, or nil when it is off.
+    public var effectiveAdminSocketPath: String? {
+        guard let adminSocketPath else { return stateDirectory + "/admin.sock" }
+        return adminSocketPath.isEmpty ? nil : adminSocketPath
+    }
     /// A remote CA behind Istio's CSR API instead of the embedded CA (`--upstream-ca`).
     public var upstreamCA: UpstreamCA.Configuration?
 
@@ -140,6 +147,19 @@ public struct AgentConfiguration: Sendable {
     public func validate() throws(ConfigurationError) {
         func fail(_ message: String) -> ConfigurationError { ConfigurationError(message: message) }
         try tokenVerification.validate()
+        guard !stateDirectory.isEmpty else {
+            throw fail("--state-dir must not be empty: the CA's key would be written to the working directory")
+        }
+        guard !socketPath.isEmpty else { throw fail("--socket must not be empty") }
+        if validationContextNames.contains(where: \.isEmpty) {
+            throw fail("--validation-context-name must not be empty (an empty ConfigMap key gives an empty value); leave it out for ROOTCA and spiffe://<trust-domain>")
+        }
+        guard tokenExpiryMargin < .seconds(600) else {
+            throw fail("--token-expiry-margin \(DurationText.format(tokenExpiryMargin)) is not shorter than the shortest token Kubernetes projects (10m): every stream would end at once; use e.g. 30s")
+        }
+        if caBundleFile != nil && caCertificateFile == nil {
+            throw fail("--ca-bundle names the roots of a CA given with --ca-cert/--ca-key; there is none")
+        }
         guard certificateTTL >= .seconds(10) else { throw fail("--cert-ttl must be at least 10s") }
         guard caTTL > certificateTTL else { throw fail("--ca-ttl must be longer than --cert-ttl") }
         guard socketMode <= 0o777 else { throw fail("--socket-mode must be an octal mode such as 0660") }

@@ -130,8 +130,8 @@ public struct CentralCAServer: Service {
             throw ConfigurationError(
                 message: "--trusted-node-account needs the API server (--kube-api-server) to find the pods on the caller's node")
         }
-        let (authenticator, keySource, api) = try await configuration.tokens.makeAuthenticator(
-            logger: logger, now: now, needsAPI: needsAPI)
+        let verifiers = try await configuration.tokens.makeAuthenticator(logger: logger, now: now, needsAPI: needsAPI)
+        let (authenticator, keySource, api) = (verifiers.authenticator, verifiers.keySource, verifiers.api)
         let service = IstioCertificateService(
             configuration: .init(
                 trustDomain: configuration.tokens.trustDomain, defaultTTL: configuration.certificateTTL,
@@ -245,4 +245,8 @@ extension PEMDocument {
     static func parseMultipleQuietly(_ text: String) -> [String] {
         ((try? PEMDocument.parseMultiple(pemString: text)) ?? []).map(\.pemString)
     }
+}
+
+extension CentralCAServer: CustomStringConvertible {
+    public var description: String { "CentralCAServer(listen: \(configuration.listenHost):\(configuration.listenPort))" }
 }

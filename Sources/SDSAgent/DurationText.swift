@@ -43,4 +43,19 @@ public enum DurationText {
         }
         return digits == nil ? .milliseconds(total) : nil
     }
+
+    /// The shortest text that parses back to `duration` (`24h`, `1h30m`, `90s`, `500ms`, `0s`).
+    public static func format(_ duration: Duration) -> String {
+        var milliseconds = duration.components.seconds * 1000 + duration.components.attoseconds / 1_000_000_000_000_000
+        guard milliseconds > 0 else { return "0s" }
+        var text = ""
+        for (unit, name) in [(Int64(3_600_000), "h"), (60_000, "m"), (1000, "s"), (1, "ms")] where milliseconds >= unit {
+            text += "\(milliseconds / unit)\(name)"
+            milliseconds %= unit
+        }
+        return text
+    }
+
+    /// What a duration value may look like, for error messages.
+    public static let expected = "a duration such as 24h, 30m, 90s, 500ms or 1h30m, of at most 876000h (100 years)"
 }

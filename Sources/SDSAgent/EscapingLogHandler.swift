@@ -19,10 +19,15 @@ public struct EscapingLogHandler<Wrapped: LogHandler>: LogHandler {
 
     public var metadata: Logger.Metadata = [:]
     public var metadataProvider: Logger.MetadataProvider?
+    /// When set, the level every handler reads (changed at once by a reload).
+    public var sharedLevel: SharedLogLevel?
 
     public var logLevel: Logger.Level {
-        get { wrapped.logLevel }
-        set { wrapped.logLevel = newValue }
+        get { sharedLevel?.level ?? wrapped.logLevel }
+        set {
+            wrapped.logLevel = newValue
+            sharedLevel?.level = newValue
+        }
     }
 
     public init(wrapping wrapped: Wrapped, messageLimit: Int = 2048, valueLimit: Int = 512) {

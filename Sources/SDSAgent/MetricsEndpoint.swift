@@ -5,10 +5,12 @@ import NIOPosix
 import Prometheus
 import ServiceLifecycle
 
-/// Serves the agent's metrics to Prometheus: `GET /metrics` over plain HTTP/1.1 on a TCP address.
+/// Serves the agent's metrics to Prometheus and its health to kubelet over plain HTTP/1.1 on a
+/// TCP address: `GET /metrics` (text exposition format 0.0.4), `GET /healthz` (200 while the
+/// process runs), `GET /readyz` (200 when it can issue, else 503 with the reason).
 ///
-/// Off unless `--metrics-address` is given. It answers only `/metrics` (text exposition format
-/// 0.0.4); it serves no secret and accepts no input, so it can listen on the pod's address.
+/// Off unless `--metrics-address` is given. It serves no secret and accepts no input, so it can
+/// listen on the pod's address.
 public struct MetricsEndpoint: Service {
     /// Where to listen, parsed from `HOST:PORT` (`[::1]:9102`, `0.0.0.0:9102`, `:9102`).
     public struct Address: Sendable, Hashable, CustomStringConvertible {
@@ -35,12 +37,16 @@ public struct MetricsEndpoint: Service {
     private let registry: PrometheusCollectorRegistry
     private let logger: Logger
     private let onListening: @Sendable (Int) -> Void
+    private let readiness: @Sendable () -> String?
 
-    /// - Parameter onListening: called with the bound port once the endpoint listens (port 0 picks one).
+    /// - Parameters:
+    ///   - readiness: why the agent cannot issue now, or nil (answers `/readyz`).
+    ///   - onListening: called with the bound port once the endpoint listens (port 0 picks one).
     public init(
         address: Address, registry: PrometheusCollectorRegistry, logger: Logger,
-        onListening: @escaping @Sendable (Int) -> Void = { _ in }
+        readiness: @escaping @Sendable () -> String? = { nil }, onListening: @escaping @Sendable (Int) -> Void = { _ in }
     ) {
+        self.readiness = readiness
         self.address = address
         self.registry = registry
         self.logger = logger
@@ -50,6 +56,7 @@ public struct MetricsEndpoint: Service {
     /// Listens until cancelled or until graceful shutdown.
     public func run() async throws {
         let registry = self.registry
+        let readiness = self.readiness
         let channel: any Channel
         do {
             channel = try await ServerBootstrap(group: MultiThreadedEventLoopGroup.singleton)
@@ -57,7 +64,7 @@ public struct MetricsEndpoint: Service {
                 .childChannelInitializer { channel in
                     channel.eventLoop.makeCompletedFuture {
                         try channel.pipeline.syncOperations.configureHTTPServerPipeline(withErrorHandling: true)
-                        try channel.pipeline.syncOperations.addHandler(MetricsHTTPHandler(registry: registry))
+                        try channel.pipeline.syncOperations.addHandler(MetricsHTTPHandler(registry: registry, readiness: readiness))
                     }
                 }
                 .bind(host: address.host, port: address.port).get()
@@ -87,16 +94,19 @@ public struct MetricsEndpointError: Error, CustomStringConvertible {
     public var description: String { message }
 }
 
-/// Answers `GET /metrics` with the registry's exposition, anything else with 404 or 405.
+/// Answers `GET /metrics` with the registry's exposition, `/healthz` and `/readyz`; anything else
+/// with 404, another method with 405.
 private final class MetricsHTTPHandler: ChannelInboundHandler {
     typealias InboundIn = HTTPServerRequestPart
     typealias OutboundOut = HTTPServerResponsePart
 
     private let registry: PrometheusCollectorRegistry
+    private let readiness: @Sendable () -> String?
     private var request: HTTPRequestHead?
 
-    init(registry: PrometheusCollectorRegistry) {
+    init(registry: PrometheusCollectorRegistry, readiness: @escaping @Sendable () -> String?) {
         self.registry = registry
+        self.readiness = readiness
     }
 
     func channelRead(context: ChannelHandlerContext, data: NIOAny) {
@@ -116,16 +126,25 @@ private final class MetricsHTTPHandler: ChannelInboundHandler {
         let path = head.uri.split(separator: "?", maxSplits: 1).first.map(String.init) ?? head.uri
         var status = HTTPResponseStatus.ok
         var body: [UInt8] = []
-        var contentType = "text/plain; version=0.0.4; charset=utf-8"
-        if path != "/metrics" {
+        var contentType = "text/plain; charset=utf-8"
+        if !["/metrics", "/healthz", "/readyz"].contains(path) {
             status = .notFound
-            body = Array("not found; metrics are at /metrics\n".utf8)
-            contentType = "text/plain; charset=utf-8"
+            body = Array("not found; served: /metrics, /healthz, /readyz\n".utf8)
         } else if head.method != .GET && head.method != .HEAD {
             status = .methodNotAllowed
-            contentType = "text/plain; charset=utf-8"
+        } else if path == "/healthz" {
+            body = Array("ok\n".utf8)
+        } else if path == "/readyz" {
+            if let reason = readiness() {
+                status = .serviceUnavailable
+                body = Array("not ready: \(reason)\n".utf8)
+            } else {
+                body = Array("ready\n".utf8)
+            }
         } else {
+            contentType = "text/plain; version=0.0.4; charset=utf-8"
             registry.emit(into: &body)
+            body = MetricsHelp.annotate(body)
         }
         var headers = HTTPHeaders([("content-type", contentType), ("content-length", "\(body.count)")])
         if !head.isKeepAlive { headers.add(name: "connection", value: "close") }
@@ -138,4 +157,8 @@ private final class MetricsHTTPHandler: ChannelInboundHandler {
             if !keepAlive { context.close(promise: nil) }
         }
     }
+}
+
+extension MetricsEndpoint: CustomStringConvertible {
+    public var description: String { "MetricsEndpoint(\(address))" }
 }

@@ -1,3 +1,6 @@
+import CertificateAuthority
+import Foundation
+
 /// Fills `envoy-bootstrap/envoy-sidecar.yaml` for one Envoy sidecar.
 ///
 /// Each property is one `{{PLACEHOLDER}}` of the template. SPIFFE ID lists become
@@ -85,7 +88,25 @@ public struct SidecarBootstrap: Sendable {
         guard upstreamMaxRequestsPerConnection >= 1 else {
             throw ConfigurationError(message: "upstream max requests per connection must be at least 1")
         }
+        // What Envoy itself would refuse, refused here with a sentence (exit 1, no file written).
+        guard SigningAuthority.addressBytes(inboundAddress) != nil else {
+            throw ConfigurationError(
+                message: "--inbound-address '\(inboundAddress)' is not an IP address (a listener binds an IPv4 or IPv6 literal, e.g. 0.0.0.0)")
+        }
+        let isName = upstreamAddress.split(separator: ".", omittingEmptySubsequences: false).allSatisfy { label in
+            !label.isEmpty && label.count <= 63 && label.allSatisfy { $0.isASCII && ($0.isLetter || $0.isNumber || $0 == "-") }
+        }
+        guard SigningAuthority.addressBytes(upstreamAddress) != nil || isName else {
+            throw ConfigurationError(message: "--upstream-address '\(upstreamAddress)' is neither an IP address nor a DNS name")
+        }
+        guard let timeout = DurationText.parse(initialFetchTimeout) else {
+            throw ConfigurationError(message: "--initial-fetch-timeout '\(initialFetchTimeout)' is not \(DurationText.expected)")
+        }
         var values = strings
+        // Envoy's protobuf Duration in YAML is seconds with an `s` ("300s", "0.500s"), never "5m".
+        let milliseconds = timeout.components.seconds * 1000 + timeout.components.attoseconds / 1_000_000_000_000_000
+        values["INITIAL_FETCH_TIMEOUT"] =
+            milliseconds % 1000 == 0 ? "\(milliseconds / 1000)s" : String(format: "%d.%03ds", milliseconds / 1000, milliseconds % 1000)
         for (name, port) in ports { values[name] = String(port) }
         values["UPSTREAM_MAX_REQUESTS_PER_CONNECTION"] = String(upstreamMaxRequestsPerConnection)
         values["INBOUND_SAN_MATCHERS"] = try Self.sanMatchers(inboundAllowedIDs)

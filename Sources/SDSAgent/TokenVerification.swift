@@ -45,6 +45,9 @@ public struct TokenVerification: Sendable {
             throw fail("--trust-domain '\(trustDomain)' is not a valid trust domain (lowercase letters, digits, '.', '-', '_')")
         }
         guard !issuers.isEmpty else { throw fail("at least one --issuer is required") }
+        if issuers.contains(where: { $0.trimmingCharacters(in: .whitespaces).isEmpty }) {
+            throw fail("--issuer must not be empty (an empty ConfigMap key gives an empty value): every token would be refused")
+        }
         guard jwksFile != nil || oidcDiscovery || tokenReview else {
             throw fail("tokens need a verifier: --jwks FILE, --oidc-discovery or --token-review")
         }
@@ -57,55 +60,69 @@ public struct TokenVerification: Sendable {
             }
         }
         guard !audiences.isEmpty else { throw fail("at least one --audience is required") }
+        if audiences.contains(where: { $0.trimmingCharacters(in: .whitespaces).isEmpty }) {
+            throw fail("--audience must not be empty (an empty ConfigMap key gives an empty value): every token would be refused")
+        }
         if let maxTokenAge, maxTokenAge <= .zero { throw fail("--max-token-age must be positive") }
     }
 
-/// The token verifiers the configuration asks for, cheapest first: local keys (a JWKS file or
-/// OIDC discovery), then the API server's TokenReview; all of them must accept a token.
-func makeAuthenticator(logger: Logger, now: @escaping @Sendable () -> Date, needsAPI: Bool = false)
-    async throws -> (any WorkloadAuthenticator, OIDCDiscoveryKeySource?, KubernetesAPIClient?)
-{
-    let configuration = self
-    var fileKeys: VerificationKeySet?
-    if let jwksFile = configuration.jwksFile {
-        fileKeys = try await VerificationKeySet(jwksFile: jwksFile)
-        logger.info("JWKS loaded", metadata: ["jwks": "\(jwksFile)", "key_ids": "\(fileKeys!.keyIDs.sorted())"])
+    /// The token verifiers the configuration asks for, cheapest first: local keys (a JWKS file or
+    /// OIDC discovery), then the API server's TokenReview; all of them must accept a token.
+    func makeAuthenticator(logger: Logger, now: @escaping @Sendable () -> Date, needsAPI: Bool = false)
+        async throws -> Verifiers
+    {
+        let configuration = self
+        var fileKeys: JWKSFileKeySource?
+        if let jwksFile = configuration.jwksFile {
+            let loaded = try await JWKSFileKeySource(path: jwksFile)
+            logger.info("JWKS loaded", metadata: ["jwks": "\(jwksFile)", "key_ids": "\(loaded.keyIDs.sorted())"])
+            fileKeys = loaded
+        }
+        // The HTTPS client is created last: once it exists, nothing here throws.
+        var api: KubernetesAPIClient?
+        if let apiConfiguration = configuration.kubernetesAPI, configuration.oidcDiscovery || configuration.tokenReview || needsAPI {
+            api = try KubernetesAPIClient(configuration: apiConfiguration)
+        }
+        var authenticators: [any WorkloadAuthenticator] = []
+        var keySource: OIDCDiscoveryKeySource?
+        let keys: (any VerificationKeySource)?
+        if let fileKeys {
+            keys = fileKeys
+        } else if configuration.oidcDiscovery, let api {
+            keySource = OIDCDiscoveryKeySource(api: api, refreshInterval: configuration.jwksRefreshInterval, logger: logger)
+            keys = keySource
+        } else {
+            keys = nil
+        }
+        if let keys {
+            authenticators.append(
+                KubernetesTokenVerifier(
+                    configuration: .init(
+                        trustDomain: configuration.trustDomain, issuers: configuration.issuers,
+                        audiences: configuration.audiences, clockSkew: configuration.clockSkew,
+                        allowLegacyTokens: configuration.allowLegacyTokens, maxTokenAge: configuration.maxTokenAge),
+                    keys: keys, now: now))
+        }
+        if configuration.tokenReview, let api {
+            authenticators.append(
+                TokenReviewAuthenticator(
+                    configuration: .init(
+                        trustDomain: configuration.trustDomain, audiences: configuration.audiences,
+                        allowLegacyTokens: configuration.allowLegacyTokens),
+                    api: api, now: now))
+        }
+        let authenticator = authenticators.count == 1 ? authenticators[0] : CombinedAuthenticator(authenticators)
+        return Verifiers(authenticator: authenticator, keySource: keySource, fileKeys: fileKeys, api: api)
     }
-    // The HTTPS client is created last: once it exists, nothing here throws.
-    var api: KubernetesAPIClient?
-    if let apiConfiguration = configuration.kubernetesAPI, configuration.oidcDiscovery || configuration.tokenReview || needsAPI {
-        api = try KubernetesAPIClient(configuration: apiConfiguration)
-    }
-    var authenticators: [any WorkloadAuthenticator] = []
-    var keySource: OIDCDiscoveryKeySource?
-    let keys: (any VerificationKeySource)?
-    if let fileKeys {
-        keys = fileKeys
-    } else if configuration.oidcDiscovery, let api {
-        keySource = OIDCDiscoveryKeySource(api: api, refreshInterval: configuration.jwksRefreshInterval, logger: logger)
-        keys = keySource
-    } else {
-        keys = nil
-    }
-    if let keys {
-        authenticators.append(
-            KubernetesTokenVerifier(
-                configuration: .init(
-                    trustDomain: configuration.trustDomain, issuers: configuration.issuers,
-                    audiences: configuration.audiences, clockSkew: configuration.clockSkew,
-                    allowLegacyTokens: configuration.allowLegacyTokens, maxTokenAge: configuration.maxTokenAge),
-                keys: keys, now: now))
-    }
-    if configuration.tokenReview, let api {
-        authenticators.append(
-            TokenReviewAuthenticator(
-                configuration: .init(
-                    trustDomain: configuration.trustDomain, audiences: configuration.audiences,
-                    allowLegacyTokens: configuration.allowLegacyTokens),
-                api: api, now: now))
-    }
-    let authenticator = authenticators.count == 1 ? authenticators[0] : CombinedAuthenticator(authenticators)
-    return (authenticator, keySource, api)
-}
 
+    /// What ``makeAuthenticator(logger:now:needsAPI:)`` built.
+    struct Verifiers {
+        var authenticator: any WorkloadAuthenticator
+        /// Keys from OIDC discovery (run it; readiness waits for its first keys).
+        var keySource: OIDCDiscoveryKeySource?
+        /// Keys from a JWKS file (reloaded on SIGHUP).
+        var fileKeys: JWKSFileKeySource?
+        /// The API server client, to shut down.
+        var api: KubernetesAPIClient?
+    }
 }

@@ -23,6 +23,10 @@ public struct SecretDiscoveryService: Envoy_Service_Secret_V3_SecretDiscoverySer
     let now: @Sendable () -> Date
     let streams: StreamSlots
     let refusalThrottle = LogThrottle(interval: .seconds(1))
+    /// Who holds streams open now (for `sds-agent inspect`).
+    public let openStreams = OpenStreams()
+    /// Why the agent cannot issue now (nil when it can): answered to a probe as `unavailable`.
+    let readiness: @Sendable () -> String?
 
     /// Counts refused calls, by gRPC status (`code`) and `reason` (the token check that failed,
     /// or `policy`, `peer` or `pod_binding`).
@@ -34,8 +38,10 @@ public struct SecretDiscoveryService: Envoy_Service_Secret_V3_SecretDiscoverySer
 
     public init(
         configuration: SDSServerConfiguration, authenticator: any WorkloadAuthenticator, secrets: any SecretSource,
-        logger: Logger, metrics: any MetricsFactory = MetricsSystem.factory, now: @escaping @Sendable () -> Date = { Date() }
+        logger: Logger, metrics: any MetricsFactory = MetricsSystem.factory, now: @escaping @Sendable () -> Date = { Date() },
+        readiness: @escaping @Sendable () -> String? = { nil }
     ) {
+        self.readiness = readiness
         self.metrics = SDSMetrics(factory: metrics)
         self.configuration = configuration
         self.authenticator = authenticator
@@ -112,6 +118,8 @@ public struct SecretDiscoveryService: Envoy_Service_Secret_V3_SecretDiscoverySer
                     message: "the agent holds its maximum of \(configuration.limits.maxStreams) open streams; retry later")
             }
             defer { streams.release() }
+            openStreams.opened(by: caller)
+            defer { openStreams.closed(by: caller) }
             try await body()
         }
     }
@@ -164,6 +172,12 @@ public struct SecretDiscoveryService: Envoy_Service_Secret_V3_SecretDiscoverySer
             return RPCError(code: code, message: message)
         }
 
+        // A probe learns whether the agent can issue: `unavailable` with the reason when it cannot
+        // (`sds-agent check` exits 1), the usual refusal when it can.
+        if isProbe, let reason = readiness() {
+            logger.debug("probe: not ready", metadata: ["reason": "\(reason)"])
+            throw RPCError(code: .unavailable, message: "not ready: \(reason)")
+        }
         if case .denied(let reason) = configuration.peerPolicy.admit(peer: peer) {
             throw refuse(.permissionDenied, reason: "peer", "refused SDS call: peer not allowed", detail: reason,
                          message: "caller refused: \(reason)")

@@ -69,12 +69,14 @@ public actor SecretCache: SecretSource {
         let failures: Counter
         let identities: Meter
         let issueDuration: CoreMetrics.Timer
+        let earliestExpiry: Meter
 
         init(factory: any MetricsFactory) {
             issued = Counter(label: SecretCache.issuedMetric, dimensions: [("kind", "new")], factory: factory)
             renewed = Counter(label: SecretCache.issuedMetric, dimensions: [("kind", "renewal")], factory: factory)
             failures = Counter(label: "sds_agent_certificate_issue_failures_total", factory: factory)
             identities = Meter(label: "sds_agent_cached_identities", factory: factory)
+            earliestExpiry = Meter(label: "sds_agent_certificate_expiry_seconds", factory: factory)
             issueDuration = CoreMetrics.Timer(label: "sds_agent_certificate_issue_seconds", factory: factory)
         }
     }
@@ -102,6 +104,31 @@ public actor SecretCache: SecretSource {
     /// The identities currently cached.
     public var cachedIdentities: Set<SPIFFEID> { Set(entries.keys) }
 
+    /// What the cache holds for one identity (`sds-agent inspect`).
+    public struct IdentityReport: Sendable, Hashable {
+        public var spiffeID: SPIFFEID
+        public var serialNumberHex: String?
+        public var notBefore: Date?
+        public var notAfter: Date?
+        /// When it will be renewed (or retried, after a failure).
+        public var renewAt: Date?
+        /// Renewal failures in a row.
+        public var failures: Int
+        /// An issuance is in flight.
+        public var issuing: Bool
+    }
+
+    /// Every cached identity, sorted by SPIFFE ID.
+    public func report() -> [IdentityReport] {
+        entries.map { identity, entry in
+            IdentityReport(
+                spiffeID: identity, serialNumberHex: entry.secret?.serialNumberHex, notBefore: entry.secret?.notBefore,
+                notAfter: entry.secret?.notAfter,
+                renewAt: entry.secret == nil ? nil : max(entry.renewAt, entry.nextAttempt), failures: entry.failures,
+                issuing: entry.issuing != nil)
+        }.sorted { $0.spiffeID < $1.spiffeID }
+    }
+
     public func trustBundle() async -> TrustBundle { await issuer.trustBundle() }
 
     public nonisolated func updates(for identity: SPIFFEID) -> AsyncStream<Void> { updates.watch(identity) }
@@ -123,6 +150,9 @@ public actor SecretCache: SecretSource {
     /// Renews what is due, retries what failed, drops what nobody watches. Called every tick.
     public func maintain() async {
         let now = self.now()
+        if let earliest = entries.values.compactMap({ $0.secret?.notAfter }).min() {
+            metrics.earliestExpiry.set(earliest.timeIntervalSince(now))
+        }
         let watched = updates.watchedIdentities
         for identity in entries.keys {
             if watched.contains(identity) { entries[identity]?.lastWatched = now }

@@ -180,13 +180,46 @@ public final class UpstreamCA: CertificateIssuer {
         state = Mutex(initial)
     }
 
-    /// Keeps the connection to the CA (reconnecting as needed) until cancelled.
+    /// Keeps the connection to the CA (reconnecting as needed) until cancelled; until the CA has
+    /// answered, and while it does not, probes it every couple of seconds, so readiness and
+    /// `sds_agent_upstream_ca_up` tell the truth before any workload asks.
     public func run() async throws {
-        try await client.runConnections()
+        try await withThrowingDiscardingTaskGroup { group in
+            group.addTask { try await self.client.runConnections() }
+            group.addTask {
+                while !Task.isCancelled {
+                    if self.isReachable != true { await self.probe() }
+                    try? await Task.sleep(for: self.isReachable == true ? .seconds(10) : .seconds(2))
+                }
+            }
+        }
+    }
+
+    /// A call with no token: any answer but "cannot reach" proves the CA is there (istiod and
+    /// `ca serve` refuse it with `unauthenticated`).
+    func probe() async {
+        var metadata = Metadata()
+        metadata.addString(configuration.clusterID, forKey: "ClusterID")
+        var options = CallOptions.defaults
+        options.timeout = configuration.callTimeout
+        let ca = Istio_V1_Auth_IstioCertificateService.Client(wrapping: client)
+        do {
+            _ = try await ca.createCertificate(Istio_V1_Auth_IstioCertificateRequest(), metadata: metadata, options: options)
+            markReachable(true, error: nil)
+        } catch let error as RPCError where [.unavailable, .deadlineExceeded, .cancelled, .unknown].contains(error.code) {
+            markReachable(false, error: IssuanceError(code: .unavailable, message: "\(error.code): \(error.message)"))
+        } catch is RPCError {
+            markReachable(true, error: nil)
+        } catch {
+            markReachable(false, error: IssuanceError(code: .unavailable, message: "\(error)"))
+        }
     }
 
     /// Closes the connection; calls in flight finish first.
     public func shutdown() { client.beginGracefulShutdown() }
+
+    /// When the earliest root from the CA's answers expires (nil before the first answer).
+    public var earliestRootNotAfter: Date? { state.withLock { $0.roots.map(\.notValidAfter).min() } }
 
     /// Whether the last call reached the CA (nil before the first).
     public var isReachable: Bool? { state.withLock { $0.reachable } }

@@ -1,6 +1,7 @@
 import Foundation
 import KubernetesAPI
 import Logging
+import Synchronization
 
 /// Verification keys from the Kubernetes API server's OIDC discovery: the issuer's
 /// `/.well-known/openid-configuration`, then the JWKS at its `jwks_uri`, both fetched from the
@@ -15,7 +16,12 @@ public actor OIDCDiscoveryKeySource: VerificationKeySource {
     private let refreshInterval: Duration
     private let minimumRefreshInterval: Duration
     private let logger: Logger
-    private var keys: VerificationKeySet?
+    private var keys: VerificationKeySet? {
+        didSet { loaded.store(keys != nil, ordering: .relaxed) }
+    }
+    private nonisolated let loaded = Atomic<Bool>(false)
+    /// Whether keys have been fetched at least once (readiness).
+    public nonisolated var hasKeys: Bool { loaded.load(ordering: .relaxed) }
     private var inFlight: Task<Void, Never>?
     private var lastAttempt: ContinuousClock.Instant?
     /// The issuer the discovery document names, once fetched.
@@ -40,11 +46,14 @@ public actor OIDCDiscoveryKeySource: VerificationKeySource {
         return keys
     }
 
-    /// Refreshes every `refreshInterval` until cancelled (retrying sooner while there are no keys).
+    /// Refreshes every `refreshInterval` until cancelled. Until the first keys arrive it retries
+    /// sooner (1 s, doubling up to `minimumRefreshInterval`): the agent is not ready without them.
     public func run() async {
+        var failures = 0
         while !Task.isCancelled {
             await refresh(reason: keys == nil ? "start" : "schedule")
-            let wait = keys == nil ? minimumRefreshInterval : refreshInterval
+            failures = keys == nil ? failures + 1 : 0
+            let wait = keys == nil ? min(minimumRefreshInterval, .seconds(1 << min(failures - 1, 5))) : refreshInterval
             try? await Task.sleep(for: wait)
         }
     }

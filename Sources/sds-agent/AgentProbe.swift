@@ -6,10 +6,17 @@ import GRPCNIOTransportHTTP2
 import SDSServer
 
 /// Asks an agent on a socket whether it serves: an unauthenticated FetchSecrets call, to which a
-/// serving agent answers `unauthenticated` (or `permission_denied` when its peer policy refuses
-/// the probe's uid). Used by `check` and `bootstrap --wait-for-agent`.
+/// ready agent answers `unauthenticated` (or `permission_denied` when its peer policy refuses
+/// the probe's uid), and an agent that cannot issue yet answers `unavailable` with the reason.
+/// Used by `check` and `bootstrap --wait-for-agent`.
 enum AgentProbe {
-    /// Returns once an agent answers on `socket`, retrying for up to `wait`; throws otherwise.
+    /// Why the agent is not serving (what `check` prints before exiting 1).
+    struct NotServing: Error, CustomStringConvertible {
+        var description: String
+    }
+
+    /// Returns once a ready agent answers on `socket`, retrying for up to `wait`; throws
+    /// ``NotServing`` otherwise.
     static func waitUntilServing(socket: String, wait: Duration) async throws {
         let clock = ContinuousClock()
         let deadline = clock.now + wait
@@ -27,7 +34,7 @@ enum AgentProbe {
             }
             if clock.now < deadline { try await Task.sleep(for: .milliseconds(100)) }
         } while clock.now < deadline
-        throw ValidationError("no sds-agent answering on \(socket) after \(wait): \(lastError)")
+        throw NotServing(description: "no ready sds-agent on \(socket) after \(wait): \(lastError)")
     }
 
     private static func probe(_ socket: String) async throws {
@@ -45,6 +52,8 @@ enum AgentProbe {
                 // The agent answered, and refused an anonymous caller (or, with --peer-allowed-uid,
                 // a caller running as another user), as it should.
                 return
+            } catch let error as RPCError where error.code == .unavailable && error.message.hasPrefix("not ready") {
+                throw NotServing(description: "the agent answers but is \(error.message)")
             }
         }
     }

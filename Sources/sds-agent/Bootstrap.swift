@@ -51,7 +51,7 @@ struct Bootstrap: AsyncParsableCommand {
     @Option(help: "SDS API type: GRPC (state of the world) or DELTA_GRPC (incremental).")
     var sdsApiType = "GRPC"
 
-    @Option(help: "First wait (up to this long, e.g. 120s) until the agent answers on --socket: a sidecar's start gate.", transform: parseDuration)
+    @Option(help: ArgumentHelp("First wait (up to this long, e.g. 120s) until the agent answers on --socket: a sidecar's start gate.", valueName: "duration"))
     var waitForAgent: Duration?
 
     func run() async throws {

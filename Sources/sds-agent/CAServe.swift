@@ -33,7 +33,7 @@ struct CAServe: AsyncParsableCommand {
     @Flag(help: "Fetch the token signing keys from the API server's OIDC discovery (instead of --jwks).")
     var oidcDiscovery = false
 
-    @Option(help: "How often --oidc-discovery fetches the keys again, e.g. 1h.", transform: parseDuration)
+    @Option(help: ArgumentHelp("How often --oidc-discovery fetches the keys again, e.g. 1h.", valueName: "duration"))
     var jwksRefreshInterval: Duration = .seconds(3600)
 
     @Flag(help: "Have the API server review every token (TokenReview).")
@@ -54,13 +54,13 @@ struct CAServe: AsyncParsableCommand {
     @Option(help: "Accepted token audience (repeatable; istiod's default is istio-ca).")
     var audience: [String] = []
 
-    @Option(help: "Tolerated clock skew for token times, e.g. 30s.", transform: parseDuration)
+    @Option(help: ArgumentHelp("Tolerated clock skew for token times, e.g. 30s.", valueName: "duration"))
     var clockSkew: Duration = .seconds(30)
 
     @Option(help: "Directory of the CA's root: DIR/ca/root-cert.pem (as `serve` keeps it; key mode 0600).")
     var stateDir: String
 
-    @Option(help: "Lifetime of a root it generates, e.g. 8760h.", transform: parseDuration)
+    @Option(help: ArgumentHelp("Lifetime of a root it generates, e.g. 8760h.", valueName: "duration"))
     var caTtl: Duration = .seconds(365 * 24 * 3600)
 
     @Option(help: "PEM certificate (signing cert first, then intermediates) to sign with instead of a generated root.")
@@ -69,13 +69,13 @@ struct CAServe: AsyncParsableCommand {
     @Option(help: "PEM private key for --ca-cert.")
     var caKey: String?
 
-    @Option(help: "Certificate lifetime when a request asks for none, e.g. 24h.", transform: parseDuration)
+    @Option(help: ArgumentHelp("Certificate lifetime when a request asks for none, e.g. 24h.", valueName: "duration"))
     var certTtl: Duration = .seconds(24 * 3600)
 
-    @Option(help: "Longest certificate lifetime granted, whatever is asked (default 2160h, istiod's).", transform: parseDuration)
+    @Option(help: ArgumentHelp("Longest certificate lifetime granted, whatever is asked (istiod's default).", valueName: "duration"))
     var maxCertTtl: Duration = .seconds(90 * 24 * 3600)
 
-    @Option(help: "After SIGUSR1, send old + new roots this long before signing with the new one; longer than the agents' renewal interval.", transform: parseDuration)
+    @Option(help: ArgumentHelp("After SIGUSR1, send old + new roots this long before signing with the new one; longer than the agents' renewal interval.", valueName: "duration"))
     var caActivationDelay: Duration = .seconds(30)
 
     @Option(help: "SAN of its TLS certificate (repeatable; default localhost and 127.0.0.1).")
@@ -96,11 +96,14 @@ struct CAServe: AsyncParsableCommand {
     @Option(help: "Serve Prometheus metrics at http://HOST:PORT/metrics (default: off).")
     var metricsAddress: String?
 
-    @Option(help: "Log level: trace, debug, info, notice, warning, error.")
-    var logLevel = "info"
+    @Option(help: "Log level (any case).")
+    var logLevel: Logger.Level = .info
+
+    @Option(help: "Log line format: text, or json (one object per line).")
+    var logFormat: LogFormat = .text
 
     func run() async throws {
-        let logger = bootstrapLogging(level: logLevel, label: "sds-agent-ca")
+        let logger = bootstrapLogging(level: SharedLogLevel(logLevel), format: logFormat, label: "sds-agent-ca")
         var services: [ServiceGroupConfiguration.ServiceConfiguration] = []
         if let metricsAddress {
             guard let address = MetricsEndpoint.Address(metricsAddress) else {

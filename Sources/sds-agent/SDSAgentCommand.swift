@@ -1,11 +1,65 @@
 import ArgumentParser
+import Foundation
+import SDSAgent
 
 /// `sds-agent`: an Envoy SDS node agent issuing SPIFFE workload certificates.
+///
+/// Exit codes: 0 ok, 1 runtime or configuration failure (including a `check` that finds no
+/// ready agent), 2 usage (a flag or value the command line cannot take).
 @main
 struct SDSAgentCommand: AsyncParsableCommand {
     static let configuration = CommandConfiguration(
         commandName: "sds-agent",
         abstract: "Envoy SDS node agent: SPIFFE workload certificates for the sidecars on this node.",
-        subcommands: [Serve.self, Bootstrap.self, Check.self, CA.self]
+        version: BuildInfo.description,
+        subcommands: [Serve.self, Bootstrap.self, Check.self, Inspect.self, ConfigCommand.self, CA.self, Version.self]
     )
+
+    /// ArgumentParser's `main`, with usage errors mapped to 2 instead of 64 (`EX_USAGE`), which
+    /// probes and scripts would read as an unexplained failure.
+    static func main() async {
+        do {
+            var arguments = Array(CommandLine.arguments.dropFirst())
+            // `serve` takes settings from a file and the environment too, merged under its flags.
+            if arguments.first == "serve" {
+                let own = Array(arguments.dropFirst())
+                let (merged, sources) = try ConfigSources.merge(arguments: own)
+                ConfigSources.effective = .init(commandLine: own, merged: merged, sources: sources)
+                arguments = ["serve"] + merged
+            }
+            var command = try parseAsRoot(arguments)
+            if var asyncCommand = command as? any AsyncParsableCommand {
+                try await asyncCommand.run()
+            } else {
+                try command.run()
+            }
+        } catch {
+            let code = exitCode(for: error)
+            var message = fullMessage(for: error)
+            // A duration that does not parse: say what one looks like (ArgumentParser names only the flag).
+            if let range = message.range(of: " <duration>'") {
+                message.insert(contentsOf: ": it must be \(DurationText.expected)", at: range.upperBound)
+            }
+            if code == .success {
+                if !message.isEmpty { print(message) }
+                Foundation.exit(0)
+            }
+            if !message.isEmpty { printToStandardError(message) }
+            Foundation.exit(code == .validationFailure ? 2 : code.rawValue)
+        }
+    }
+}
+
+/// `sds-agent version`: what `--version` prints.
+struct Version: ParsableCommand {
+    static let configuration = CommandConfiguration(abstract: "Print the version, the commit and the Swift version it was built with.")
+
+    func run() {
+        print(BuildInfo.description)
+    }
+}
+
+/// One line on standard error.
+func printToStandardError(_ text: String) {
+    FileHandle.standardError.write(Data((text + "\n").utf8))
 }

@@ -31,7 +31,7 @@ struct Serve: AsyncParsableCommand {
     @Flag(help: "Fetch the token signing keys from the API server's OIDC discovery (instead of --jwks), refreshed on schedule and on an unknown key ID.")
     var oidcDiscovery = false
 
-    @Option(help: "How often --oidc-discovery fetches the keys again, e.g. 1h.", transform: parseDuration)
+    @Option(help: ArgumentHelp("How often --oidc-discovery fetches the keys again, e.g. 1h.", valueName: "duration"))
     var jwksRefreshInterval: Duration = .seconds(3600)
 
     @Flag(help: "Have the API server review every token (TokenReview; needs RBAC 'create tokenreviews'), after any local verification.")
@@ -52,16 +52,16 @@ struct Serve: AsyncParsableCommand {
     @Option(help: "Accepted token audience (repeatable; default sds-agent).")
     var audience: [String] = []
 
-    @Option(help: "Tolerated clock skew for token exp/nbf/iat, e.g. 30s.", transform: parseDuration)
+    @Option(help: ArgumentHelp("Tolerated clock skew for token exp/nbf/iat, e.g. 30s.", valueName: "duration"))
     var clockSkew: Duration = .seconds(30)
 
-    @Option(help: "Workload certificate lifetime, e.g. 24h, 90s.", transform: parseDuration)
+    @Option(help: ArgumentHelp("Workload certificate lifetime, e.g. 24h, 90s.", valueName: "duration"))
     var certTtl: Duration = .seconds(24 * 3600)
 
     @Option(help: "Directory for the embedded CA's root (key file mode 0600).")
     var stateDir = "/var/lib/sds-agent"
 
-    @Option(help: "Lifetime of a root the embedded CA generates, e.g. 8760h.", transform: parseDuration)
+    @Option(help: ArgumentHelp("Lifetime of a root the embedded CA generates, e.g. 8760h.", valueName: "duration"))
     var caTtl: Duration = .seconds(365 * 24 * 3600)
 
     @Option(help: "PEM certificate (signing cert first, then intermediates) to sign with instead of a generated root.")
@@ -91,13 +91,13 @@ struct Serve: AsyncParsableCommand {
     @Option(help: "Random spread of the renewal point, relative (0.1 = ±10%).")
     var rotationJitter = 0.1
 
-    @Option(help: "Drop an identity no stream has asked for in this long, e.g. 5m.", transform: parseDuration)
+    @Option(help: ArgumentHelp("Drop an identity no stream has asked for in this long, e.g. 5m.", valueName: "duration"))
     var idleTtl: Duration = .seconds(300)
 
-    @Option(help: "End a stream this long before the token it was opened with expires, e.g. 30s.", transform: parseDuration)
+    @Option(help: ArgumentHelp("End a stream this long before the token it was opened with expires, e.g. 30s.", valueName: "duration"))
     var tokenExpiryMargin: Duration = .seconds(30)
 
-    @Option(help: "After a manual CA rotation (SIGUSR1), publish old + new roots this long before switching, e.g. 30s.", transform: parseDuration)
+    @Option(help: ArgumentHelp("After a manual CA rotation (SIGUSR1), publish old + new roots this long before switching, e.g. 30s.", valueName: "duration"))
     var caActivationDelay: Duration = .seconds(30)
 
     @Option(help: "Only callers in these namespaces get identities (repeatable; 'team-*' matches a prefix).")
@@ -124,7 +124,7 @@ struct Serve: AsyncParsableCommand {
     @Flag(help: "Accept legacy non-expiring secret-based service-account tokens (not recommended).")
     var allowLegacyTokens = false
 
-    @Option(help: "Refuse tokens issued longer ago than this, e.g. 24h (default: no limit).", transform: parseDuration)
+    @Option(help: ArgumentHelp("Refuse tokens issued longer ago than this, e.g. 24h; no limit unless given.", valueName: "duration"))
     var maxTokenAge: Duration?
 
     @Option(help: "Most connections open on the socket at once; one more is closed at accept (logged, counted).")
@@ -139,12 +139,10 @@ struct Serve: AsyncParsableCommand {
     @Option(help: "Largest request message in bytes; a larger one gets resource_exhausted.")
     var maxRequestBytes = AgentConfiguration.Limits.defaults.maxRequestBytes
 
-    @Option(
-        help: "A new connection must open a stream, and a new stream send its first request, within this long (default 10s).",
-        transform: parseDuration)
+    @Option(help: ArgumentHelp("A new connection must open a stream, and a new stream send its first request, within this long.", valueName: "duration"))
     var firstRequestTimeout: Duration = AgentConfiguration.Limits.defaults.streams.firstRequestTimeout
 
-    @Option(help: "Close a connection that has had no open stream for this long (default 5m).", transform: parseDuration)
+    @Option(help: ArgumentHelp("Close a connection that has had no open stream for this long.", valueName: "duration"))
     var idleConnectionTimeout: Duration = AgentConfiguration.Limits.defaults.connections.idleTimeout
 
     @Option(help: "Istio CSR API endpoint over TLS, HOST:PORT (istiod, cert-manager istio-csr, sds-agent ca serve); absent = embedded CA.")
@@ -165,25 +163,29 @@ struct Serve: AsyncParsableCommand {
     @Option(help: "Sent to the upstream CA as ClusterID.")
     var upstreamCaClusterId = "Kubernetes"
 
+    @Option(help: "Admin Unix socket (mode 0600) that `sds-agent inspect` reads; default <state-dir>/admin.sock, '' for none.")
+    var adminSocket: String?
+
     @Option(help: "Serve Prometheus metrics at http://HOST:PORT/metrics, e.g. 0.0.0.0:9102 (default: off).")
     var metricsAddress: String?
 
-    @Option(help: "Log level: trace, debug, info, notice, warning, error.")
-    var logLevel = "info"
+    @Option(help: "Log level (any case).")
+    var logLevel: Logger.Level = .info
 
-    func run() async throws {
-        let logger = bootstrapLogging(level: logLevel, label: "sds-agent")
-        var metricsEndpoint: MetricsEndpoint?
-        if let metricsAddress {
-            guard let address = MetricsEndpoint.Address(metricsAddress) else {
-                throw ValidationError("--metrics-address '\(metricsAddress)' is not HOST:PORT such as 0.0.0.0:9102")
-            }
-            let registry = PrometheusCollectorRegistry()
-            MetricsSystem.bootstrap(PrometheusMetricsFactory(registry: registry))
-            metricsEndpoint = MetricsEndpoint(address: address, registry: registry, logger: logger)
+    @Option(help: "Log line format: text, or json (one object per line).")
+    var logFormat: LogFormat = .text
+
+    @Option(help: "YAML file of settings: keys are these flags' long names (trust-domain: cluster.local); flags and SDS_AGENT_* variables win over it.")
+    var config: String?
+
+    /// The agent's configuration from these flags (with the file's and the environment's settings
+    /// merged in by ``SDSAgentCommand/main()``); usage errors throw ``ValidationError``.
+    func makeConfiguration() throws -> AgentConfiguration {
+        if let metricsAddress, MetricsEndpoint.Address(metricsAddress) == nil {
+            throw ValidationError("--metrics-address '\(metricsAddress.callerText(limit: 128))' is not HOST:PORT such as 0.0.0.0:9102")
         }
         guard let mode = UInt16(socketMode, radix: 8) else {
-            throw ValidationError("--socket-mode '\(socketMode)' is not an octal mode such as 0660")
+            throw ValidationError("--socket-mode '\(socketMode.callerText(limit: 32))' is not an octal mode such as 0660")
         }
         var configuration = AgentConfiguration(
             socketPath: socket, socketMode: mode, trustDomain: trustDomain, jwksFile: jwks,
@@ -216,6 +218,7 @@ struct Serve: AsyncParsableCommand {
         configuration.limits.streams.firstRequestTimeout = firstRequestTimeout
         configuration.limits.maxRequestBytes = maxRequestBytes
         configuration.limits.listenBacklog = listenBacklog
+        configuration.adminSocketPath = adminSocket
         if let upstreamCa {
             guard let (host, port) = UpstreamCA.Configuration.parseAddress(upstreamCa) else {
                 throw ValidationError("--upstream-ca '\(upstreamCa.callerText(limit: 128))' is not HOST:PORT such as istiod.istio-system.svc:15012")
@@ -227,13 +230,53 @@ struct Serve: AsyncParsableCommand {
         } else if upstreamCaBundle != nil || upstreamCaServerName != nil || upstreamCaTokenFile != nil {
             throw ValidationError("--upstream-ca-bundle, --upstream-ca-server-name and --upstream-ca-token-file need --upstream-ca HOST:PORT")
         }
+        return configuration
+    }
+
+    func run() async throws {
+        let configuration = try makeConfiguration()
+        let sharedLevel = SharedLogLevel(logLevel)
+        let logger = bootstrapLogging(level: sharedLevel, format: logFormat, label: "sds-agent")
+        let merged = ConfigSources.effective
+        logger.info(
+            "effective configuration",
+            metadata: ["version": "\(BuildInfo.description)"].merging(merged.describe()) { $1 })
+        var metricsEndpoint: MetricsEndpoint?
+        let readiness = AgentReadiness()
+        if let metricsAddress, let address = MetricsEndpoint.Address(metricsAddress) {
+            let registry = PrometheusCollectorRegistry()
+            MetricsSystem.bootstrap(PrometheusMetricsFactory(registry: registry))
+            Gauge(
+                label: "sds_agent_build_info",
+                dimensions: [("version", BuildInfo.version), ("commit", BuildInfo.commit), ("swift", BuildInfo.swiftVersion)]
+            ).record(1)
+            metricsEndpoint = MetricsEndpoint(
+                address: address, registry: registry, logger: logger, readiness: { readiness.notReadyReason })
+        }
+        // SIGHUP: the file and the environment are read again; the live settings (the log level)
+        // change, a file that no longer parses changes nothing.
+        let reload: @Sendable () async -> Void = {
+            do {
+                let (arguments, _) = try ConfigSources.merge(arguments: merged.commandLine)
+                let fresh = try Serve.parse(arguments)
+                _ = try fresh.makeConfiguration()
+                if fresh.logLevel != sharedLevel.level {
+                    logger.notice("log level changed", metadata: ["from": "\(sharedLevel.level)", "to": "\(fresh.logLevel)"])
+                    sharedLevel.level = fresh.logLevel
+                }
+            } catch {
+                logger.error("reload refused; keeping the settings in use", metadata: ["error": "\(Serve.message(for: error))"])
+            }
+        }
         do {
-            let agent = try await Agent.make(configuration: configuration, logger: logger)
-            let group = ServiceGroup(
-                configuration: .init(
-                    services: [.init(service: agent)] + (metricsEndpoint.map { [.init(service: $0)] } ?? []),
-                    gracefulShutdownSignals: [.sigterm, .sigint, .sigquit],
-                    cancellationSignals: [], logger: logger))
+            let agent = try await Agent.make(
+                configuration: configuration, logger: logger, readiness: readiness, reloadSettings: reload)
+            var groupConfiguration = ServiceGroupConfiguration(
+                services: [.init(service: agent)] + (metricsEndpoint.map { [.init(service: $0)] } ?? []),
+                gracefulShutdownSignals: [.sigterm, .sigint, .sigquit], cancellationSignals: [], logger: logger)
+            // SIGTERM drains within a bound, well inside the DaemonSet's 10 s grace period.
+            groupConfiguration.maximumGracefulShutdownDuration = .seconds(8)
+            let group = ServiceGroup(configuration: groupConfiguration)
             try await group.run()
         } catch {
             logger.critical("sds-agent stopped: \(error)")
@@ -242,23 +285,49 @@ struct Serve: AsyncParsableCommand {
     }
 }
 
-/// Every line passes the escaping handler: callers' text cannot forge a line (CWE-117).
-func bootstrapLogging(level text: String, label: String) -> Logger {
-    let level = Logger.Level(rawValue: text) ?? .info
+/// How log lines are written (`--log-format`).
+enum LogFormat: String, ExpressibleByArgument, CaseIterable {
+    case text, json
+}
+
+/// Every line passes the escaping handler: callers' text cannot forge a line (CWE-117), in either
+/// format. The level is shared, so a reload changes it for every logger at once.
+func bootstrapLogging(level: SharedLogLevel, format: LogFormat, label: String) -> Logger {
     LoggingSystem.bootstrap { label in
-        var handler = EscapingLogHandler(wrapping: StreamLogHandler.standardError(label: label))
-        handler.logLevel = level
-        return handler
+        switch format {
+        case .text:
+            var handler = EscapingLogHandler(wrapping: StreamLogHandler.standardError(label: label))
+            handler.sharedLevel = level
+            return handler
+        case .json:
+            var handler = EscapingLogHandler(wrapping: JSONLogHandler(label: label))
+            handler.sharedLevel = level
+            return handler
+        }
     }
     return Logger(label: label)
 }
 
-func parseDuration(_ text: String) throws -> Duration {
-    guard let duration = DurationText.parse(text) else {
-        throw ValidationError(
-            "'\(text.callerText(limit: 64))' is not a duration such as 24h, 30m, 90s, 500ms or 1h30m, of at most 876000h (100 years)")
+
+extension Logger.Level: @retroactive ExpressibleByArgument {
+    public init?(argument: String) {
+        guard let level = SharedLogLevel.parse(argument) else { return nil }
+        self = level
     }
-    return duration
+    public static var allValueStrings: [String] { allCases.map(\.rawValue) }
 }
 
+
 extension UpstreamCA.CredentialMode: ExpressibleByArgument {}
+
+/// Durations on the command line: `24h`, `90s`, `1h30m`, `500ms` (``DurationText``); shown in
+/// help with their defaults in the same form. A value that does not parse is reported by
+/// ``SDSAgentCommand/main()`` with what is expected (`<duration>` names the value).
+extension Duration: @retroactive ExpressibleByArgument {
+    public init?(argument: String) {
+        guard let duration = DurationText.parse(argument) else { return nil }
+        self = duration
+    }
+    public var defaultValueDescription: String { DurationText.format(self) }
+    public static var defaultCompletionKind: CompletionKind { .default }
+}

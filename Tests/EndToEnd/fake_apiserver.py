@@ -55,7 +55,7 @@ def _certificates(directory):
 
 
 class FakeAPIServer:
-    def __init__(self, directory, signer, agent_token="agent-own-token", audience="sds-agent"):
+    def __init__(self, directory, signer, agent_token="agent-own-token", audience="sds-agent", port=0):
         self.signer = signer
         self.audience = audience
         self.agent_token = agent_token
@@ -110,7 +110,7 @@ class FakeAPIServer:
                 status = server.review(token, body["spec"].get("audiences", []))
                 self._answer(201, {"apiVersion": "authentication.k8s.io/v1", "kind": "TokenReview", "status": status})
 
-        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.httpd = ThreadingHTTPServer(("127.0.0.1", port), Handler)
         context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
         context.load_cert_chain(cert_file, key_file)
         self.httpd.socket = context.wrap_socket(self.httpd.socket, server_side=True)

@@ -69,8 +69,9 @@ def test_the_agent_runs_locked_down():
     assert pod["priorityClassName"] == find("PriorityClass", "sds-agent-node-critical")["metadata"]["name"]
     assert {"operator": "Exists"} in pod["tolerations"]
     assert c["resources"]["requests"] and c["resources"]["limits"]["memory"]
-    for probe in ("readinessProbe", "livenessProbe"):
-        assert c[probe]["exec"]["command"][:2] == ["sds-agent", "check"]
+    # Ready: the socket answers and the agent can issue (`check` exits 1 otherwise); alive: /healthz.
+    assert c["readinessProbe"]["exec"]["command"][:2] == ["sds-agent", "check"]
+    assert c["livenessProbe"]["httpGet"] == {"path": "/healthz", "port": "metrics"}
     assert not pod.get("hostNetwork") and not pod.get("hostPID")
 
 

@@ -1,0 +1,144 @@
+import Foundation
+import SDSModel
+import SDSServer
+import SecretCache
+import SwiftASN1
+import X509
+
+/// What `sds-agent inspect` shows: the node's analogue of `istioctl proxy-config secret`.
+/// The agent encodes it on its admin socket; the command decodes it and prints a table or the JSON.
+public struct Inspection: Codable, Sendable, Equatable {
+    public struct Agent: Codable, Sendable, Equatable {
+        public var version: String
+        public var pid: Int32
+        public var socket: String
+        public var trustDomain: String
+        /// `embedded`, `files` or `upstream HOST:PORT`.
+        public var ca: String
+        public var ready: Bool
+        public var notReadyReason: String?
+    }
+
+    public struct Identity: Codable, Sendable, Equatable {
+        public var spiffeID: String
+        public var serial: String?
+        public var notBefore: Date?
+        public var notAfter: Date?
+        public var renewAt: Date?
+        public var failures: Int
+        public var issuing: Bool
+        public var streams: Int
+        /// Streams per pod (`namespace/name`).
+        public var pods: [String: Int]
+    }
+
+    public struct Root: Codable, Sendable, Equatable {
+        public var subject: String
+        public var serial: String
+        public var notAfter: Date
+    }
+
+    public struct Bundle: Codable, Sendable, Equatable {
+        /// The names it is served under.
+        public var names: [String]
+        public var version: String
+        public var roots: [Root]
+    }
+
+    public var agent: Agent
+    public var identities: [Identity]
+    public var trustBundles: [Bundle]
+
+    static let encoder: JSONEncoder = {
+        let encoder = JSONEncoder()
+        encoder.keyEncodingStrategy = .convertToSnakeCase
+        encoder.dateEncodingStrategy = .iso8601
+        encoder.outputFormatting = [.prettyPrinted, .sortedKeys]
+        return encoder
+    }()
+
+    public static func decode(_ data: Data) throws -> Inspection {
+        let decoder = JSONDecoder()
+        // The inverse of `.convertToSnakeCase` for our names (`spiffe_id` → `spiffeID`).
+        decoder.keyDecodingStrategy = .custom { path in
+            let key = path.last!.stringValue
+            let parts = key.split(separator: "_")
+            let camel = (parts.first.map(String.init) ?? "")
+                + parts.dropFirst().map { $0 == "id" ? "ID" : $0.prefix(1).uppercased() + $0.dropFirst() }.joined()
+            return AnyCodingKey(camel)
+        }
+        decoder.dateDecodingStrategy = .iso8601
+        return try decoder.decode(Inspection.self, from: data)
+    }
+
+    public func json() -> Data { (try? Self.encoder.encode(self)) ?? Data("{}".utf8) }
+
+    /// Builds the report from the cache, the open streams and the served bundle.
+    static func make(
+        agent: Agent, cache: SecretCache, streams: [SPIFFEID: OpenStreams.Entry], bundle: TrustBundle, bundleNames: [String]
+    ) async -> Inspection {
+        var identities: [Identity] = await cache.report().map { report in
+            let open = streams[report.spiffeID]
+            return Identity(
+                spiffeID: report.spiffeID.description, serial: report.serialNumberHex, notBefore: report.notBefore,
+                notAfter: report.notAfter, renewAt: report.renewAt, failures: report.failures, issuing: report.issuing,
+                streams: open?.streams ?? 0, pods: open?.pods ?? [:])
+        }
+        // Streams of identities not (or no longer) cached still show.
+        for (identity, open) in streams where !identities.contains(where: { $0.spiffeID == identity.description }) {
+            identities.append(
+                Identity(spiffeID: identity.description, failures: 0, issuing: false, streams: open.streams, pods: open.pods))
+        }
+        let roots = ((try? PEMDocument.parseMultiple(pemString: bundle.rootsPEM)) ?? []).compactMap { try? Certificate(pemDocument: $0) }
+        return Inspection(
+            agent: agent, identities: identities.sorted { $0.spiffeID < $1.spiffeID },
+            trustBundles: [
+                Bundle(
+                    names: bundleNames, version: bundle.version,
+                    roots: roots.map { Root(subject: "\($0.subject)", serial: $0.serialNumber.hexString, notAfter: $0.notValidAfter) })
+            ])
+    }
+
+    /// The human table.
+    public func table() -> String {
+        func date(_ value: Date?) -> String { value.map { $0.formatted(.iso8601) } ?? "-" }
+        var lines = [
+            "\(agent.version) pid \(agent.pid) socket \(agent.socket) trust domain \(agent.trustDomain) CA \(agent.ca)",
+            agent.ready ? "ready" : "NOT READY: \(agent.notReadyReason ?? "-")",
+            "",
+        ]
+        let header = ["IDENTITY", "SERIAL", "NOT AFTER", "RENEW AT", "STREAMS", "PODS"]
+        var rows = [header]
+        for identity in identities {
+            let pods = identity.pods.sorted { $0.key < $1.key }.map { $0.value > 1 ? "\($0.key) (\($0.value))" : $0.key }
+            rows.append([
+                identity.spiffeID, identity.serial ?? (identity.issuing ? "(issuing)" : "-"), date(identity.notAfter),
+                identity.failures > 0 ? "\(date(identity.renewAt)) (\(identity.failures) failed)" : date(identity.renewAt),
+                "\(identity.streams)", pods.isEmpty ? "-" : pods.joined(separator: ", "),
+            ])
+        }
+        let widths = header.indices.map { column in rows.map { $0[column].count }.max() ?? 0 }
+        for row in rows {
+            lines.append(row.indices.map { $0 == row.count - 1 ? row[$0] : row[$0].padding(toLength: widths[$0], withPad: " ", startingAt: 0) }
+                .joined(separator: "  "))
+        }
+        if identities.isEmpty { lines.append("(no identity cached)") }
+        for bundle in trustBundles {
+            lines.append("")
+            lines.append("TRUST BUNDLE \(bundle.names.joined(separator: ", ")) (version \(bundle.version))")
+            for root in bundle.roots {
+                lines.append("  root \(root.serial)  not after \(date(root.notAfter))  \(root.subject)")
+            }
+            if bundle.roots.isEmpty { lines.append("  (no root yet)") }
+        }
+        return lines.joined(separator: "\n") + "\n"
+    }
+}
+
+private struct AnyCodingKey: CodingKey {
+    var stringValue: String
+    var intValue: Int? { nil }
+    init(_ string: String) { stringValue = string }
+    init?(stringValue: String) { self.stringValue = stringValue }
+    init?(intValue: Int) { nil }
+}

@@ -1,0 +1,40 @@
+/// `# HELP` text for every metric the agent exports. The metrics are recorded through
+/// swift-metrics, which carries no help text, so the endpoint adds these lines before each
+/// metric's `# TYPE` line. A test checks that every exported metric has one.
+enum MetricsHelp {
+    static let text: [String: String] = [
+        "sds_agent_build_info": "Always 1; labels: the version, commit and Swift version of this binary.",
+        "sds_agent_refused_calls_total": "SDS calls refused, by gRPC status (code) and why (reason).",
+        "sds_agent_certificates_issued_total": "Workload certificates issued, by kind: new (first request) or renewal.",
+        "sds_agent_certificate_issue_failures_total": "Issuances or renewals that failed (the current certificate, if any, is still served).",
+        "sds_agent_certificate_issue_seconds": "Time to generate a key, build a CSR and have it signed.",
+        "sds_agent_cached_identities": "Identities with a cached certificate.",
+        "sds_agent_certificate_expiry_seconds": "Seconds until the earliest cached workload certificate expires.",
+        "sds_agent_ca_expiry_seconds": "Seconds until the CA certificate that signs (or, upstream, the earliest trusted root) expires.",
+        "sds_agent_open_streams": "SDS streams open now, by api (sotw or delta).",
+        "sds_agent_nacks_total": "Responses Envoy rejected (NACK), by api.",
+        "sds_agent_open_connections": "Connections open on the SDS socket.",
+        "sds_agent_closed_connections_total": "Connections the agent closed or that failed, by reason.",
+        "sds_agent_upstream_ca_up": "1 when the upstream CA answered its last call, 0 when it did not.",
+        "sds_agent_upstream_ca_requests_total": "Calls to the upstream CA, by result: ok, unavailable, refused, invalid_answer.",
+        "sds_agent_ca_certificates_issued_total": "ca serve: certificates issued over the CSR API.",
+        "sds_agent_ca_refused_requests_total": "ca serve: CSR API calls refused, by reason (token, impersonation, csr, ca).",
+    ]
+
+    /// `exposition` with a `# HELP` line before each `# TYPE` line of a metric that has text.
+    static func annotate(_ exposition: [UInt8]) -> [UInt8] {
+        let text = String(decoding: exposition, as: UTF8.self)
+        var out = ""
+        out.reserveCapacity(text.utf8.count + 2048)
+        for line in text.split(separator: "\n", omittingEmptySubsequences: false) {
+            if line.hasPrefix("# TYPE ") {
+                let name = line.dropFirst(7).split(separator: " ").first.map(String.init) ?? ""
+                if let help = Self.text[name] { out += "# HELP \(name) \(help)\n" }
+            }
+            out += line
+            out += "\n"
+        }
+        if out.hasSuffix("\n\n") { out.removeLast() }
+        return Array(out.utf8)
+    }
+}

@@ -1,0 +1,289 @@
+import ArgumentParser
+import Foundation
+import Logging
+import SDSAgent
+import Synchronization
+import Yams
+
+/// `serve`'s settings from a YAML file (`--config FILE`) and the environment (`SDS_AGENT_<FLAG>`),
+/// merged into its command line so that one parser, one set of defaults and one set of checks
+/// serve all three. Precedence: flags > environment > file > defaults.
+///
+/// A key is a long flag name without dashes (`trust-domain: cluster.local`); a repeatable flag
+/// takes a sequence (file) or a comma-separated list (environment); a switch takes a boolean;
+/// durations are strings (`"24h"`). For a repeatable flag the highest source that sets it wins
+/// whole (the file's audiences do not add to the command line's).
+///
+/// Looked at first: apple/swift-configuration (readers over files, environment and arguments with
+/// reload). Its model reads values key by key; ours must feed ArgumentParser, whose parsing and
+/// checks are the contract, so the sources are merged as arguments and Yams reads the file.
+struct ConfigSources {
+    /// Where one setting came from (for the start log).
+    enum Source: String { case flag, environment, file }
+
+    /// The flags of `serve`, by kind.
+    struct Flags {
+        var single: Set<String>
+        var repeatable: Set<String>
+        var switches: Set<String>
+        var all: Set<String> { single.union(repeatable).union(switches) }
+    }
+
+    /// Read from `Serve`'s own definition, so a new flag is a config key and a variable at once.
+    static let serveFlags: Flags = {
+        let repeatable: Set<String> = [
+            "issuer", "audience", "validation-context-name", "allow-namespace", "deny-namespace",
+            "allow-service-account", "deny-service-account", "peer-allowed-uid",
+        ]
+        let switches: Set<String> = ["oidc-discovery", "token-review", "peer-pod-binding", "allow-legacy-tokens"]
+        let help = Serve.helpMessage(columns: 100_000)
+        var names = Set<String>()
+        for line in help.split(separator: "\n") {
+            let trimmed = line.drop(while: { $0 == " " })
+            guard trimmed.hasPrefix("--") else { continue }
+            let name = trimmed.dropFirst(2).prefix(while: { $0.isLetter || $0.isNumber || $0 == "-" })
+            names.insert(String(name))
+        }
+        names.subtract(["help", "version", "config"])
+        return Flags(single: names.subtracting(repeatable).subtracting(switches), repeatable: repeatable, switches: switches)
+    }()
+
+    /// A setting that cannot be read; the message names the source, the key and the value.
+    struct Failure: Error, CustomStringConvertible {
+        var description: String
+    }
+
+    /// What `serve` was started with: its own arguments, the merged ones, and each setting's source.
+    struct Effective: Sendable {
+        var commandLine: [String] = []
+        var merged: [String] = []
+        var sources: [String: Source] = [:]
+
+        /// `key: value (source)` for every setting not left at its default; URL credentials redacted.
+        func describe() -> Logger.Metadata {
+            var values: [String: [String]] = [:]
+            var index = 0
+            while index < merged.count {
+                let argument = merged[index]
+                index += 1
+                guard argument.hasPrefix("--") else { continue }
+                let body = argument.dropFirst(2)
+                let key: String
+                var value: String
+                if let equals = body.firstIndex(of: "=") {
+                    key = String(body[..<equals])
+                    value = String(body[body.index(after: equals)...])
+                } else {
+                    key = String(body)
+                    if ConfigSources.serveFlags.switches.contains(key) || index >= merged.count || merged[index].hasPrefix("--") {
+                        value = "true"
+                    } else {
+                        value = merged[index]
+                        index += 1
+                    }
+                }
+                value = Self.redacted(value)
+                if ConfigSources.serveFlags.repeatable.contains(key) {
+                    values[key, default: []].append(value)
+                } else {
+                    values[key] = [value]
+                }
+            }
+            var metadata: Logger.Metadata = [:]
+            for (key, list) in values {
+                let source = sources[key]?.rawValue ?? "flag"
+                metadata[key] = "\(list.count == 1 ? list[0] : "[\(list.joined(separator: ", "))]") (\(source))"
+            }
+            return metadata
+        }
+
+        /// `https://user:secret@host` → `https://REDACTED@host`.
+        static func redacted(_ value: String) -> String {
+            guard let scheme = value.range(of: "://"), let at = value[scheme.upperBound...].firstIndex(of: "@"),
+                !value[scheme.upperBound..<at].contains("/")
+            else { return value }
+            return value[..<scheme.upperBound] + "REDACTED" + value[at...]
+        }
+    }
+
+    private static let effectiveState = Mutex(Effective())
+    /// Set by `main` before `serve` runs.
+    static var effective: Effective {
+        get { effectiveState.withLock { $0 } }
+        set { effectiveState.withLock { $0 = newValue } }
+    }
+
+    /// The environment variable for `flag`: `trust-domain` → `SDS_AGENT_TRUST_DOMAIN`.
+    static func environmentName(_ flag: String) -> String {
+        "SDS_AGENT_" + flag.uppercased().replacingOccurrences(of: "-", with: "_")
+    }
+
+    /// `arguments` (after the subcommand) with the file's and the environment's settings before
+    /// them, and where each setting came from.
+    static func merge(
+        arguments: [String], environment: [String: String] = ProcessInfo.processInfo.environment, flags: Flags = serveFlags
+    ) throws -> (arguments: [String], sources: [String: Source]) {
+        var sources: [String: Source] = [:]
+        for key in flagsGiven(in: arguments, flags: flags) { sources[key] = .flag }
+
+        let configPath = value(of: "config", in: arguments) ?? environment[environmentName("config")]
+        var fileSettings: [(String, [String])] = []
+        if let configPath {
+            fileSettings = try read(file: configPath, flags: flags)
+        }
+        var environmentSettings: [(String, [String])] = []
+        for flag in flags.all.sorted() {
+            guard let text = environment[environmentName(flag)] else { continue }
+            environmentSettings.append((flag, try values(of: flag, environmentText: text, flags: flags)))
+        }
+
+        var prefix: [String] = []
+        // The environment over the file, the command line over both: single values are given
+        // lowest first (the parser keeps the last), repeatable ones only from the highest source.
+        for (settings, source) in [(fileSettings, Source.file), (environmentSettings, .environment)] {
+            for (flag, values) in settings {
+                if flags.repeatable.contains(flag) || flags.switches.contains(flag) {
+                    let higher = source == .file
+                        ? sources[flag] != nil || environmentSettings.contains { $0.0 == flag }
+                        : sources[flag] != nil
+                    if higher { continue }
+                }
+                if sources[flag] != .flag { sources[flag] = source }
+                if flags.switches.contains(flag) {
+                    if values == ["true"] { prefix.append("--\(flag)") }
+                } else {
+                    // `--flag=` would read as a missing value: an empty one goes as its own argument.
+                    for value in values { prefix += value.isEmpty ? ["--\(flag)", ""] : ["--\(flag)=\(value)"] }
+                }
+            }
+        }
+        return (prefix + arguments, sources)
+    }
+
+    /// The settings in a YAML file, as flag values.
+    static func read(file path: String, flags: Flags) throws -> [(String, [String])] {
+        let text: String
+        do {
+            text = try String(contentsOfFile: path, encoding: .utf8)
+        } catch {
+            throw Failure(description: "config \(path): cannot read it (\(Self.reason(error)))")
+        }
+        let node: Node?
+        do {
+            node = try Yams.compose(yaml: text)
+        } catch {
+            throw Failure(description: "config \(path): not YAML: \(error)")
+        }
+        guard let node else { return [] }
+        guard let mapping = node.mapping else {
+            throw Failure(description: "config \(path): the top level must be a mapping of flag names to values (trust-domain: cluster.local)")
+        }
+        var settings: [(String, [String])] = []
+        for (keyNode, valueNode) in mapping {
+            guard let key = keyNode.string else { throw Failure(description: "config \(path): a key is not a string") }
+            guard flags.all.contains(key) else {
+                let hint = flags.all.filter { $0.hasPrefix(String(key.prefix(4))) }.sorted().prefix(3)
+                throw Failure(
+                    description: "config \(path): unknown key '\(key)'; keys are serve's long flag names without dashes"
+                        + (hint.isEmpty ? "" : " (did you mean \(hint.joined(separator: ", "))?)"))
+            }
+            settings.append((key, try values(of: key, node: valueNode, file: path, flags: flags)))
+        }
+        return settings
+    }
+
+    private static func values(of key: String, node: Node, file: String, flags: Flags) throws -> [String] {
+        func scalarText(_ node: Node) throws -> String {
+            guard let scalar = node.scalar else {
+                throw Failure(description: "config \(file): '\(key)' must be a single value, not a \(node.sequence != nil ? "sequence" : "mapping")")
+            }
+            return scalar.string
+        }
+        if flags.switches.contains(key) {
+            guard let bool = node.bool else {
+                throw Failure(description: "config \(file): '\(key)' is a switch: true or false, not '\(try scalarText(node))'")
+            }
+            return [bool ? "true" : "false"]
+        }
+        if flags.repeatable.contains(key) {
+            if let sequence = node.sequence { return try sequence.map(scalarText) }
+            return [try scalarText(node)]
+        }
+        return [try scalarText(node)]
+    }
+
+    private static func values(of key: String, environmentText text: String, flags: Flags) throws -> [String] {
+        let name = environmentName(key)
+        if flags.switches.contains(key) {
+            switch text.lowercased() {
+            case "true", "1", "yes": return ["true"]
+            case "false", "0", "no", "": return ["false"]
+            default: throw Failure(description: "\(name)='\(text.callerText(limit: 64))' is a switch: true or false")
+            }
+        }
+        if flags.repeatable.contains(key) {
+            return text.split(separator: ",").map { $0.trimmingCharacters(in: .whitespaces) }
+        }
+        return [text]
+    }
+
+    /// The long flags present in `arguments` (`--name value` or `--name=value`).
+    static func flagsGiven(in arguments: [String], flags: Flags) -> Set<String> {
+        Set(arguments.compactMap { argument -> String? in
+            guard argument.hasPrefix("--") else { return nil }
+            let name = String(argument.dropFirst(2).prefix(while: { $0 != "=" }))
+            return flags.all.contains(name) ? name : nil
+        })
+    }
+
+    /// The value of `--name VALUE` or `--name=VALUE` in `arguments`.
+    static func value(of name: String, in arguments: [String]) -> String? {
+        for (index, argument) in arguments.enumerated() {
+            if argument == "--\(name)", index + 1 < arguments.count { return arguments[index + 1] }
+            if argument.hasPrefix("--\(name)=") { return String(argument.dropFirst(name.count + 3)) }
+        }
+        return nil
+    }
+
+    private static func reason(_ error: any Error) -> String {
+        let nsError = error as NSError
+        if let underlying = nsError.userInfo[NSUnderlyingErrorKey] as? NSError, underlying.domain == NSPOSIXErrorDomain {
+            return String(cString: strerror(Int32(underlying.code)))
+        }
+        if nsError.domain == NSCocoaErrorDomain && nsError.code == NSFileReadNoSuchFileError { return "no such file" }
+        return nsError.localizedDescription
+    }
+}
+
+/// `sds-agent config check FILE`: the file's settings checked as `serve` would check them.
+struct ConfigCommand: ParsableCommand {
+    static let configuration = CommandConfiguration(
+        commandName: "config", abstract: "Configuration files for serve.", subcommands: [ConfigCheck.self])
+}
+
+struct ConfigCheck: AsyncParsableCommand {
+    static let configuration = CommandConfiguration(
+        commandName: "check",
+        abstract: "Check a serve --config file: keys, values and the configuration they make (with the environment and defaults). Exit 0 ok, 1 not.")
+
+    @Argument(help: "The YAML file.")
+    var file: String
+
+    func run() async throws {
+        do {
+            let (arguments, _) = try ConfigSources.merge(arguments: ["--config", file])
+            let serve: Serve
+            do {
+                serve = try Serve.parse(arguments)
+            } catch {
+                throw ConfigSources.Failure(description: "\(file): \(Serve.message(for: error))")
+            }
+            let configuration = try serve.makeConfiguration()
+            try configuration.validate()
+        } catch {
+            printToStandardError("sds-agent config check: \(error)")
+            throw ExitCode.failure
+        }
+        print("\(file): ok")
+    }
+}
