@@ -29,7 +29,7 @@ public struct Agent: Service {
     private let canRotateCA: Bool
     private let keySource: OIDCDiscoveryKeySource?
     private let fileKeys: JWKSFileKeySource?
-    private let reloadSettings: @Sendable () async -> Void
+    private let reloadSettings: @Sendable () async -> AgentConfiguration?
     private let api: KubernetesAPIClient?
     private let logger: Logger
     private let now: @Sendable () -> Date
@@ -37,11 +37,12 @@ public struct Agent: Service {
     public let cache: SecretCache
 
     /// Validates `configuration` and builds the components.
-    /// - Parameter reloadSettings: on SIGHUP, before the agent reloads its JWKS file: the caller's
-    ///   part of a reload (the configuration file's live settings, such as the log level).
+    /// - Parameter reloadSettings: on SIGHUP: the caller's part of a reload (the configuration
+    ///   file's live settings, such as the log level); it returns the configuration read again
+    ///   (nil when it does not parse), whose authorization policy the agent then puts in force.
     public static func make(
         configuration: AgentConfiguration, logger: Logger, readiness: AgentReadiness = AgentReadiness(),
-        reloadSettings: @escaping @Sendable () async -> Void = {}, now: @escaping @Sendable () -> Date = { Date() }
+        reloadSettings: @escaping @Sendable () async -> AgentConfiguration? = { nil }, now: @escaping @Sendable () -> Date = { Date() }
     ) async throws -> Agent {
         try configuration.validate()
 
@@ -153,7 +154,7 @@ public struct Agent: Service {
         configuration: AgentConfiguration, service: SecretDiscoveryService, ca: EmbeddedCA?, upstream: UpstreamCA?,
         readiness: AgentReadiness,
         caChanges: AsyncStream<IssuerChange>, canRotateCA: Bool, keySource: OIDCDiscoveryKeySource?,
-        fileKeys: JWKSFileKeySource?, reloadSettings: @escaping @Sendable () async -> Void, api: KubernetesAPIClient?,
+        fileKeys: JWKSFileKeySource?, reloadSettings: @escaping @Sendable () async -> AgentConfiguration?, api: KubernetesAPIClient?,
         logger: Logger, now: @escaping @Sendable () -> Date, cache: SecretCache
     ) {
         self.keySource = keySource
@@ -305,7 +306,7 @@ public struct Agent: Service {
                         trigger.yield()
                     }
                 }
-                group.addTask { [reloadSettings, fileKeys] in
+                group.addTask { [reloadSettings, fileKeys, service] in
                     // SIGHUP reloads; the others are logged: their default action would kill the
                     // agent and leave its socket behind.
                     for await signal in await UnixSignalsSequence(trapping: .sighup, .sigusr2, .sigalrm) {
@@ -314,7 +315,14 @@ public struct Agent: Service {
                             continue
                         }
                         logger.notice("SIGHUP: reloading the configuration file's live settings and the JWKS file")
-                        await reloadSettings()
+                        if let fresh = await reloadSettings() {
+                            if let rule = fresh.authorization.malformedRule() {
+                                logger.error("reload refused for the authorization policy: malformed rule", metadata: ["rule": "\(rule)"])
+                            } else if fresh.authorization != service.authorization.value {
+                                service.authorization.replace(with: fresh.authorization)
+                                logger.notice("authorization policy reloaded", metadata: ["policy": "\(fresh.authorization)"])
+                            }
+                        }
                         await fileKeys?.reload(logger: logger)
                     }
                 }

@@ -23,6 +23,8 @@ public struct SecretDiscoveryService: Envoy_Service_Secret_V3_SecretDiscoverySer
     let now: @Sendable () -> Date
     let streams: StreamSlots
     let refusalThrottle = LogThrottle(interval: .seconds(1))
+    /// The authorization policy in force: starts as the configuration's, replaced by a reload.
+    public let authorization: Reloadable<AuthorizationPolicy>
     /// Who holds streams open now (for `sds-agent inspect`).
     public let openStreams = OpenStreams()
     /// Why the agent cannot issue now (nil when it can): answered to a probe as `unavailable`.
@@ -42,6 +44,7 @@ public struct SecretDiscoveryService: Envoy_Service_Secret_V3_SecretDiscoverySer
         readiness: @escaping @Sendable () -> String? = { nil }
     ) {
         self.readiness = readiness
+        self.authorization = Reloadable(configuration.authorization)
         self.metrics = SDSMetrics(factory: metrics)
         self.configuration = configuration
         self.authenticator = authenticator
@@ -204,7 +207,7 @@ public struct SecretDiscoveryService: Envoy_Service_Secret_V3_SecretDiscoverySer
                          detail: "\(error.code)", message: "token rejected: \(error)")
         }
         logMetadata.merge(["spiffe_id": "\(caller.spiffeID)", "sub": "\(caller.subject)", "kid": "\(caller.keyID ?? "-")"]) { $1 }
-        if case .denied(let reason) = configuration.authorization.evaluate(caller) {
+        if case .denied(let reason) = authorization.value.evaluate(caller) {
             throw refuse(.permissionDenied, reason: "policy", "refused SDS call: caller not authorized by policy", detail: reason,
                          message: "\(caller.spiffeID) is not allowed here: \(reason)")
         }

@@ -255,17 +255,19 @@ struct Serve: AsyncParsableCommand {
         }
         // SIGHUP: the file and the environment are read again; the live settings (the log level)
         // change, a file that no longer parses changes nothing.
-        let reload: @Sendable () async -> Void = {
+        let reload: @Sendable () async -> AgentConfiguration? = {
             do {
                 let (arguments, _) = try ConfigSources.merge(arguments: merged.commandLine)
                 let fresh = try Serve.parse(arguments)
-                _ = try fresh.makeConfiguration()
+                let configuration = try fresh.makeConfiguration()
                 if fresh.logLevel != sharedLevel.level {
                     logger.notice("log level changed", metadata: ["from": "\(sharedLevel.level)", "to": "\(fresh.logLevel)"])
                     sharedLevel.level = fresh.logLevel
                 }
+                return configuration
             } catch {
                 logger.error("reload refused; keeping the settings in use", metadata: ["error": "\(Serve.message(for: error))"])
+                return nil
             }
         }
         do {

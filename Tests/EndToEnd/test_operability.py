@@ -196,7 +196,7 @@ def test_json_logs_are_one_object_per_line_whatever_the_token_holds(workdir):
         node.stop_all()
 
 
-def test_sighup_reloads_the_jwks_file_and_the_log_level(workdir):
+def test_sighup_reloads_the_jwks_file_the_log_level_and_the_policy(workdir):
     node = Node(os.path.join(workdir, "node"), AGENT_BIN, ENVOY_BIN)
     config = write(os.path.join(workdir, "agent.yaml"), "log-level: info\n")
     try:
@@ -208,12 +208,16 @@ def test_sighup_reloads_the_jwks_file_and_the_log_level(workdir):
         assert refused.value.code() == grpc.StatusCode.UNAUTHENTICATED
         # The API server's new key joins the JWKS; the file's log level goes to debug.
         node.signer.write_jwks(node.jwks, extra_keys=[rotated])
-        write(config, "log-level: debug\n")
+        write(config, "log-level: debug\ndeny-namespace: [blocked]\n")
         os.kill(node.agent.pid, signal.SIGHUP)
         wait_until(lambda: "JWKS reloaded" in node.agent.output(), 10, "the reload")
         assert "log level changed" in node.agent.output()
+        assert "authorization policy reloaded" in node.agent.output()
         _, secrets = fetch(node, token, ["default"])
         assert "default" in secrets
+        with pytest.raises(grpc.RpcError) as denied:
+            fetch(node, node.signer.token("blocked", "app"), ["default"])
+        assert denied.value.code() == grpc.StatusCode.PERMISSION_DENIED
         # A broken file changes nothing: the keys stay, the agent says why.
         write(node.jwks, "{not json")
         write(config, "log-level: [loud]\n")
