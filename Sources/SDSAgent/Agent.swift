@@ -107,7 +107,7 @@ public struct Agent: Service {
                 certificateTTL: configuration.certificateTTL, rotation: configuration.rotation, idleTTL: configuration.idleTTL),
             logger: logger, now: now)
         // Last, because it may open an HTTPS client that must be shut down: nothing throws after it.
-        let verifiers = try await configuration.tokenVerification.makeAuthenticator(logger: logger, now: now)
+        let verifiers = try await configuration.tokens.makeAuthenticator(logger: logger, now: now)
         let (authenticator, keySource, api) = (verifiers.authenticator, verifiers.keySource, verifiers.api)
         if let keySource {
             readiness.add { keySource.hasKeys ? nil : "no token verification keys yet: OIDC discovery has not answered" }
@@ -139,8 +139,8 @@ public struct Agent: Service {
         logger.info(
             "verifier and CA loaded",
             metadata: [
-                "jwks": "\(configuration.jwksFile ?? "-")", "oidc_discovery": "\(configuration.oidcDiscovery)",
-                "token_review": "\(configuration.tokenReview)", "trust_domain": "\(configuration.trustDomain)",
+                "jwks": "\(configuration.tokens.jwksFile ?? "-")", "oidc_discovery": "\(configuration.tokens.oidcDiscovery)",
+                "token_review": "\(configuration.tokens.tokenReview)", "trust_domain": "\(configuration.trustDomain)",
                 "ca": "\(upstream != nil ? "upstream" : loadedFromFiles ? "files" : "embedded")",
             ])
         return Agent(

@@ -12,25 +12,13 @@ public struct AgentConfiguration: Sendable {
     public var socketPath: String
     /// File mode of the socket (default 0o660: owner and group; see README for Kubernetes).
     public var socketMode: UInt16
-    /// SPIFFE trust domain, e.g. `cluster.local`.
-    public var trustDomain: String
-    /// JWKS file with the keys that sign service-account tokens; nil when the keys come from
-    /// OIDC discovery or tokens are only reviewed by the API server.
-    public var jwksFile: String?
-    /// Fetch the verification keys from the API server's OIDC discovery (instead of `jwksFile`).
-    public var oidcDiscovery = false
-    /// How often discovered keys are fetched again (an unknown `kid` triggers a fetch sooner).
-    public var jwksRefreshInterval: Duration = .seconds(3600)
-    /// Have the API server review every token (TokenReview), on top of any local verification.
-    public var tokenReview = false
-    /// How to reach the API server, for OIDC discovery and TokenReview.
-    public var kubernetesAPI: KubernetesAPIClient.Configuration?
-    /// Accepted token issuers.
-    public var issuers: [String]
-    /// Accepted token audiences.
-    public var audiences: [String]
-    /// Tolerated clock skew for token times.
-    public var clockSkew: Duration
+    /// How callers' tokens are verified (trust domain, keys, issuers, audiences, clock skew).
+    public var tokens: TokenVerification
+    /// SPIFFE trust domain, e.g. `cluster.local` (kept in ``tokens``, which verifies it).
+    public var trustDomain: String {
+        get { tokens.trustDomain }
+        set { tokens.trustDomain = newValue }
+    }
     /// Lifetime of workload certificates.
     public var certificateTTL: Duration
     /// Directory for the embedded CA's root (created; key file mode 0600).
@@ -63,10 +51,6 @@ public struct AgentConfiguration: Sendable {
     public var authorization: AuthorizationPolicy = .allowAll
     /// Checks on the caller's Unix peer credentials (allowed UIDs, pod binding).
     public var peerPolicy: PeerPolicy = .none
-    /// Accept legacy non-expiring secret-based tokens (off by default).
-    public var allowLegacyTokens = false
-    /// Refuse tokens issued longer ago than this; nil for no limit.
-    public var maxTokenAge: Duration?
     /// Bounds on connections, streams and requests.
     public var limits: Limits = .defaults
     /// The admin socket (`sds-agent inspect`); nil for `<state-dir>/admin.sock`, empty for none.
@@ -108,11 +92,8 @@ public struct AgentConfiguration: Sendable {
     ) {
         self.socketPath = socketPath
         self.socketMode = socketMode
-        self.trustDomain = trustDomain
-        self.jwksFile = jwksFile
-        self.issuers = issuers
-        self.audiences = audiences
-        self.clockSkew = clockSkew
+        self.tokens = TokenVerification(
+            trustDomain: trustDomain, jwksFile: jwksFile, issuers: issuers, audiences: audiences, clockSkew: clockSkew)
         self.certificateTTL = certificateTTL
         self.stateDirectory = stateDirectory
         self.caTTL = caTTL
@@ -125,19 +106,6 @@ public struct AgentConfiguration: Sendable {
         self.maxStreamsPerConnection = maxStreamsPerConnection
     }
 
-    /// How tokens are verified (the subset of these settings the verifiers need).
-    public var tokenVerification: TokenVerification {
-        var verification = TokenVerification(
-            trustDomain: trustDomain, jwksFile: jwksFile, issuers: issuers, audiences: audiences, clockSkew: clockSkew)
-        verification.oidcDiscovery = oidcDiscovery
-        verification.jwksRefreshInterval = jwksRefreshInterval
-        verification.tokenReview = tokenReview
-        verification.kubernetesAPI = kubernetesAPI
-        verification.allowLegacyTokens = allowLegacyTokens
-        verification.maxTokenAge = maxTokenAge
-        return verification
-    }
-
     /// The validation-context names actually served.
     public var effectiveValidationContextNames: Set<String> {
         validationContextNames.isEmpty ? ["ROOTCA", "spiffe://\(trustDomain)"] : Set(validationContextNames)
@@ -146,7 +114,7 @@ public struct AgentConfiguration: Sendable {
     /// Checks the configuration; the error says which setting is wrong and why.
     public func validate() throws(ConfigurationError) {
         func fail(_ message: String) -> ConfigurationError { ConfigurationError(message: message) }
-        try tokenVerification.validate()
+        try tokens.validate()
         guard !stateDirectory.isEmpty else {
             throw fail("--state-dir must not be empty: the CA's key would be written to the working directory")
         }

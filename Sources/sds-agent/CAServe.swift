@@ -27,35 +27,8 @@ struct CAServe: AsyncParsableCommand {
     @Option(help: "SPIFFE trust domain of the identities issued.")
     var trustDomain: String
 
-    @Option(help: "JWKS file with the public keys that sign service-account tokens.")
-    var jwks: String?
-
-    @Flag(help: "Fetch the token signing keys from the API server's OIDC discovery (instead of --jwks).")
-    var oidcDiscovery = false
-
-    @Option(help: ArgumentHelp("How often --oidc-discovery fetches the keys again, e.g. 1h.", valueName: "duration"))
-    var jwksRefreshInterval: Duration = .seconds(3600)
-
-    @Flag(help: "Have the API server review every token (TokenReview).")
-    var tokenReview = false
-
-    @Option(help: "API server URL for --oidc-discovery/--token-review/--trusted-node-account (default: from KUBERNETES_SERVICE_HOST/PORT).")
-    var kubeApiServer: String?
-
-    @Option(help: "CA bundle that signs the API server's certificate.")
-    var kubeCaFile = KubernetesAPIClient.Configuration.serviceAccountDirectory + "/ca.crt"
-
-    @Option(help: "The CA's own service-account token, sent to the API server (re-read per request).")
-    var kubeTokenFile = KubernetesAPIClient.Configuration.serviceAccountDirectory + "/token"
-
-    @Option(help: "Accepted token issuer (repeatable).")
-    var issuer: [String] = []
-
-    @Option(help: "Accepted token audience (repeatable; istiod's default is istio-ca).")
-    var audience: [String] = []
-
-    @Option(help: ArgumentHelp("Tolerated clock skew for token times, e.g. 30s.", valueName: "duration"))
-    var clockSkew: Duration = .seconds(30)
+    @OptionGroup(title: "Token verification")
+    var tokenOptions: TokenOptions
 
     @Option(help: "Directory of the CA's root: DIR/ca/root-cert.pem (as `serve` keeps it; key mode 0600).")
     var stateDir: String
@@ -90,9 +63,6 @@ struct CAServe: AsyncParsableCommand {
     @Option(help: "NAMESPACE/NAME of a node agent's service account that may ask for identities of pods on its node (ImpersonatedIdentity; repeatable).")
     var trustedNodeAccount: [String] = []
 
-    @Flag(help: "Accept legacy non-expiring secret-based service-account tokens (not recommended).")
-    var allowLegacyTokens = false
-
     @Option(help: "Serve Prometheus metrics at http://HOST:PORT/metrics (default: off).")
     var metricsAddress: String?
 
@@ -116,17 +86,7 @@ struct CAServe: AsyncParsableCommand {
         guard let (host, port) = UpstreamCA.Configuration.parseAddress(listen) else {
             throw ValidationError("--listen '\(listen.callerText(limit: 128))' is not HOST:PORT such as 0.0.0.0:15012")
         }
-        var tokens = TokenVerification(
-            trustDomain: trustDomain, jwksFile: jwks,
-            issuers: issuer.isEmpty ? ["https://kubernetes.default.svc.cluster.local"] : issuer,
-            audiences: audience.isEmpty ? ["istio-ca"] : audience, clockSkew: clockSkew)
-        tokens.oidcDiscovery = oidcDiscovery
-        tokens.jwksRefreshInterval = jwksRefreshInterval
-        tokens.tokenReview = tokenReview
-        tokens.allowLegacyTokens = allowLegacyTokens
-        if let server = kubeApiServer ?? KubernetesAPIClient.Configuration.inClusterServerURL() {
-            tokens.kubernetesAPI = .init(serverURL: server, caFile: kubeCaFile, tokenFile: kubeTokenFile)
-        }
+        let tokens = tokenOptions.verification(trustDomain: trustDomain, defaultAudience: "istio-ca")
         var configuration = CentralCAConfiguration(listenHost: host, listenPort: port, tokens: tokens, stateDirectory: stateDir)
         configuration.caTTL = caTtl
         configuration.caCertificateFile = caCert

@@ -25,35 +25,8 @@ struct Serve: AsyncParsableCommand {
     @Option(help: "SPIFFE trust domain of the identities issued.")
     var trustDomain = "cluster.local"
 
-    @Option(help: "JWKS file with the public keys that sign service-account tokens.")
-    var jwks: String?
-
-    @Flag(help: "Fetch the token signing keys from the API server's OIDC discovery (instead of --jwks), refreshed on schedule and on an unknown key ID.")
-    var oidcDiscovery = false
-
-    @Option(help: ArgumentHelp("How often --oidc-discovery fetches the keys again, e.g. 1h.", valueName: "duration"))
-    var jwksRefreshInterval: Duration = .seconds(3600)
-
-    @Flag(help: "Have the API server review every token (TokenReview; needs RBAC 'create tokenreviews'), after any local verification.")
-    var tokenReview = false
-
-    @Option(help: "API server URL for --oidc-discovery/--token-review (default: from KUBERNETES_SERVICE_HOST/PORT).")
-    var kubeApiServer: String?
-
-    @Option(help: "CA bundle that signs the API server's certificate.")
-    var kubeCaFile = KubernetesAPIClient.Configuration.serviceAccountDirectory + "/ca.crt"
-
-    @Option(help: "The agent's own service-account token, sent to the API server (re-read per request).")
-    var kubeTokenFile = KubernetesAPIClient.Configuration.serviceAccountDirectory + "/token"
-
-    @Option(help: "Accepted token issuer (repeatable).")
-    var issuer: [String] = []
-
-    @Option(help: "Accepted token audience (repeatable; default sds-agent).")
-    var audience: [String] = []
-
-    @Option(help: ArgumentHelp("Tolerated clock skew for token exp/nbf/iat, e.g. 30s.", valueName: "duration"))
-    var clockSkew: Duration = .seconds(30)
+    @OptionGroup(title: "Token verification")
+    var tokenOptions: TokenOptions
 
     @Option(help: ArgumentHelp("Workload certificate lifetime, e.g. 24h, 90s.", valueName: "duration"))
     var certTtl: Duration = .seconds(24 * 3600)
@@ -121,12 +94,6 @@ struct Serve: AsyncParsableCommand {
     @Option(help: "Where the node's /proc is visible to the agent (for --peer-pod-binding).")
     var procRoot = "/proc"
 
-    @Flag(help: "Accept legacy non-expiring secret-based service-account tokens (not recommended).")
-    var allowLegacyTokens = false
-
-    @Option(help: ArgumentHelp("Refuse tokens issued longer ago than this, e.g. 24h; no limit unless given.", valueName: "duration"))
-    var maxTokenAge: Duration?
-
     @Option(help: "Most connections open on the socket at once; one more is closed at accept (logged, counted).")
     var maxConnections = AgentConfiguration.Limits.defaults.connections.maxConnections
 
@@ -188,9 +155,7 @@ struct Serve: AsyncParsableCommand {
             throw ValidationError("--socket-mode '\(socketMode.callerText(limit: 32))' is not an octal mode such as 0660")
         }
         var configuration = AgentConfiguration(
-            socketPath: socket, socketMode: mode, trustDomain: trustDomain, jwksFile: jwks,
-            issuers: issuer.isEmpty ? ["https://kubernetes.default.svc.cluster.local"] : issuer,
-            audiences: audience.isEmpty ? ["sds-agent"] : audience, clockSkew: clockSkew, certificateTTL: certTtl,
+            socketPath: socket, socketMode: mode, jwksFile: nil, certificateTTL: certTtl,
             stateDirectory: stateDir, caTTL: caTtl, caCertificateFile: caCert, caKeyFile: caKey, caBundleFile: caBundle,
             workloadSecretName: workloadSecretName, validationContextNames: validationContextName,
             tokenHeader: tokenHeader, maxStreamsPerConnection: maxStreamsPerConnection)
@@ -203,14 +168,7 @@ struct Serve: AsyncParsableCommand {
             allowServiceAccounts: allowServiceAccount, denyServiceAccounts: denyServiceAccount)
         configuration.peerPolicy = PeerPolicy(
             allowedUIDs: Set(peerAllowedUid), requirePodBinding: peerPodBinding, procRoot: procRoot)
-        configuration.allowLegacyTokens = allowLegacyTokens
-        configuration.oidcDiscovery = oidcDiscovery
-        configuration.jwksRefreshInterval = jwksRefreshInterval
-        configuration.tokenReview = tokenReview
-        if let server = kubeApiServer ?? KubernetesAPIClient.Configuration.inClusterServerURL() {
-            configuration.kubernetesAPI = .init(serverURL: server, caFile: kubeCaFile, tokenFile: kubeTokenFile)
-        }
-        configuration.maxTokenAge = maxTokenAge
+        configuration.tokens = tokenOptions.verification(trustDomain: trustDomain, defaultAudience: "sds-agent")
         configuration.limits.connections.maxConnections = maxConnections
         configuration.limits.connections.firstStreamTimeout = firstRequestTimeout
         configuration.limits.connections.idleTimeout = idleConnectionTimeout

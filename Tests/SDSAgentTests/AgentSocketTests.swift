@@ -76,7 +76,7 @@ import Testing
         let dir = TestPKI.temporaryDirectory()
         defer { try? FileManager.default.removeItem(atPath: dir) }
         var config = try configuration(in: dir)
-        config.jwksFile = dir + "/missing.json"
+        config.tokens.jwksFile = dir + "/missing.json"
         do {
             _ = try await Agent.make(configuration: config, logger: TestPKI.quietLogger)
             Issue.record("started without a JWKS")
