@@ -39,15 +39,7 @@ public struct AdminEndpoint: Service {
             throw ListenerError(path: path, "cannot serve the admin socket: \(error)")
         }
         logger.info("admin socket listening", metadata: ["path": "\(path)", "routes": "/inspect"])
-        try await withGracefulShutdownHandler {
-            try await withTaskCancellationHandler {
-                try await channel.closeFuture.get()
-            } onCancel: {
-                channel.close(promise: nil)
-            }
-        } onGracefulShutdown: {
-            channel.close(promise: nil)
-        }
+        try await channel.serveUntilShutdown()
     }
 }
 

@@ -75,14 +75,21 @@ public struct MetricsEndpoint: Service {
         bound.port = channel.localAddress?.port ?? address.port  // port 0: the one the kernel picked
         logger.notice("metrics endpoint listening", metadata: ["address": "\(bound)", "path": "/metrics"])
         onListening(bound.port)
+        try await channel.serveUntilShutdown()
+    }
+}
+
+extension Channel {
+    /// Waits until the channel closes, closing it at graceful shutdown or cancellation.
+    func serveUntilShutdown() async throws {
         try await withGracefulShutdownHandler {
             try await withTaskCancellationHandler {
-                try await channel.closeFuture.get()
+                try await self.closeFuture.get()
             } onCancel: {
-                channel.close(promise: nil)
+                self.close(promise: nil)
             }
         } onGracefulShutdown: {
-            channel.close(promise: nil)
+            self.close(promise: nil)
         }
     }
 }

@@ -51,3 +51,13 @@ def envoys(node):
     for envoy in started:
         envoy.process.stop()
         node.processes.remove(envoy.process)
+
+
+@pytest.fixture
+def workdir():
+    """A short temporary directory for one test's processes (Unix socket paths are limited to
+    107 bytes), removed afterwards unless SDS_E2E_KEEP=1."""
+    path = tempfile.mkdtemp(prefix="sds-t-")
+    yield path
+    if os.environ.get("SDS_E2E_KEEP") != "1":
+        shutil.rmtree(path, ignore_errors=True)

@@ -8,9 +8,7 @@ The API server (for ImpersonatedIdentity's node check) is the existing HTTPS sta
 """
 import os
 import re
-import shutil
 import signal
-import tempfile
 
 import grpc
 import pytest
@@ -23,14 +21,6 @@ from sdsdemo.node import Load, Node, Process, free_port, wait_until
 
 TD = "spiffe://cluster.local"
 AGENT_SA = ("sds-system", "sds-agent")
-
-
-@pytest.fixture
-def workdir():
-    path = tempfile.mkdtemp(prefix="sds-ca-")
-    yield path
-    if os.environ.get("SDS_E2E_KEEP") != "1":
-        shutil.rmtree(path, ignore_errors=True)
 
 
 def start_ca(workdir, jwks, *extra):

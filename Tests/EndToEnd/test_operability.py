@@ -3,10 +3,8 @@ by name, health and readiness that tell the truth, inspect, JSON logs, reload, v
 import json
 import os
 import re
-import shutil
 import signal
 import subprocess
-import tempfile
 
 import grpc
 import pytest
@@ -18,14 +16,6 @@ from sdsdemo.node import Node, free_port, http_get, wait_until
 from test_served_secrets import fetch
 
 TD = "spiffe://cluster.local"
-
-
-@pytest.fixture
-def workdir():
-    path = tempfile.mkdtemp(prefix="sds-ops-")
-    yield path
-    if os.environ.get("SDS_E2E_KEEP") != "1":
-        shutil.rmtree(path, ignore_errors=True)
 
 
 def run(*args, env=None, timeout=30):

@@ -5,8 +5,6 @@ istiod cannot run here; `istio_ca.IstiodStandIn` is written from Istio's ca.prot
 keys never leave the agent, only CSRs do.
 """
 import os
-import shutil
-import tempfile
 import time
 
 import grpc
@@ -23,14 +21,6 @@ TD = "spiffe://cluster.local"
 FRONTEND = f"{TD}/ns/demo/sa/frontend"
 BACKEND = f"{TD}/ns/demo/sa/backend"
 SECRET_TYPE = "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.Secret"
-
-
-@pytest.fixture
-def workdir():
-    path = tempfile.mkdtemp(prefix="sds-up-")
-    yield path
-    if os.environ.get("SDS_E2E_KEEP") != "1":
-        shutil.rmtree(path, ignore_errors=True)
 
 
 def upstream_node(workdir, istiod, *extra):
