@@ -9,11 +9,18 @@ import X509
 /// it requests any SAN other than the caller's URI, or an extension other than key usage,
 /// extended key usage and SAN.
 public enum CSRPolicy {
+    /// Nil when the CSR's key is one of ``KeyType``'s (P-256, P-384, RSA 2048/3072/4096).
+    public static func keyTypeRefusal(_ csr: CertificateSigningRequest) -> String? {
+        KeyType(of: csr.publicKey) == nil
+            ? "the CSR's key is not one this CA signs (\(KeyType.allCases.map(\.rawValue).joined(separator: ", ")))" : nil
+    }
+
     /// Returns nil when `csr` is acceptable for `identity`, or the reason it is not.
     public static func evaluate(_ csr: CertificateSigningRequest, for identity: SPIFFEID) -> String? {
         guard csr.publicKey.isValidSignature(csr.signature, for: csr) else {
             return "the CSR's signature does not verify with its own public key"
         }
+        if let reason = keyTypeRefusal(csr) { return reason }
         guard csr.subject.isEmpty else {
             return "the CSR names a subject (\(csr.subject)); identities come from the caller only"
         }

@@ -42,14 +42,16 @@ public final class EmbeddedCA: CertificateIssuer {
     private let now: @Sendable () -> Date
     private let logger: Logger
     private let onChange: @Sendable (Change, EmbeddedCA) -> Void
+    private let rootKeyType: KeyType
 
     /// Creates a CA that signs with `authority` for identities in `trustDomain`. `additionalRoots`
     /// (e.g. a root being retired, from the state directory) stay trusted until `retireAfter`.
     public init(
         authority: SigningAuthority, trustDomain: String, logger: Logger, additionalRoots: [Certificate] = [],
-        retireAfter: Date = .distantPast, now: @escaping @Sendable () -> Date = { Date() },
+        retireAfter: Date = .distantPast, now: @escaping @Sendable () -> Date = { Date() }, rootKeyType: KeyType = .ecP256,
         onChange: @escaping @Sendable (Change, EmbeddedCA) -> Void = { _, _ in }
     ) {
+        self.rootKeyType = rootKeyType
         var state = State(active: authority)
         state.retiring = additionalRoots.filter { !authority.roots.contains($0) }.map {
             RetiringRoot(root: $0, lastLeafNotAfter: retireAfter)
@@ -78,7 +80,7 @@ public final class EmbeddedCA: CertificateIssuer {
     /// Step 1: makes the next self-signed root and publishes it in the bundle next to the current one.
     @discardableResult
     public func prepareRotation(ttl: Duration) throws -> Certificate {
-        let next = try SigningAuthority.makeSelfSignedRoot(trustDomain: trustDomain, ttl: ttl, now: now())
+        let next = try SigningAuthority.makeSelfSignedRoot(trustDomain: trustDomain, ttl: ttl, now: now(), keyType: rootKeyType)
         let replaced = state.withLock { state -> Bool in
             defer { state.prepared = next }
             return state.prepared != nil
@@ -88,6 +90,30 @@ public final class EmbeddedCA: CertificateIssuer {
             metadata: ["serial": "\(next.certificate.serialNumber.hexString)", "replaced_prepared": "\(replaced)"])
         onChange(.bundleChanged, self)
         return next.certificate
+    }
+
+    /// An operator's new CA (files replaced on disk) under the roots trusted now: signs with it
+    /// at once (same roots: no bundle change) and asks for every leaf to be re-issued.
+    public func replaceSigner(with authority: SigningAuthority) {
+        state.withLock { state in
+            state.active = authority
+            state.lastLeafNotAfter = .distantPast
+        }
+        logger.notice(
+            "CA files changed: now signing with the new CA certificate under the same root(s)",
+            metadata: ["serial": "\(authority.certificate.serialNumber.hexString)", "subject": "\(authority.certificate.subject)"])
+        onChange(.signerChanged, self)
+    }
+
+    /// An operator's new CA under another root: published in the bundle next to the current roots
+    /// first (step 1 of a rotation, with material given instead of generated); ``activatePrepared()``
+    /// signs with it later.
+    public func prepare(_ authority: SigningAuthority) {
+        state.withLock { $0.prepared = authority }
+        logger.notice(
+            "CA files changed: the new root is in the trust bundle next to the old one; it signs after the activation delay",
+            metadata: ["serial": "\(authority.certificate.serialNumber.hexString)", "roots": "\(authority.roots.count)"])
+        onChange(.bundleChanged, self)
     }
 
     /// Step 2: signs with the prepared root from now on. Returns false when none is prepared.
@@ -159,6 +185,7 @@ public final class EmbeddedCA: CertificateIssuer {
             guard csr.publicKey.isValidSignature(csr.signature, for: csr) else {
                 throw IssuanceError(code: .csrRejected, message: "the CSR's signature does not verify with its own public key")
             }
+            if let reason = CSRPolicy.keyTypeRefusal(csr) { throw IssuanceError(code: .csrRejected, message: reason) }
         }
         let (authority, roots) = state.withLock { ($0.active, $0.roots) }
         let now = self.now()

@@ -11,7 +11,7 @@ public enum RootCAStore {
     /// Loads the root from `stateDirectory`, or creates and persists one when none exists or the
     /// persisted one has expired.
     public static func loadOrCreate(
-        stateDirectory: String, trustDomain: String, ttl: Duration, now: Date, logger: Logger
+        stateDirectory: String, trustDomain: String, ttl: Duration, now: Date, logger: Logger, keyType: KeyType = .ecP256
     ) throws(CAStoreError) -> SigningAuthority {
         let directory = URL(fileURLWithPath: stateDirectory).appendingPathComponent("ca")
         let certPath = directory.appendingPathComponent("root-cert.pem").path
@@ -19,7 +19,8 @@ public enum RootCAStore {
         let fm = FileManager.default
 
         if fm.fileExists(atPath: certPath) || fm.fileExists(atPath: keyPath) {
-            let authority = try load(certificateFile: certPath, keyFile: keyPath)
+            // Checked here, not by the loader: an expired root of our own is replaced, not refused.
+            let authority = try load(certificateFile: certPath, keyFile: keyPath, bundleFile: nil, roots: nil, now: nil)
             if authority.certificate.notValidAfter > now {
                 logger.info(
                     "loaded embedded CA root",
@@ -36,7 +37,7 @@ public enum RootCAStore {
 
         let authority: SigningAuthority
         do {
-            authority = try SigningAuthority.makeSelfSignedRoot(trustDomain: trustDomain, ttl: ttl, now: now)
+            authority = try SigningAuthority.makeSelfSignedRoot(trustDomain: trustDomain, ttl: ttl, now: now, keyType: keyType)
         } catch {
             throw CAStoreError("cannot generate a root CA: \(error)")
         }
@@ -86,12 +87,49 @@ public enum RootCAStore {
         return roots.filter { $0.notValidAfter > now }
     }
 
-    /// Loads signing material from PEM files. The certificate file holds the signing certificate
-    /// first, then any intermediates; the last self-signed certificate in it is the root. When the
-    /// file has no self-signed certificate, `bundleFile` must name the roots.
-    public static func load(certificateFile: String, keyFile: String, bundleFile: String? = nil)
+    /// The files of Istio's `cacerts` layout (`--ca-dir`): the signing certificate (usually an
+    /// intermediate), its key, the chain up to the root, and the root(s).
+    public enum CACertsFile {
+        public static let certificate = "ca-cert.pem"
+        public static let key = "ca-key.pem"
+        public static let chain = "cert-chain.pem"
+        public static let root = "root-cert.pem"
+        public static let all = [certificate, key, chain, root]
+    }
+
+    /// Loads and checks a CA in Istio's `cacerts` layout; every error names the file.
+    /// `cert-chain.pem` may start with `ca-cert.pem` and end with the root (as Istio writes it);
+    /// both are recognised and not served twice.
+    public static func load(caDirectory directory: String, now: Date = Date()) throws(CAStoreError) -> SigningAuthority {
+        func path(_ name: String) -> String { directory + "/" + name }
+        let chain = FileManager.default.fileExists(atPath: path(CACertsFile.chain)) ? try readCertificates(path(CACertsFile.chain)) : []
+        let roots = try readCertificates(path(CACertsFile.root))
+        guard !roots.isEmpty else { throw CAStoreError("\(path(CACertsFile.root)) holds no certificate") }
+        var authority = try load(certificateFile: path(CACertsFile.certificate), keyFile: path(CACertsFile.key), bundleFile: nil, roots: roots, now: nil)
+        authority.intermediates = chain.filter { $0 != authority.certificate && !roots.contains($0) }
+        try check(authority, certificateFile: path(CACertsFile.certificate), bundleFile: path(CACertsFile.root), now: now)
+        return authority
+    }
+
+    /// Loads signing material from PEM files, and checks it (``check(_:certificateFile:bundleFile:now:)``).
+    /// The certificate file holds the signing certificate first, then any intermediates; the last
+    /// self-signed certificate in it is the root. When the file has no self-signed certificate,
+    /// `bundleFile` must name the roots.
+    public static func load(certificateFile: String, keyFile: String, bundleFile: String? = nil, now: Date = Date())
         throws(CAStoreError) -> SigningAuthority
     {
+        try load(certificateFile: certificateFile, keyFile: keyFile, bundleFile: bundleFile, roots: nil, now: now)
+    }
+
+    /// `roots` given: they are the trust anchors; `now` nil: the caller checks the result.
+    private static func load(certificateFile: String, keyFile: String, bundleFile: String?, roots givenRoots: [Certificate]?, now: Date?)
+        throws(CAStoreError) -> SigningAuthority
+    {
+        var status = stat()
+        if stat(keyFile, &status) == 0, status.st_mode & 0o004 != 0 {
+            throw CAStoreError(
+                "the CA key \(keyFile) is readable by every user (mode \(String(status.st_mode & 0o777, radix: 8))): chmod 600 it (a Kubernetes Secret: defaultMode 0400)")
+        }
         let certificates = try readCertificates(certificateFile)
         guard let signing = certificates.first else { throw CAStoreError("\(certificateFile) holds no certificate") }
         let key: Certificate.PrivateKey
@@ -104,12 +142,71 @@ public enum RootCAStore {
             throw CAStoreError("the key in \(keyFile) does not match the certificate in \(certificateFile)")
         }
         let selfSigned = certificates.filter { $0.issuer == $0.subject }
-        let roots = try bundleFile.map { path throws(CAStoreError) in try readCertificates(path) } ?? selfSigned
+        let roots: [Certificate]
+        if let givenRoots {
+            roots = givenRoots
+        } else if let bundleFile {
+            roots = try readCertificates(bundleFile)
+        } else {
+            roots = selfSigned
+        }
         guard !roots.isEmpty else {
             throw CAStoreError("\(certificateFile) has no self-signed root; name the roots with a bundle file")
         }
         let intermediates = certificates.dropFirst().filter { $0.issuer != $0.subject }
-        return SigningAuthority(certificate: signing, privateKey: key, intermediates: Array(intermediates), roots: roots)
+        let authority = SigningAuthority(certificate: signing, privateKey: key, intermediates: Array(intermediates), roots: roots)
+        if let now { try check(authority, certificateFile: certificateFile, bundleFile: bundleFile, now: now) }
+        return authority
+    }
+
+    /// A CA is checked before it is trusted: a CA certificate (CA:TRUE, keyCertSign), valid now,
+    /// whose chain verifies to the roots. Refused at start, never discovered at the first issuance.
+    public static func check(_ authority: SigningAuthority, certificateFile: String, bundleFile: String?, now: Date)
+        throws(CAStoreError)
+    {
+        let certificate = authority.certificate
+        let isCA: Bool
+        let canSign: Bool
+        do {
+            if case .isCertificateAuthority = try certificate.extensions.basicConstraints { isCA = true } else { isCA = false }
+            canSign = try certificate.extensions.keyUsage?.keyCertSign ?? false
+        } catch {
+            throw CAStoreError("\(certificateFile): the certificate's extensions are malformed: \(error)")
+        }
+        guard isCA else { throw CAStoreError("\(certificateFile): the certificate is not a CA (basicConstraints CA:TRUE is missing)") }
+        guard canSign else { throw CAStoreError("\(certificateFile): the certificate may not sign certificates (keyUsage keyCertSign is missing)") }
+        guard now < certificate.notValidAfter else {
+            throw CAStoreError("\(certificateFile): the CA certificate expired at \(certificate.notValidAfter.formatted(.iso8601))")
+        }
+        guard now >= certificate.notValidBefore else {
+            throw CAStoreError("\(certificateFile): the CA certificate is not valid before \(certificate.notValidBefore.formatted(.iso8601))")
+        }
+        guard KeyType(of: certificate.publicKey) != nil else {
+            throw CAStoreError("\(certificateFile): the CA's key type is not one of \(KeyType.allCases.map(\.rawValue).joined(separator: ", "))")
+        }
+        if authority.roots.contains(certificate) { return }
+        let chainOK = checkChain(authority, now: now)
+        guard chainOK else {
+            throw CAStoreError(
+                "\(certificateFile): the CA certificate does not chain to the root(s) in \(bundleFile ?? certificateFile) (an intermediate missing, or another root?)")
+        }
+    }
+
+    private static func checkChain(_ authority: SigningAuthority, now: Date) -> Bool {
+        // The synchronous form of a chain check: each certificate signed by the next, up to a root.
+        var current = authority.certificate
+        var pool = authority.intermediates
+        for _ in 0..<8 {
+            if let root = authority.roots.first(where: { $0.subject == current.issuer }),
+                root.publicKey.isValidSignature(current.signature, for: current)
+            {
+                return now < root.notValidAfter
+            }
+            guard let index = pool.firstIndex(where: { $0.subject == current.issuer && $0.publicKey.isValidSignature(current.signature, for: current) })
+            else { return false }
+            current = pool.remove(at: index)
+        }
+        return false
     }
 
     private static func readCertificates(_ path: String) throws(CAStoreError) -> [Certificate] {
@@ -141,6 +238,12 @@ public enum RootCAStore {
             let reason = String(cString: strerror(errno))
             unlink(temporary)
             throw CAStoreError("cannot rename \(temporary) to \(path): \(reason)")
+        }
+        // The rename itself survives a crash only once the directory is on disk.
+        let directory = open((path as NSString).deletingLastPathComponent, O_RDONLY | O_DIRECTORY | O_CLOEXEC)
+        if directory >= 0 {
+            fsync(directory)
+            close(directory)
         }
     }
 

@@ -11,7 +11,7 @@ extension SigningAuthority {
     public func issueServingCertificate(names: [String], ttl: Duration, now: Date) throws
         -> (chain: [Certificate], key: Certificate.PrivateKey)
     {
-        let key = Certificate.PrivateKey(P256.Signing.PrivateKey())
+        let key = try KeyFactory.generate(.ecP256)
         let sans: [GeneralName] = names.map { name in
             if let bytes = Self.addressBytes(name) { return .ipAddress(ASN1OctetString(contentBytes: ArraySlice(bytes))) }
             return .dnsName(name)

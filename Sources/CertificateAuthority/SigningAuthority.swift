@@ -30,9 +30,11 @@ public struct SigningAuthority: Sendable {
         (roots.contains(certificate) ? [] : [certificate]) + intermediates.filter { !roots.contains($0) }
     }
 
-    /// Creates a self-signed ECDSA P-256 root for `trustDomain`, valid from `now` for `ttl`.
-    public static func makeSelfSignedRoot(trustDomain: String, ttl: Duration, now: Date) throws -> SigningAuthority {
-        let key = Certificate.PrivateKey(P256.Signing.PrivateKey())
+    /// Creates a self-signed root for `trustDomain` with a key of `keyType`, valid from `now` for `ttl`.
+    public static func makeSelfSignedRoot(trustDomain: String, ttl: Duration, now: Date, keyType: KeyType = .ecP256) throws
+        -> SigningAuthority
+    {
+        let key = try KeyFactory.generate(keyType)
         let name = try DistinguishedName {
             OrganizationName("sds-agent")
             CommonName("sds-agent root CA for \(trustDomain)")

@@ -25,6 +25,10 @@ public struct Agent: Service {
     private let ca: EmbeddedCA?
     private let upstream: UpstreamCA?
     private let readiness: AgentReadiness
+    /// Held while the agent lives: no second agent on the same state directory.
+    private let stateLock: StateDirectoryLock
+    /// Other trust domains' bundles, watched.
+    private let federation: FederatedBundles?
     private let caChanges: AsyncStream<IssuerChange>
     private let canRotateCA: Bool
     private let keySource: OIDCDiscoveryKeySource?
@@ -45,70 +49,81 @@ public struct Agent: Service {
         reloadSettings: @escaping @Sendable () async -> AgentConfiguration? = { nil }, now: @escaping @Sendable () -> Date = { Date() }
     ) async throws -> Agent {
         try configuration.validate()
+        let stateLock = try StateDirectoryLock(directory: configuration.stateDirectory)
 
+        let federation = configuration.federatedBundles.isEmpty
+            ? nil : try FederatedBundles(sources: configuration.federatedBundles, logger: logger)
+        // The verifiers first (a missing JWKS file fails here), the CA after: nothing is generated
+        // or persisted before every input has loaded. An HTTPS client opened for the verifiers is
+        // shut down if the CA then fails.
+        let verifiers = try await configuration.tokens.makeAuthenticator(logger: logger, now: now)
+        let (authenticator, keySource, api) = (verifiers.authenticator, verifiers.keySource, verifiers.api)
         let (caChanges, changeSink) = AsyncStream.makeStream(of: IssuerChange.self)
         let issuer: any CertificateIssuer
         var ca: EmbeddedCA?
         var upstream: UpstreamCA?
-        let loadedFromFiles = configuration.caCertificateFile != nil
-        if var upstreamConfiguration = configuration.upstreamCA {
-            let directory = URL(fileURLWithPath: configuration.stateDirectory).appendingPathComponent("upstream").path
-            do {
-                try RootCAStore.makeDirectory(directory, mode: 0o700)
-                upstreamConfiguration.bundleCacheFile = directory + "/trust-bundle.pem"
-            } catch {
-                logger.warning("upstream CA: cannot keep its trust bundle across restarts", metadata: ["error": "\(error)"])
-            }
-            let client = try UpstreamCA(
-                configuration: upstreamConfiguration, logger: logger, now: now, onChange: { changeSink.yield($0) })
-            logger.info(
-                "upstream CA configured",
-                metadata: [
-                    "ca": "\(upstreamConfiguration.host):\(upstreamConfiguration.port)",
-                    "credential": "\(upstreamConfiguration.credentialMode)", "cluster_id": "\(upstreamConfiguration.clusterID)",
-                ])
-            upstream = client
-            issuer = client
-        } else {
-            let authority: SigningAuthority
-            var additionalRoots: [Certificate] = []
-            if let certFile = configuration.caCertificateFile, let keyFile = configuration.caKeyFile {
-                authority = try RootCAStore.load(certificateFile: certFile, keyFile: keyFile, bundleFile: configuration.caBundleFile)
-            } else {
-                authority = try RootCAStore.loadOrCreate(
-                    stateDirectory: configuration.stateDirectory, trustDomain: configuration.trustDomain,
-                    ttl: configuration.caTTL, now: now(), logger: logger)
-                additionalRoots = RootCAStore.additionalRoots(stateDirectory: configuration.stateDirectory, now: now())
-            }
-            // Leaves an old root signed before a restart expire within one certificate lifetime.
-            let embedded = EmbeddedCA(
-                authority: authority, trustDomain: configuration.trustDomain, logger: logger,
-                additionalRoots: additionalRoots, retireAfter: now().addingTimeInterval(configuration.certificateTTL.timeInterval),
-                now: now, onChange: { change, _ in changeSink.yield(change) })
-            ca = embedded
-            issuer = embedded
-            // Checked before it is trusted: the CA's own life bounds every leaf.
-            let notAfter = authority.certificate.notValidAfter
-            logger.info("CA certificate", metadata: [
-                "not_after": "\(notAfter.formatted(.iso8601))", "subject": "\(authority.certificate.subject)",
-            ])
-            if notAfter < now().addingTimeInterval(configuration.certificateTTL.timeInterval) {
-                logger.warning(
-                    "certificates will be cut short: the CA expires before --cert-ttl runs out",
+        let loadedFromFiles = configuration.caCertificateFile != nil || configuration.caDirectory != nil
+        do {
+            if var upstreamConfiguration = configuration.upstreamCA {
+                let directory = URL(fileURLWithPath: configuration.stateDirectory).appendingPathComponent("upstream").path
+                do {
+                    try RootCAStore.makeDirectory(directory, mode: 0o700)
+                    upstreamConfiguration.bundleCacheFile = directory + "/trust-bundle.pem"
+                } catch {
+                    logger.warning("upstream CA: cannot keep its trust bundle across restarts", metadata: ["error": "\(error)"])
+                }
+                let client = try UpstreamCA(
+                    configuration: upstreamConfiguration, logger: logger, now: now, onChange: { changeSink.yield($0) })
+                logger.info(
+                    "upstream CA configured",
                     metadata: [
-                        "ca_not_after": "\(notAfter.formatted(.iso8601))",
-                        "cert_ttl_ends": "\(now().addingTimeInterval(configuration.certificateTTL.timeInterval).formatted(.iso8601))",
+                        "ca": "\(upstreamConfiguration.host):\(upstreamConfiguration.port)",
+                        "credential": "\(upstreamConfiguration.credentialMode)", "cluster_id": "\(upstreamConfiguration.clusterID)",
                     ])
+                upstream = client
+                issuer = client
+            } else {
+                let authority: SigningAuthority
+                var additionalRoots: [Certificate] = []
+                if let caDirectory = configuration.caDirectory {
+                    authority = try RootCAStore.load(caDirectory: caDirectory, now: now())
+                } else if let certFile = configuration.caCertificateFile, let keyFile = configuration.caKeyFile {
+                    authority = try RootCAStore.load(certificateFile: certFile, keyFile: keyFile, bundleFile: configuration.caBundleFile)
+                } else {
+                    authority = try RootCAStore.loadOrCreate(
+                        stateDirectory: configuration.stateDirectory, trustDomain: configuration.trustDomain,
+                        ttl: configuration.caTTL, now: now(), logger: logger, keyType: configuration.caKeyType)
+                    additionalRoots = RootCAStore.additionalRoots(stateDirectory: configuration.stateDirectory, now: now())
+                }
+                // Leaves an old root signed before a restart expire within one certificate lifetime.
+                let embedded = EmbeddedCA(
+                    authority: authority, trustDomain: configuration.trustDomain, logger: logger,
+                    additionalRoots: additionalRoots, retireAfter: now().addingTimeInterval(configuration.certificateTTL.timeInterval),
+                    now: now, rootKeyType: configuration.caKeyType, onChange: { change, _ in changeSink.yield(change) })
+                ca = embedded
+                issuer = embedded
+                // Checked before it is trusted: the CA's own life bounds every leaf.
+                let notAfter = authority.certificate.notValidAfter
+                logger.info("CA certificate", metadata: [
+                    "not_after": "\(notAfter.formatted(.iso8601))", "subject": "\(authority.certificate.subject)",
+                ])
+                if notAfter < now().addingTimeInterval(configuration.certificateTTL.timeInterval) {
+                    logger.warning(
+                        "certificates will be cut short: the CA expires before --cert-ttl runs out",
+                        metadata: [
+                            "ca_not_after": "\(notAfter.formatted(.iso8601))",
+                            "cert_ttl_ends": "\(now().addingTimeInterval(configuration.certificateTTL.timeInterval).formatted(.iso8601))",
+                        ])
+                }
             }
+        } catch {
+            await api?.shutdown()
+            throw error
         }
-        let cache = SecretCache(
-            issuer: issuer,
-            configuration: .init(
-                certificateTTL: configuration.certificateTTL, rotation: configuration.rotation, idleTTL: configuration.idleTTL),
-            logger: logger, now: now)
-        // Last, because it may open an HTTPS client that must be shut down: nothing throws after it.
-        let verifiers = try await configuration.tokens.makeAuthenticator(logger: logger, now: now)
-        let (authenticator, keySource, api) = (verifiers.authenticator, verifiers.keySource, verifiers.api)
+        var cacheConfiguration = SecretCache.Configuration(
+            certificateTTL: configuration.certificateTTL, rotation: configuration.rotation, idleTTL: configuration.idleTTL)
+        cacheConfiguration.keyType = configuration.workloadKeyType
+        let cache = SecretCache(issuer: issuer, configuration: cacheConfiguration, logger: logger, now: now)
         if let keySource {
             readiness.add { keySource.hasKeys ? nil : "no token verification keys yet: OIDC discovery has not answered" }
         }
@@ -128,14 +143,16 @@ public struct Agent: Service {
         if let upstream, let address = configuration.upstreamCA.map({ "\($0.host):\($0.port)" }) {
             readiness.add { upstream.isReachable == false ? "the upstream CA \(address) does not answer" : nil }
         }
+        var serverConfiguration = SDSServerConfiguration(
+            workloadSecretName: configuration.workloadSecretName,
+            validationContextNames: configuration.effectiveValidationContextNames,
+            tokenHeaderKey: configuration.tokenHeader, tokenExpiryMargin: configuration.tokenExpiryMargin,
+            authorization: configuration.authorization, peerPolicy: configuration.peerPolicy, limits: configuration.limits.streams)
+        serverConfiguration.federatedTrustDomains = Set(configuration.federatedBundles.map(\.trustDomain))
+        serverConfiguration.allBundlesName = configuration.allBundlesName
         let service = SecretDiscoveryService(
-            configuration: .init(
-                workloadSecretName: configuration.workloadSecretName,
-                validationContextNames: configuration.effectiveValidationContextNames,
-                tokenHeaderKey: configuration.tokenHeader, tokenExpiryMargin: configuration.tokenExpiryMargin,
-                authorization: configuration.authorization, peerPolicy: configuration.peerPolicy, limits: configuration.limits.streams),
-            authenticator: authenticator, secrets: cache, logger: logger, now: now,
-            readiness: { readiness.notReadyReason })
+            configuration: serverConfiguration, authenticator: authenticator, secrets: cache, logger: logger, now: now,
+            readiness: { readiness.notReadyReason }, federation: federation)
         logger.info(
             "verifier and CA loaded",
             metadata: [
@@ -147,7 +164,7 @@ public struct Agent: Service {
             configuration: configuration, service: service, ca: ca, upstream: upstream, readiness: readiness, caChanges: caChanges,
             canRotateCA: ca != nil && !loadedFromFiles,
             keySource: keySource, fileKeys: verifiers.fileKeys, reloadSettings: reloadSettings, api: api, logger: logger,
-            now: now, cache: cache)
+            now: now, cache: cache, stateLock: stateLock, federation: federation)
     }
 
     private init(
@@ -155,8 +172,11 @@ public struct Agent: Service {
         readiness: AgentReadiness,
         caChanges: AsyncStream<IssuerChange>, canRotateCA: Bool, keySource: OIDCDiscoveryKeySource?,
         fileKeys: JWKSFileKeySource?, reloadSettings: @escaping @Sendable () async -> AgentConfiguration?, api: KubernetesAPIClient?,
-        logger: Logger, now: @escaping @Sendable () -> Date, cache: SecretCache
+        logger: Logger, now: @escaping @Sendable () -> Date, cache: SecretCache, stateLock: StateDirectoryLock,
+        federation: FederatedBundles?
     ) {
+        self.stateLock = stateLock
+        self.federation = federation
         self.keySource = keySource
         self.fileKeys = fileKeys
         self.reloadSettings = reloadSettings
@@ -260,6 +280,14 @@ public struct Agent: Service {
                     }
                 }
                 group.addTask { try await rotator.run() }
+                if let federation {
+                    group.addTask { [cache] in await federation.watch { cache.bundleChanged() } }
+                }
+                if let caDirectory = configuration.caDirectory, let ca {
+                    let watcher = CADirectoryWatcher(
+                        directory: caDirectory, ca: ca, activationDelay: configuration.caActivationDelay, logger: logger, now: now)
+                    group.addTask { await watcher.run() }
+                }
                 if let adminPath = configuration.effectiveAdminSocketPath {
                     let admin = AdminEndpoint(path: adminPath, logger: logger) { await self.inspection().json() }
                     group.addTask {
@@ -299,7 +327,7 @@ public struct Agent: Service {
                             logger.warning(
                                 upstream != nil
                                     ? "SIGUSR1: the upstream CA rotates its own root; the agent pushes it when the CA sends it"
-                                    : "SIGUSR1: a CA loaded from --ca-cert is rotated by replacing its files, not by the agent")
+                                    : "SIGUSR1: a CA from --ca-cert or --ca-dir is rotated by replacing its files, not by the agent")
                             continue
                         }
                         logger.notice("SIGUSR1: starting a CA root rotation")

@@ -1,3 +1,4 @@
+import CertificateAuthority
 import Foundation
 import KubernetesAPI
 import SDSModel
@@ -25,6 +26,13 @@ public struct AgentConfiguration: Sendable {
     public var stateDirectory: String
     /// Lifetime of a root the embedded CA generates.
     public var caTTL: Duration
+    /// Other trust domains' bundles to serve (`--federated-bundle TD=FILE`).
+    public var federatedBundles: [FederatedBundles.Source] = []
+    /// The all-bundles validation context (`--all-bundles-name`): Envoy's SPIFFE validator with one
+    /// entry per trust domain, ours and the federated ones.
+    public var allBundlesName = "ALL"
+    /// A CA in Istio's `cacerts` layout, watched for changes (`--ca-dir`).
+    public var caDirectory: String?
     /// PEM certificate (chain) of a CA to sign with instead of a generated root.
     public var caCertificateFile: String?
     /// PEM private key for `caCertificateFile`.
@@ -53,6 +61,10 @@ public struct AgentConfiguration: Sendable {
     public var peerPolicy: PeerPolicy = .none
     /// Bounds on connections, streams and requests.
     public var limits: Limits = .defaults
+    /// The type of every workload key (`--workload-key-type`).
+    public var workloadKeyType: KeyType = .ecP256
+    /// The type of a root the embedded CA generates (`--ca-key-type`).
+    public var caKeyType: KeyType = .ecP256
     /// The admin socket (`sds-agent inspect`); nil for `<state-dir>/admin.sock`, empty for none.
     public var adminSocketPath: String?
     /// The admin socket in use, or nil when it is off.
@@ -124,6 +136,22 @@ public struct AgentConfiguration: Sendable {
         }
         guard tokenExpiryMargin < .seconds(600) else {
             throw fail("--token-expiry-margin \(DurationText.format(tokenExpiryMargin)) is not shorter than the shortest token Kubernetes projects (10m): every stream would end at once; use e.g. 30s")
+        }
+        var federated = Set<String>()
+        for source in federatedBundles {
+            guard SPIFFEID.isValidTrustDomain(source.trustDomain), source.trustDomain != trustDomain,
+                federated.insert(source.trustDomain).inserted
+            else {
+                throw fail("--federated-bundle '\(source.trustDomain)=\(source.file)': the trust domain must be valid, not ours (\(trustDomain)) and named once")
+            }
+        }
+        guard !allBundlesName.isEmpty, allBundlesName != workloadSecretName, !effectiveValidationContextNames.contains(allBundlesName),
+            !federated.contains(where: { "spiffe://\($0)" == allBundlesName })
+        else {
+            throw fail("--all-bundles-name '\(allBundlesName)' must be non-empty and differ from every other served name")
+        }
+        if caDirectory != nil && (caCertificateFile != nil || caBundleFile != nil || upstreamCA != nil) {
+            throw fail("--ca-dir names the CA; leave out --ca-cert, --ca-key, --ca-bundle and --upstream-ca")
         }
         if caBundleFile != nil && caCertificateFile == nil {
             throw fail("--ca-bundle names the roots of a CA given with --ca-cert/--ca-key; there is none")

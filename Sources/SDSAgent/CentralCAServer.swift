@@ -23,6 +23,8 @@ public struct CentralCAConfiguration: Sendable {
     public var stateDirectory: String
     /// Lifetime of a root it generates.
     public var caTTL: Duration = .seconds(365 * 24 * 3600)
+    /// Key type of a root it generates.
+    public var caKeyType: KeyType = .ecP256
     /// A CA to sign with instead of a generated root.
     public var caCertificateFile: String?
     public var caKeyFile: String?
@@ -99,7 +101,7 @@ public struct CentralCAServer: Service {
         } else {
             authority = try RootCAStore.loadOrCreate(
                 stateDirectory: configuration.stateDirectory, trustDomain: configuration.tokens.trustDomain,
-                ttl: configuration.caTTL, now: now(), logger: logger)
+                ttl: configuration.caTTL, now: now(), logger: logger, keyType: configuration.caKeyType)
         }
         let (caChanges, changeSink) = AsyncStream.makeStream(of: IssuerChange.self)
         let ca = EmbeddedCA(
@@ -107,7 +109,7 @@ public struct CentralCAServer: Service {
             additionalRoots: configuration.caCertificateFile == nil
                 ? RootCAStore.additionalRoots(stateDirectory: configuration.stateDirectory, now: now()) : [],
             retireAfter: now().addingTimeInterval(configuration.maxCertificateTTL.timeInterval),
-            now: now, onChange: { change, _ in changeSink.yield(change) })
+            now: now, rootKeyType: configuration.caKeyType, onChange: { change, _ in changeSink.yield(change) })
 
         let tlsChainPEM: String
         let tlsKeyPEM: String

@@ -16,6 +16,7 @@ struct ResourceResolver: Sendable {
     let configuration: SDSServerConfiguration
     let secrets: any SecretSource
     let caller: AuthenticatedCaller
+    let federation: (any FederatedBundleSource)?
     let logger: Logger
 
     /// Every name this caller may ask for: what a wildcard subscription means for SDS.
@@ -23,7 +24,11 @@ struct ResourceResolver: Sendable {
 
     /// Names that are neither the workload secret nor a validation context.
     func unknown(_ names: some Sequence<String>) -> [String] {
-        names.filter { $0 != configuration.workloadSecretName && !configuration.validationContextNames.contains($0) }
+        let federated = configuration.federatedNames
+        return names.filter {
+            $0 != configuration.workloadSecretName && !configuration.validationContextNames.contains($0) && federated[$0] == nil
+                && $0 != configuration.allBundlesName
+        }
     }
 
     /// The current resources for `names`, sorted by name.
@@ -48,6 +53,25 @@ struct ResourceResolver: Sendable {
                 }
                 resource = SecretResources.tlsCertificate(named: name, from: secret)
                 version = secret.version
+            } else if let trustDomain = configuration.federatedNames[name] {
+                // Another trust domain's roots: only under its own name (and in the all-bundles
+                // context), never under ours, or that domain could mint our identities.
+                guard let bundle = federation?.federatedBundles()[trustDomain], !bundle.isEmpty else {
+                    throw RPCError(code: .unavailable, message: "no bundle for federated trust domain \(trustDomain) yet")
+                }
+                resource = SecretResources.validationContext(named: name, from: bundle)
+                version = bundle.version
+            } else if name == configuration.allBundlesName {
+                let own = await secrets.trustBundle()
+                guard !own.isEmpty else {
+                    throw RPCError(code: .unavailable, message: "no trust bundle yet: the CA has not answered; retry")
+                }
+                let federated = (federation?.federatedBundles() ?? [:]).filter {
+                    configuration.federatedTrustDomains.contains($0.key) && !$0.value.isEmpty
+                }
+                let bundles = [own] + federated.values.sorted { $0.trustDomain < $1.trustDomain }
+                resource = try SecretResources.allBundles(named: name, from: bundles)
+                version = bundles.map { "\($0.trustDomain)=\($0.version)" }.joined(separator: ",")
             } else {
                 let bundle = await secrets.trustBundle()
                 guard !bundle.isEmpty else {

@@ -19,6 +19,11 @@ public struct SDSServerConfiguration: Sendable {
     public var peerPolicy: PeerPolicy
     /// Bounds on streams, so no caller can hold more than its share.
     public var limits: StreamLimits = .defaults
+    /// Other trust domains whose bundles are served, each as `spiffe://<td>` and in ``allBundlesName``.
+    public var federatedTrustDomains: Set<String> = []
+    /// The name of the all-bundles validation context (Envoy's SPIFFE validator, one entry per
+    /// trust domain, ours included); nil for none.
+    public var allBundlesName: String? = "ALL"
 
     public init(
         workloadSecretName: String = "default", validationContextNames: Set<String>,
@@ -36,8 +41,15 @@ public struct SDSServerConfiguration: Sendable {
         self.maxResourceNamesPerRequest = maxResourceNamesPerRequest
     }
 
+    /// The validation-context names of federated trust domains.
+    package var federatedNames: [String: String] {
+        Dictionary(uniqueKeysWithValues: federatedTrustDomains.map { ("spiffe://\($0)", $0) })
+    }
+
     /// Every name this server answers, sorted, for error messages.
-    package var servedNames: [String] { ([workloadSecretName] + validationContextNames.sorted()) }
+    package var servedNames: [String] {
+        [workloadSecretName] + (validationContextNames.sorted() + federatedNames.keys.sorted() + (allBundlesName.map { [$0] } ?? []))
+    }
 }
 
 /// Bounds on the streams the server holds; each answered to the offending caller only.

@@ -29,6 +29,8 @@ public struct SecretDiscoveryService: Envoy_Service_Secret_V3_SecretDiscoverySer
     public let openStreams = OpenStreams()
     /// Why the agent cannot issue now (nil when it can): answered to a probe as `unavailable`.
     let readiness: @Sendable () -> String?
+    /// Other trust domains' bundles (``SDSServerConfiguration/federatedTrustDomains``).
+    let federation: (any FederatedBundleSource)?
 
     /// Counts refused calls, by gRPC status (`code`) and `reason` (the token check that failed,
     /// or `policy`, `peer` or `pod_binding`).
@@ -41,9 +43,10 @@ public struct SecretDiscoveryService: Envoy_Service_Secret_V3_SecretDiscoverySer
     public init(
         configuration: SDSServerConfiguration, authenticator: any WorkloadAuthenticator, secrets: any SecretSource,
         logger: Logger, metrics: any MetricsFactory = MetricsSystem.factory, now: @escaping @Sendable () -> Date = { Date() },
-        readiness: @escaping @Sendable () -> String? = { nil }
+        readiness: @escaping @Sendable () -> String? = { nil }, federation: (any FederatedBundleSource)? = nil
     ) {
         self.readiness = readiness
+        self.federation = federation
         self.authorization = Reloadable(configuration.authorization)
         self.metrics = SDSMetrics(factory: metrics)
         self.configuration = configuration
@@ -142,7 +145,7 @@ public struct SecretDiscoveryService: Envoy_Service_Secret_V3_SecretDiscoverySer
         logger[metadataKey: "spiffe_id"] = "\(caller.spiffeID)"
         logger[metadataKey: "method"] = "\(context.descriptor.method)"
         if let pod = caller.podName { logger[metadataKey: "pod"] = "\(caller.namespace)/\(pod)" }
-        return ResourceResolver(configuration: configuration, secrets: secrets, caller: caller, logger: logger)
+        return ResourceResolver(configuration: configuration, secrets: secrets, caller: caller, federation: federation, logger: logger)
     }
 
     /// How long the stream may live: until the token's expiry minus the margin (at least a second).

@@ -37,6 +37,29 @@ package enum SecretResources {
         return resource
     }
 
+    /// Envoy's SPIFFE certificate validator, by its extension name.
+    package static let spiffeValidatorName = "envoy.tls.cert_validator.spiffe"
+
+    /// The "all bundles" secret (SPIRE's `ALL`): a validation context whose SPIFFE validator holds
+    /// one entry per trust domain, named by the bare trust domain, with only that domain's roots,
+    /// so a peer is checked against the roots of the trust domain its SPIFFE ID names.
+    package static func allBundles(named name: String, from bundles: [TrustBundle]) throws
+        -> Envoy_Extensions_TransportSockets_Tls_V3_Secret
+    {
+        var validator = Envoy_Extensions_TransportSockets_Tls_V3_SPIFFECertValidatorConfig()
+        validator.trustDomains = bundles.sorted { $0.trustDomain < $1.trustDomain }.map { bundle in
+            var domain = Envoy_Extensions_TransportSockets_Tls_V3_SPIFFECertValidatorConfig.TrustDomain()
+            domain.name = bundle.trustDomain
+            domain.trustBundle.inlineBytes = Data(bundle.rootsPEM.utf8)
+            return domain
+        }
+        var resource = Envoy_Extensions_TransportSockets_Tls_V3_Secret()
+        resource.name = name
+        resource.validationContext.customValidatorConfig.name = spiffeValidatorName
+        resource.validationContext.customValidatorConfig.typedConfig = try Google_Protobuf_Any(message: validator)
+        return resource
+    }
+
     /// Packs a secret into `Any` with Envoy's type URL.
     package static func pack(_ secret: Envoy_Extensions_TransportSockets_Tls_V3_Secret) throws -> Google_Protobuf_Any {
         try Google_Protobuf_Any(message: secret)

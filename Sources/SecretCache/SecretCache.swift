@@ -27,6 +27,8 @@ public actor SecretCache: SecretSource {
         /// Most renewals in flight at once: a remote CA answers slower than the embedded one,
         /// and a thousand identities renewed one by one would take minutes.
         public var maxConcurrentRenewals: Int
+        /// The type of every workload key generated (`--workload-key-type`).
+        public var keyType: KeyType = .ecP256
 
         public init(
             certificateTTL: Duration = .seconds(24 * 3600), rotation: RotationPolicy = RotationPolicy(),
@@ -201,11 +203,12 @@ public actor SecretCache: SecretSource {
         // stream's fresh token renews.
         let credential = credential.flatMap { $0.expiry > now() ? $0 : nil }
         let ttl = configuration.certificateTTL
+        let keyType = configuration.keyType
         let duration = metrics.issueDuration
         let task = Task {
             let started = ContinuousClock.now
             defer { duration.recordNanoseconds(Int64(started.duration(to: .now) / .nanoseconds(1))) }
-            return try await Self.mint(for: identity, issuer: issuer, ttl: ttl, credential: credential)
+            return try await Self.mint(for: identity, issuer: issuer, ttl: ttl, keyType: keyType, credential: credential)
         }
         let issuedAt = now()
         entries[identity, default: Entry(lastWatched: issuedAt)].issuing = task
@@ -267,14 +270,16 @@ public actor SecretCache: SecretSource {
     }
 
     /// Generates a key, builds a CSR for `identity`, and has it signed.
-    static func mint(for identity: SPIFFEID, issuer: any CertificateIssuer, ttl: Duration, credential: CallerCredential? = nil)
-        async throws(SecretError) -> WorkloadSecret
-    {
-        let key = P256.Signing.PrivateKey()
+    static func mint(
+        for identity: SPIFFEID, issuer: any CertificateIssuer, ttl: Duration, keyType: KeyType = .ecP256,
+        credential: CallerCredential? = nil
+    ) async throws(SecretError) -> WorkloadSecret {
+        let key: Certificate.PrivateKey
         let csr: CertificateSigningRequest
         let chain: [Certificate]
         do {
-            csr = try makeCSR(for: identity, key: key)
+            key = try KeyFactory.generate(keyType)
+            csr = try KeyFactory.makeCSR(for: identity, key: key)
         } catch {
             throw SecretError(isTransient: false, message: "cannot build a CSR for \(identity): \(error)")
         }
@@ -289,7 +294,7 @@ public actor SecretCache: SecretSource {
             let chainPEM = try chain.map { try $0.serializeAsPEM().pemString }.joined(separator: "\n") + "\n"
             let leaf = chain[0]
             return WorkloadSecret(
-                spiffeID: identity, certificateChainPEM: chainPEM, privateKeyPEM: key.pemRepresentation + "\n",
+                spiffeID: identity, certificateChainPEM: chainPEM, privateKeyPEM: try KeyFactory.pem(of: key),
                 serialNumberHex: leaf.serialNumber.hexString, notBefore: leaf.notValidBefore,
                 notAfter: leaf.notValidAfter)
         } catch {
@@ -297,15 +302,8 @@ public actor SecretCache: SecretSource {
         }
     }
 
-    /// A CSR with an empty subject and a URI SAN extension request for `identity`.
+    /// A CSR for `identity` signed by a P-256 `key` (tests and tools; the cache uses ``KeyFactory``).
     public static func makeCSR(for identity: SPIFFEID, key: P256.Signing.PrivateKey) throws -> CertificateSigningRequest {
-        let extensions = try Certificate.Extensions {
-            SubjectAlternativeNames([.uniformResourceIdentifier(identity.description)])
-        }
-        let attributes = try CertificateSigningRequest.Attributes([
-            .init(ExtensionRequest(extensions: extensions))
-        ])
-        return try CertificateSigningRequest(
-            version: .v1, subject: DistinguishedName(), privateKey: Certificate.PrivateKey(key), attributes: attributes)
+        try KeyFactory.makeCSR(for: identity, key: Certificate.PrivateKey(key))
     }
 }

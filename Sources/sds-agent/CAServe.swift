@@ -1,4 +1,5 @@
 import ArgumentParser
+import CertificateAuthority
 import Foundation
 import KubernetesAPI
 import Logging
@@ -35,6 +36,9 @@ struct CAServe: AsyncParsableCommand {
 
     @Option(help: ArgumentHelp("Lifetime of a root it generates, e.g. 8760h.", valueName: "duration"))
     var caTtl: Duration = .seconds(365 * 24 * 3600)
+
+    @Option(help: "Key type of a root it generates (the signature algorithm follows it).")
+    var caKeyType: KeyType = .ecP256
 
     @Option(help: "PEM certificate (signing cert first, then intermediates) to sign with instead of a generated root.")
     var caCert: String?
@@ -89,6 +93,7 @@ struct CAServe: AsyncParsableCommand {
         let tokens = tokenOptions.verification(trustDomain: trustDomain, defaultAudience: "istio-ca")
         var configuration = CentralCAConfiguration(listenHost: host, listenPort: port, tokens: tokens, stateDirectory: stateDir)
         configuration.caTTL = caTtl
+        configuration.caKeyType = caKeyType
         configuration.caCertificateFile = caCert
         configuration.caKeyFile = caKey
         configuration.certificateTTL = certTtl

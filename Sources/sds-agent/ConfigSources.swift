@@ -33,7 +33,7 @@ struct ConfigSources {
     static let serveFlags: Flags = {
         let repeatable: Set<String> = [
             "issuer", "audience", "validation-context-name", "allow-namespace", "deny-namespace",
-            "allow-service-account", "deny-service-account", "peer-allowed-uid",
+            "allow-service-account", "deny-service-account", "peer-allowed-uid", "federated-bundle",
         ]
         let switches: Set<String> = ["oidc-discovery", "token-review", "peer-pod-binding", "allow-legacy-tokens"]
         let help = Serve.helpMessage(columns: 100_000)

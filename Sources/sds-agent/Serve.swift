@@ -1,4 +1,5 @@
 import ArgumentParser
+import CertificateAuthority
 import Foundation
 import KubernetesAPI
 import Logging
@@ -36,6 +37,15 @@ struct Serve: AsyncParsableCommand {
 
     @Option(help: ArgumentHelp("Lifetime of a root the embedded CA generates, e.g. 8760h.", valueName: "duration"))
     var caTtl: Duration = .seconds(365 * 24 * 3600)
+
+    @Option(help: "Another trust domain's roots to serve, TD=FILE (PEM or a SPIFFE bundle JSON; repeatable; watched): as validation context spiffe://TD and in --all-bundles-name.")
+    var federatedBundle: [String] = []
+
+    @Option(help: "Name of the validation context holding every trust domain's roots for Envoy's SPIFFE validator (SPIRE's ALL).")
+    var allBundlesName = "ALL"
+
+    @Option(help: "A CA in Istio's cacerts layout (ca-cert.pem, ca-key.pem, cert-chain.pem, root-cert.pem), checked at start and watched: a valid change is picked up without restart.")
+    var caDir: String?
 
     @Option(help: "PEM certificate (signing cert first, then intermediates) to sign with instead of a generated root.")
     var caCert: String?
@@ -130,6 +140,12 @@ struct Serve: AsyncParsableCommand {
     @Option(help: "Sent to the upstream CA as ClusterID.")
     var upstreamCaClusterId = "Kubernetes"
 
+    @Option(help: "Key type of every workload certificate.")
+    var workloadKeyType: KeyType = .ecP256
+
+    @Option(help: "Key type of a root the embedded CA generates (the signature algorithm follows it).")
+    var caKeyType: KeyType = .ecP256
+
     @Option(help: "Admin Unix socket (mode 0600) that `sds-agent inspect` reads; default <state-dir>/admin.sock, '' for none.")
     var adminSocket: String?
 
@@ -177,6 +193,16 @@ struct Serve: AsyncParsableCommand {
         configuration.limits.maxRequestBytes = maxRequestBytes
         configuration.limits.listenBacklog = listenBacklog
         configuration.adminSocketPath = adminSocket
+        configuration.workloadKeyType = workloadKeyType
+        configuration.caDirectory = caDir
+        configuration.allBundlesName = allBundlesName
+        configuration.federatedBundles = try federatedBundle.map { text in
+            guard let source = FederatedBundles.Source(text) else {
+                throw ValidationError("--federated-bundle '\(text.callerText(limit: 128))' is not TD=FILE such as other.example=/etc/bundles/other.pem")
+            }
+            return source
+        }
+        configuration.caKeyType = caKeyType
         if let upstreamCa {
             guard let (host, port) = UpstreamCA.Configuration.parseAddress(upstreamCa) else {
                 throw ValidationError("--upstream-ca '\(upstreamCa.callerText(limit: 128))' is not HOST:PORT such as istiod.istio-system.svc:15012")
@@ -291,3 +317,5 @@ extension Duration: @retroactive ExpressibleByArgument {
     public var defaultValueDescription: String { DurationText.format(self) }
     public static var defaultCompletionKind: CompletionKind { .default }
 }
+
+extension KeyType: ExpressibleByArgument {}

@@ -165,8 +165,8 @@ import X509
         let a = TestPKI.authority()
         let b = TestPKI.authority()
         try a.certificate.serializeAsPEM().pemString.write(toFile: dir + "/ca.pem", atomically: true, encoding: .utf8)
-        try a.privateKey.serializeAsPEM().pemString.write(toFile: dir + "/ca-key.pem", atomically: true, encoding: .utf8)
-        try b.privateKey.serializeAsPEM().pemString.write(toFile: dir + "/other-key.pem", atomically: true, encoding: .utf8)
+        try TestPKI.writeKey(a.privateKey, to: dir + "/ca-key.pem")
+        try TestPKI.writeKey(b.privateKey, to: dir + "/other-key.pem")
         let loaded = try RootCAStore.load(certificateFile: dir + "/ca.pem", keyFile: dir + "/ca-key.pem")
         #expect(loaded.roots == [a.certificate])
         #expect(throws: CAStoreError.self) { try RootCAStore.load(certificateFile: dir + "/ca.pem", keyFile: dir + "/other-key.pem") }
@@ -185,7 +185,7 @@ import X509
         let certificates = [intermediate.certificate] + (rootInTheCertificateFile ? [root.certificate] : [])
         try certificates.map { try $0.serializeAsPEM().pemString }.joined(separator: "\n")
             .write(toFile: dir + "/ca.pem", atomically: true, encoding: .utf8)
-        try intermediate.privateKey.serializeAsPEM().pemString.write(toFile: dir + "/ca-key.pem", atomically: true, encoding: .utf8)
+        try TestPKI.writeKey(intermediate.privateKey, to: dir + "/ca-key.pem")
         try root.certificate.serializeAsPEM().pemString.write(toFile: dir + "/root.pem", atomically: true, encoding: .utf8)
         let loaded = try RootCAStore.load(
             certificateFile: dir + "/ca.pem", keyFile: dir + "/ca-key.pem", bundleFile: rootInTheCertificateFile ? nil : dir + "/root.pem")

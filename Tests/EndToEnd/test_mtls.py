@@ -151,6 +151,7 @@ def make_ca(tmp_path):
     (tmp_path / "int.pem").write_bytes(intermediate.public_bytes(pem))
     (tmp_path / "int-key.pem").write_bytes(int_key.private_bytes(
         pem, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()))
+    (tmp_path / "int-key.pem").chmod(0o600)  # a CA key readable by others is refused
     return tmp_path / "root.pem", tmp_path / "int.pem", tmp_path / "int-key.pem"
 
 

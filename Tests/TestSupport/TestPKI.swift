@@ -48,6 +48,12 @@ public enum TestPKI {
         return logger
     }
 
+    /// Writes `key` as PEM with mode 0600 (a CA key readable by others is refused).
+    public static func writeKey(_ key: Certificate.PrivateKey, to path: String) throws {
+        try key.serializeAsPEM().pemString.write(toFile: path, atomically: true, encoding: .utf8)
+        chmod(path, 0o600)
+    }
+
     /// A temporary directory removed by the caller.
     public static func temporaryDirectory() -> String {
         let path = FileManager.default.temporaryDirectory.appendingPathComponent("sds-test-\(UUID().uuidString.prefix(8))").path

@@ -1,0 +1,67 @@
+import Crypto
+import SDSModel
+import X509
+import _CryptoExtras
+
+/// The key types the agent generates and its CAs accept (`--workload-key-type`, `--ca-key-type`).
+public enum KeyType: String, Sendable, CaseIterable, CustomStringConvertible {
+    case ecP256 = "ec-p256"
+    case ecP384 = "ec-p384"
+    case rsa2048 = "rsa-2048"
+    case rsa3072 = "rsa-3072"
+    case rsa4096 = "rsa-4096"
+
+    public var description: String { rawValue }
+
+    /// The type of `publicKey`; nil for a type this agent neither generates nor accepts (an RSA
+    /// key shorter than 2048 bits, P-521, Ed25519).
+    public init?(of publicKey: Certificate.PublicKey) {
+        if P256.Signing.PublicKey(publicKey) != nil {
+            self = .ecP256
+        } else if P384.Signing.PublicKey(publicKey) != nil {
+            self = .ecP384
+        } else if let rsa = _RSA.Signing.PublicKey(publicKey) {
+            switch rsa.keySizeInBits {
+            case 2048: self = .rsa2048
+            case 3072: self = .rsa3072
+            case 4096: self = .rsa4096
+            default: return nil
+            }
+        } else {
+            return nil
+        }
+    }
+}
+
+/// Every key the agent makes and the CSR that proves it: one place, driven by a ``KeyType``
+/// (the key type was written in four places before). The signature algorithm of what a key signs
+/// follows the key (swift-certificates picks ECDSA with SHA-256/384 or RSA PKCS#1 v1.5 with SHA-256).
+public enum KeyFactory {
+    /// A fresh key of `type`, in memory only.
+    public static func generate(_ type: KeyType) throws -> Certificate.PrivateKey {
+        switch type {
+        case .ecP256: Certificate.PrivateKey(P256.Signing.PrivateKey())
+        case .ecP384: Certificate.PrivateKey(P384.Signing.PrivateKey())
+        case .rsa2048: Certificate.PrivateKey(try _RSA.Signing.PrivateKey(keySize: .bits2048))
+        case .rsa3072: Certificate.PrivateKey(try _RSA.Signing.PrivateKey(keySize: .bits3072))
+        case .rsa4096: Certificate.PrivateKey(try _RSA.Signing.PrivateKey(keySize: .bits4096))
+        }
+    }
+
+    /// The key as PEM for Envoy (PKCS#8 for EC keys, PKCS#1 for RSA keys; BoringSSL reads both).
+    public static func pem(of key: Certificate.PrivateKey) throws -> String {
+        try key.serializeAsPEM().pemString + "\n"
+    }
+
+    /// A CSR with an empty subject and a URI SAN extension request for `identity`, signed by `key`.
+    public static func makeCSR(for identity: SPIFFEID, key: Certificate.PrivateKey) throws -> CertificateSigningRequest {
+        let extensions = try Certificate.Extensions {
+            SubjectAlternativeNames([.uniformResourceIdentifier(identity.description)])
+        }
+        let attributes = try CertificateSigningRequest.Attributes([
+            .init(ExtensionRequest(extensions: extensions))
+        ])
+        return try CertificateSigningRequest(
+            version: .v1, subject: DistinguishedName(), privateKey: key, attributes: attributes)
+    }
+}

@@ -1,0 +1,125 @@
+import CertificateAuthority
+import CoreMetrics
+import Foundation
+import Logging
+import SDSModel
+import SDSServer
+import Synchronization
+import SwiftASN1
+import X509
+
+/// Other trust domains' roots (`--federated-bundle TD=FILE`), loaded at start (an unreadable file
+/// fails the start, naming it) and watched: a valid change is served at once, pushed to every
+/// stream; an invalid one is refused, logged and counted, and the previous roots stay.
+///
+/// A file is PEM certificates, or a SPIFFE trust bundle (JWKS whose keys with `"use":
+/// "x509-svid"` carry the root in `x5c`), the format SPIRE's bundle endpoint serves.
+public final class FederatedBundles: FederatedBundleSource {
+    /// One federated trust domain and where its bundle is.
+    public struct Source: Sendable, Hashable {
+        public var trustDomain: String
+        public var file: String
+
+        /// Parses `TD=FILE`; nil when it is not that shape.
+        public init?(_ text: String) {
+            guard let equals = text.firstIndex(of: "="), equals != text.startIndex else { return nil }
+            trustDomain = String(text[..<equals])
+            file = String(text[text.index(after: equals)...])
+            guard !file.isEmpty else { return nil }
+        }
+
+        public init(trustDomain: String, file: String) {
+            self.trustDomain = trustDomain
+            self.file = file
+        }
+    }
+
+    private let sources: [Source]
+    private let bundles: Mutex<[String: TrustBundle]>
+    private let logger: Logger
+
+    /// Loads every source; fails naming the first file that is not a bundle.
+    public init(sources: [Source], logger: Logger) throws(ConfigurationError) {
+        var loaded: [String: TrustBundle] = [:]
+        for source in sources {
+            do {
+                loaded[source.trustDomain] = try Self.read(source)
+            } catch {
+                throw ConfigurationError(message: "--federated-bundle \(source.trustDomain)=\(source.file): \(error.message)")
+            }
+        }
+        self.sources = sources
+        self.bundles = Mutex(loaded)
+        self.logger = logger
+        for source in sources {
+            logger.info(
+                "federated trust bundle loaded",
+                metadata: ["trust_domain": "\(source.trustDomain)", "file": "\(source.file)", "version": "\(loaded[source.trustDomain]?.version ?? "-")"])
+        }
+    }
+
+    public func federatedBundles() -> [String: TrustBundle] { bundles.withLock { $0 } }
+
+    /// Polls the files every `interval`; calls `changed` after a bundle changed.
+    public func watch(interval: Duration = .seconds(2), changed: @Sendable () -> Void) async {
+        let failures = Counter(label: "sds_agent_federated_bundle_reload_failures_total")
+        var seen = Dictionary(uniqueKeysWithValues: sources.map { ($0.file, FileManager.default.contents(atPath: $0.file)) })
+        while !Task.isCancelled {
+            try? await Task.sleep(for: interval)
+            for source in sources {
+                let content = FileManager.default.contents(atPath: source.file)
+                guard content != seen[source.file] else { continue }
+                seen[source.file] = content
+                do {
+                    let bundle = try Self.read(source)
+                    let previous = bundles.withLock { state -> TrustBundle? in
+                        defer { state[source.trustDomain] = bundle }
+                        return state[source.trustDomain]
+                    }
+                    guard previous?.version != bundle.version else { continue }
+                    logger.notice(
+                        "federated trust bundle changed; pushing it to every stream",
+                        metadata: ["trust_domain": "\(source.trustDomain)", "file": "\(source.file)", "version": "\(bundle.version)"])
+                    changed()
+                } catch {
+                    failures.increment()
+                    logger.error(
+                        "federated trust bundle changed but cannot be read; keeping the previous roots",
+                        metadata: ["trust_domain": "\(source.trustDomain)", "file": "\(source.file)", "error": "\(error.message)"])
+                }
+            }
+        }
+    }
+
+    struct ReadError: Error {
+        var message: String
+    }
+
+    /// The roots in `source.file`: PEM, or a SPIFFE bundle (JWKS with `x5c`).
+    static func read(_ source: Source) throws(ReadError) -> TrustBundle {
+        guard let data = FileManager.default.contents(atPath: source.file) else {
+            throw ReadError(message: "cannot read the file")
+        }
+        let text = String(decoding: data, as: UTF8.self)
+        var roots: [Certificate] = []
+        if text.drop(while: { $0.isWhitespace }).hasPrefix("{") {
+            guard let object = try? JSONSerialization.jsonObject(with: data) as? [String: Any],
+                let keys = object["keys"] as? [[String: Any]]
+            else { throw ReadError(message: "not a SPIFFE bundle (JSON with a \"keys\" list)") }
+            for key in keys where (key["use"] as? String) == "x509-svid" {
+                guard let chain = key["x5c"] as? [String], let first = chain.first, let der = Data(base64Encoded: first),
+                    let certificate = try? Certificate(derEncoded: Array(der))
+                else { throw ReadError(message: "an x509-svid key without a certificate in x5c") }
+                roots.append(certificate)
+            }
+        } else {
+            do {
+                roots = try PEMDocument.parseMultiple(pemString: text).map { try Certificate(pemDocument: $0) }
+            } catch {
+                throw ReadError(message: "not PEM certificates: \(error)")
+            }
+        }
+        guard !roots.isEmpty else { throw ReadError(message: "holds no root certificate") }
+        return TrustBundle(roots: roots, trustDomain: source.trustDomain)
+    }
+}
