@@ -61,6 +61,10 @@ public struct KubernetesTokenVerifier: WorkloadAuthenticator {
     private let configuration: Configuration
     private let keys: any VerificationKeySource
     private let now: @Sendable () -> Date
+    private let verified = VerifiedTokenCache()
+
+    /// Tokens held verified (for tests and diagnostics).
+    public var cachedTokens: Int { verified.count }
 
     /// Creates a verifier; `now` is injectable for tests.
     public init(
@@ -107,6 +111,12 @@ public struct KubernetesTokenVerifier: WorkloadAuthenticator {
             throw AuthenticationError(
                 code: .unknownKey, message: "key ID '\(kid)' is not in the verification key set", keyID: kid)
         }
+        // Verified before, under a key still in the set: the claims are checked again (time,
+        // issuer, audience, age), the signature is not.
+        let cacheKey = VerifiedTokenCache.key(for: token)
+        if let hit = verified.entry(for: cacheKey, now: now()), hit.keyID == kid {
+            return try check(hit.claims, keyID: kid)
+        }
 
         let claims: ServiceAccountClaims
         do {
@@ -118,7 +128,12 @@ public struct KubernetesTokenVerifier: WorkloadAuthenticator {
         } catch {
             throw AuthenticationError(code: .badSignature, message: "signature does not verify with key '\(kid)'", keyID: kid)
         }
-        return try check(claims, keyID: kid)
+        let caller = try check(claims, keyID: kid)
+        // Only a token that passed every check is kept, until it expires (plus the skew).
+        verified.insert(
+            .init(claims: claims, keyID: kid, validUntil: caller.credentialExpiry.addingTimeInterval(configuration.clockSkew.timeInterval)),
+            for: cacheKey, now: now())
+        return caller
     }
 
     private func check(_ claims: ServiceAccountClaims, keyID: String) throws(AuthenticationError) -> AuthenticatedCaller {
