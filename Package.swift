@@ -208,6 +208,7 @@ let package = Package(
             name: "UpstreamCATests",
             dependencies: [
                 "UpstreamCA", "CentralCA", "CertificateAuthority", "SecretCache", "WorkloadAuthentication", "SDSModel", "TestSupport",
+                "IstioAPI",
                 .product(name: "GRPCCore", package: "grpc-swift-2"),
                 .product(name: "GRPCNIOTransportHTTP2", package: "grpc-swift-nio-transport"),
                 .product(name: "X509", package: "swift-certificates"),

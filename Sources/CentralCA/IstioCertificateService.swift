@@ -72,6 +72,18 @@ public struct IstioCertificateService: Istio_V1_Auth_IstioCertificateService.Ser
     public func createCertificate(
         request: ServerRequest<Istio_V1_Auth_IstioCertificateRequest>, context: ServerContext
     ) async throws -> ServerResponse<Istio_V1_Auth_IstioCertificateResponse> {
+        // Status messages may quote what the caller sent (a CSR's PEM label, say): escaped and
+        // bounded at this edge, as the SDS service does for its own.
+        do {
+            return try await answer(request, context: context)
+        } catch let error as RPCError {
+            throw RPCError(code: error.code, message: CallerText(error.message, limit: 1024).description)
+        }
+    }
+
+    private func answer(
+        _ request: ServerRequest<Istio_V1_Auth_IstioCertificateRequest>, context: ServerContext
+    ) async throws -> ServerResponse<Istio_V1_Auth_IstioCertificateResponse> {
         var log: Logger.Metadata = [
             "peer": "\(context.remotePeer)",
             "cluster_id": "\(request.metadata[stringValues: "clusterid"].first(where: { _ in true }) ?? "-")",

@@ -4,6 +4,7 @@ import Crypto
 import Foundation
 import GRPCCore
 import GRPCNIOTransportHTTP2
+import IstioAPI
 import SDSModel
 import SecretCache
 import Synchronization
@@ -225,6 +226,38 @@ import X509
             } catch {
                 #expect(error.code == .verificationFailed, "\(what)")
             }
+        }
+    }
+}
+
+/// `ca serve` answers a caller's bad CSR with a status message whose caller text is escaped.
+@Suite struct CentralCAStatusTests {
+    @Test func aCSRLabelWithControlCharactersComesBackEscaped() async throws {
+        let tokens = TokenFactory()
+        let keys = try await VerificationKeySet(jwksJSON: tokens.jwksJSON())
+        let service = IstioCertificateService(
+            configuration: .init(trustDomain: "cluster.local", defaultTTL: .seconds(600), maxTTL: .seconds(600)),
+            authenticator: KubernetesTokenVerifier(
+                configuration: .init(trustDomain: "cluster.local", issuers: [TokenFactory.issuer], audiences: [TokenFactory.audience]),
+                keys: keys),
+            ca: TestPKI.ca(), nodes: nil, logger: TestPKI.quietLogger)
+        var message = Istio_V1_Auth_IstioCertificateRequest()
+        // A PEM label is echoed by the parser's error ("incorrect discriminator ..."): here it holds
+        // a terminal escape and a bell.
+        message.csr = "-----BEGIN EVIL\u{1B}[31mLABEL\u{7}-----\nAAAA\n-----END EVIL\u{1B}[31mLABEL\u{7}-----\n"
+        var metadata = Metadata()
+        metadata.addString("Bearer \(tokens.token())", forKey: "authorization")
+        do {
+            _ = try await service.createCertificate(
+                request: ServerRequest(metadata: metadata, message: message),
+                context: ServerContext(
+                    descriptor: Istio_V1_Auth_IstioCertificateService.Method.CreateCertificate.descriptor,
+                    remotePeer: "in-process:test", localPeer: "in-process:test", cancellation: .init()))
+            Issue.record("accepted a broken CSR")
+        } catch let error as RPCError {
+            #expect(error.code == .invalidArgument)
+            #expect(error.message.contains("incorrect discriminator EVIL"), "the label is quoted: \(error.message)")
+            #expect(!error.message.contains("\u{1B}") && !error.message.contains("\u{7}"), "\(error.message)")
         }
     }
 }
