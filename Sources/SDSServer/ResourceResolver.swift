@@ -62,10 +62,7 @@ struct ResourceResolver: Sendable {
                 resource = SecretResources.validationContext(named: name, from: bundle)
                 version = bundle.version
             } else if name == configuration.allBundlesName {
-                let own = await secrets.trustBundle()
-                guard !own.isEmpty else {
-                    throw RPCError(code: .unavailable, message: "no trust bundle yet: the CA has not answered; retry")
-                }
+                let own = try await ownBundle()
                 let federated = (federation?.federatedBundles() ?? [:]).filter {
                     configuration.federatedTrustDomains.contains($0.key) && !$0.value.isEmpty
                 }
@@ -73,16 +70,22 @@ struct ResourceResolver: Sendable {
                 resource = try SecretResources.allBundles(named: name, from: bundles)
                 version = bundles.map { "\($0.trustDomain)=\($0.version)" }.joined(separator: ",")
             } else {
-                let bundle = await secrets.trustBundle()
-                guard !bundle.isEmpty else {
-                    throw RPCError(code: .unavailable, message: "no trust bundle yet: the CA has not answered; retry")
-                }
+                let bundle = try await ownBundle()
                 resource = SecretResources.validationContext(named: name, from: bundle)
                 version = bundle.version
             }
             resolved.append(Resolved(name: name, version: version, resource: try SecretResources.pack(resource)))
         }
         return resolved.sorted { $0.name < $1.name }
+    }
+
+    /// Our own trust bundle; `unavailable` while it is empty (an upstream CA that has not answered).
+    private func ownBundle() async throws -> TrustBundle {
+        let bundle = await secrets.trustBundle()
+        guard !bundle.isEmpty else {
+            throw RPCError(code: .unavailable, message: "no trust bundle yet: the CA has not answered; retry")
+        }
+        return bundle
     }
 
     /// A state-of-the-world response for `names`; its version is derived from the resources'.

@@ -458,9 +458,8 @@ public final class UpstreamCA: CertificateIssuer {
         state.withLock { _ = $0.expiredWaiters.remove(id) }
     }
 
-    private static func isIPAddress(_ text: String) -> Bool {
-        text.contains(":") || (text.split(separator: ".").count == 4 && text.allSatisfy { $0.isNumber || $0 == "." })
-    }
+    /// An IPv4 or IPv6 literal (the same test the serving certificate uses for IP SANs).
+    private static func isIPAddress(_ text: String) -> Bool { SigningAuthority.addressBytes(text) != nil }
 }
 
 /// A setting of the upstream CA that cannot work; the message names it.
