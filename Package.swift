@@ -50,9 +50,10 @@ let package = Package(
             name: "SDSAgent",
             dependencies: [
                 "SDSModel", "SDSServer", "SecretCache", "CertificateAuthority", "WorkloadAuthentication", "KubernetesAPI",
-                "UpstreamCA", "CentralCA", "IstioAPI",
+                "UpstreamCA", "CentralCA", "IstioAPI", "WorkloadAPI", "SPIFFEAPI",
                 .product(name: "GRPCCore", package: "grpc-swift-2"),
                 .product(name: "SwiftASN1", package: "swift-asn1"),
+                .product(name: "Yams", package: "Yams"),
                 .product(name: "GRPCNIOTransportHTTP2", package: "grpc-swift-nio-transport"),
                 .product(name: "ServiceLifecycle", package: "swift-service-lifecycle"),
                 .product(name: "UnixSignals", package: "swift-service-lifecycle"),
@@ -74,6 +75,17 @@ let package = Package(
                 .product(name: "GRPCCore", package: "grpc-swift-2"),
                 .product(name: "AsyncAlgorithms", package: "swift-async-algorithms"),
                 .product(name: "CoreMetrics", package: "swift-metrics"),
+                .product(name: "Logging", package: "swift-log"),
+            ]
+        ),
+        // The SPIFFE Workload API on the peer-attested socket (X.509- and JWT-SVIDs, bundles).
+        .target(
+            name: "WorkloadAPI",
+            dependencies: [
+                "SDSModel", "SDSServer", "SecretCache", "SPIFFEAPI",
+                .product(name: "GRPCCore", package: "grpc-swift-2"),
+                .product(name: "SwiftASN1", package: "swift-asn1"),
+                .product(name: "SwiftProtobuf", package: "swift-protobuf"),
                 .product(name: "Logging", package: "swift-log"),
             ]
         ),
@@ -117,6 +129,8 @@ let package = Package(
         .target(
             name: "KubernetesAPI",
             dependencies: [
+                "SDSModel",
+                .product(name: "Logging", package: "swift-log"),
                 .product(name: "AsyncHTTPClient", package: "async-http-client"),
                 .product(name: "NIOCore", package: "swift-nio"),
                 .product(name: "NIOHTTP1", package: "swift-nio"),
@@ -164,6 +178,16 @@ let package = Package(
         // Generated from Protos/security/ (Istio's CA API) by scripts/generate-protos.sh. Do not edit.
         .target(
             name: "IstioAPI",
+            dependencies: [
+                .product(name: "SwiftProtobuf", package: "swift-protobuf"),
+                .product(name: "GRPCCore", package: "grpc-swift-2"),
+                .product(name: "GRPCProtobuf", package: "grpc-swift-protobuf"),
+            ]
+        ),
+
+        // Generated from Protos/spiffe/ (the SPIFFE Workload API) by scripts/generate-protos.sh. Do not edit.
+        .target(
+            name: "SPIFFEAPI",
             dependencies: [
                 .product(name: "SwiftProtobuf", package: "swift-protobuf"),
                 .product(name: "GRPCCore", package: "grpc-swift-2"),

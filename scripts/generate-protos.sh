@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Regenerates Sources/EnvoyAPI and Sources/IstioAPI from Protos/ and records a checksum of the inputs.
+# Regenerates Sources/EnvoyAPI, Sources/IstioAPI and Sources/SPIFFEAPI from Protos/ and records a checksum of the inputs.
 # Needs protoc (Debian: protobuf-compiler); builds the Swift protoc plugins into .build-protoc
 # (minutes the first time). CI never runs this: it runs scripts/check-generated.sh.
 set -euo pipefail
@@ -14,7 +14,8 @@ swift build --package-path scripts/protoc-plugins --scratch-path "$SCRATCH" -c r
   --product protoc-gen-grpc-swift-2 >&2
 BIN=$(swift build --package-path scripts/protoc-plugins --scratch-path "$SCRATCH" -c release --show-bin-path)
 
-# Envoy's API goes to Sources/EnvoyAPI, Istio's CA API (Protos/security/) to Sources/IstioAPI.
+# Envoy's API goes to Sources/EnvoyAPI, Istio's CA API (Protos/security/) to Sources/IstioAPI,
+# the SPIFFE Workload API (Protos/spiffe/) to Sources/SPIFFEAPI.
 generate() {
   local out=$1; shift
   mkdir -p "$out"
@@ -31,11 +32,13 @@ generate() {
     grep -q 'ServiceProtocol' "$f" || rm -f "$f"
   done
 }
-mapfile -t ENVOY < <(cd Protos && find . -name '*.proto' -not -path './security/*' | sed 's|^\./||' | LC_ALL=C sort)
+mapfile -t ENVOY < <(cd Protos && find . -name '*.proto' -not -path './security/*' -not -path './spiffe/*' | sed 's|^\./||' | LC_ALL=C sort)
 mapfile -t ISTIO < <(cd Protos && find ./security -name '*.proto' | sed 's|^\./||' | LC_ALL=C sort)
 generate Sources/EnvoyAPI "${ENVOY[@]}"
+mapfile -t SPIFFE < <(cd Protos && find ./spiffe -name '*.proto' | sed 's|^\./||' | LC_ALL=C sort)
 generate Sources/IstioAPI "${ISTIO[@]}"
-PROTOS=("${ENVOY[@]}" "${ISTIO[@]}")
+generate Sources/SPIFFEAPI "${SPIFFE[@]}"
+PROTOS=("${ENVOY[@]}" "${ISTIO[@]}" "${SPIFFE[@]}")
 OUT=Sources/EnvoyAPI
 
 scripts/check-generated.sh --print > "$OUT/PROTOS.sha256"

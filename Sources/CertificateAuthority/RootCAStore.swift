@@ -220,7 +220,7 @@ public enum RootCAStore {
 
     /// Writes through a temporary file created with `mode` (so a key is never readable by others,
     /// even for a moment), then renames it into place.
-    private static func writeAtomically(_ text: String, to path: String, mode: mode_t) throws(CAStoreError) {
+    static func writeAtomically(_ text: String, to path: String, mode: mode_t) throws(CAStoreError) {
         let temporary = path + ".tmp"
         unlink(temporary)
         let fd = open(temporary, O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC, mode)

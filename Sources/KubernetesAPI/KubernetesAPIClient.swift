@@ -49,6 +49,8 @@ public final class KubernetesAPIClient: Sendable {
 
     public let configuration: Configuration
     private let http: HTTPClient
+    /// For watches: no read timeout (a quiet watch sends nothing for minutes); the server ends it.
+    private let streamingHTTP: HTTPClient
 
     /// Loads the CA file; fails with a message naming it.
     public init(configuration: Configuration) throws(KubernetesAPIError) {
@@ -74,6 +76,9 @@ public final class KubernetesAPIClient: Sendable {
         httpConfiguration.httpVersion = .http1Only
         self.configuration = configuration
         self.http = HTTPClient(eventLoopGroupProvider: .singleton, configuration: httpConfiguration)
+        var streamingConfiguration = httpConfiguration
+        streamingConfiguration.timeout = .init(connect: timeout, read: nil)
+        self.streamingHTTP = HTTPClient(eventLoopGroupProvider: .singleton, configuration: streamingConfiguration)
     }
 
     /// GET `path` (e.g. `/openid/v1/jwks`); the body of a 200 answer.
@@ -86,12 +91,49 @@ public final class KubernetesAPIClient: Sendable {
         try await send(method: .POST, path: path, json: json)
     }
 
-    /// Closes the connection pool.
-    public func shutdown() async {
-        try? await http.shutdown()
+    /// GET `path` as a stream of newline-separated JSON documents (a watch), handing each line to
+    /// `onLine` as it arrives; returns when the server ends the response. Lines are bounded by
+    /// ``Configuration/maxResponseBytes``; `deadline` bounds the whole response.
+    public func streamLines(
+        _ path: String, deadline: Duration, onLine: (Data) async -> Void
+    ) async throws(KubernetesAPIError) {
+        let what = "GET \(configuration.serverURL)\(path)"
+        do {
+            let request = try makeRequest(method: .GET, path: path, json: nil)
+            let response = try await streamingHTTP.execute(request, timeout: .seconds(deadline.components.seconds))
+            guard response.status.code == 200 else {
+                let body = try await response.body.collect(upTo: 4096)
+                let transient = response.status.code >= 500 || response.status.code == 429
+                throw KubernetesAPIError(
+                    message: "\(what): HTTP \(response.status.code) \(String(buffer: body).prefix(300))", isTransient: transient)
+            }
+            var pending = Data()
+            for try await chunk in response.body {
+                pending.append(contentsOf: chunk.readableBytesView)
+                while let newline = pending.firstIndex(of: UInt8(ascii: "\n")) {
+                    let line = pending[pending.startIndex..<newline]
+                    if !line.isEmpty { await onLine(Data(line)) }
+                    pending.removeSubrange(pending.startIndex...newline)
+                }
+                guard pending.count <= configuration.maxResponseBytes else {
+                    throw KubernetesAPIError(message: "\(what): a line longer than \(configuration.maxResponseBytes) bytes", isTransient: true)
+                }
+            }
+            if !pending.isEmpty { await onLine(pending) }
+        } catch let error as KubernetesAPIError {
+            throw error
+        } catch {
+            throw KubernetesAPIError(message: "\(what): \(error)", isTransient: true)
+        }
     }
 
-    private func send(method: HTTPMethod, path: String, json: Data?) async throws(KubernetesAPIError) -> Data {
+    /// Closes the connection pools.
+    public func shutdown() async {
+        try? await http.shutdown()
+        try? await streamingHTTP.shutdown()
+    }
+
+    private func makeRequest(method: HTTPMethod, path: String, json: Data?) throws(KubernetesAPIError) -> HTTPClientRequest {
         var request = HTTPClientRequest(url: configuration.serverURL + path)
         request.method = method
         request.headers.add(name: "Accept", value: "application/json")
@@ -107,6 +149,11 @@ public final class KubernetesAPIClient: Sendable {
             }
             request.headers.add(name: "Authorization", value: "Bearer \(token)")
         }
+        return request
+    }
+
+    private func send(method: HTTPMethod, path: String, json: Data?) async throws(KubernetesAPIError) -> Data {
+        let request = try makeRequest(method: method, path: path, json: json)
         let what = "\(method) \(configuration.serverURL)\(path)"
         do {
             let response = try await http.execute(request, timeout: .seconds(configuration.timeout.components.seconds))

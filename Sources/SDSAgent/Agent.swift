@@ -5,12 +5,14 @@ import GRPCCore
 import GRPCNIOTransportHTTP2
 import KubernetesAPI
 import Logging
+import NIOCore
 import SDSModel
 import SDSServer
 import SecretCache
 import ServiceLifecycle
 import UnixSignals
 import UpstreamCA
+import WorkloadAPI
 import WorkloadAuthentication
 import X509
 
@@ -35,6 +37,10 @@ public struct Agent: Service {
     private let fileKeys: JWKSFileKeySource?
     private let reloadSettings: @Sendable () async -> AgentConfiguration?
     private let api: KubernetesAPIClient?
+    /// This node's pods, watched (with a peer-attested socket or an attestation policy).
+    private let podWatcher: KubernetesPodWatcher?
+    /// The SPIFFE Workload API, served on the peer-attested socket.
+    private let workloadAPI: SpiffeWorkloadAPIService?
     private let logger: Logger
     private let now: @Sendable () -> Date
     /// The cache, exposed for tests and diagnostics.
@@ -56,12 +62,15 @@ public struct Agent: Service {
         // The verifiers first (a missing JWKS file fails here), the CA after: nothing is generated
         // or persisted before every input has loaded. An HTTPS client opened for the verifiers is
         // shut down if the CA then fails.
-        let verifiers = try await configuration.tokens.makeAuthenticator(logger: logger, now: now)
+        let attestationPolicy = try configuration.loadAttestationPolicy()
+        let verifiers = try await configuration.tokens.makeAuthenticator(
+            logger: logger, now: now, needsAPI: configuration.attestation.needsPods)
         let (authenticator, keySource, api) = (verifiers.authenticator, verifiers.keySource, verifiers.api)
         let (caChanges, changeSink) = AsyncStream.makeStream(of: IssuerChange.self)
         let issuer: any CertificateIssuer
         var ca: EmbeddedCA?
         var upstream: UpstreamCA?
+        var jwtAuthority: JWTAuthority?
         let loadedFromFiles = configuration.caCertificateFile != nil || configuration.caDirectory != nil
         do {
             if var upstreamConfiguration = configuration.upstreamCA {
@@ -107,6 +116,10 @@ public struct Agent: Service {
                 logger.info("CA certificate", metadata: [
                     "not_after": "\(notAfter.formatted(.iso8601))", "subject": "\(authority.certificate.subject)",
                 ])
+                if configuration.attestation.workloadSocketPath != nil {
+                    jwtAuthority = try JWTAuthority.loadOrCreate(
+                        stateDirectory: configuration.stateDirectory, trustDomain: configuration.trustDomain)
+                }
                 if notAfter < now().addingTimeInterval(configuration.certificateTTL.timeInterval) {
                     logger.warning(
                         "certificates will be cut short: the CA expires before --cert-ttl runs out",
@@ -143,6 +156,17 @@ public struct Agent: Service {
         if let upstream, let address = configuration.upstreamCA.map({ "\($0.host):\($0.port)" }) {
             readiness.add { upstream.isReachable == false ? "the upstream CA \(address) does not answer" : nil }
         }
+        var podWatcher: KubernetesPodWatcher?
+        if configuration.attestation.needsPods, let api, let node = configuration.attestation.nodeName {
+            let watcher = KubernetesPodWatcher(client: api, configuration: .init(nodeName: node), logger: logger)
+            readiness.add { watcher.hasListed ? nil : "the pods of node \(node) have not been listed from the API server yet" }
+            podWatcher = watcher
+        }
+        let attestor = configuration.attestation.needsPods
+            ? WorkloadAttestor(
+                pods: podWatcher, procRoot: configuration.peerPolicy.procRoot, trustDomain: configuration.trustDomain,
+                policy: attestationPolicy)
+            : nil
         var serverConfiguration = SDSServerConfiguration(
             workloadSecretName: configuration.workloadSecretName,
             validationContextNames: configuration.effectiveValidationContextNames,
@@ -152,7 +176,17 @@ public struct Agent: Service {
         serverConfiguration.allBundlesName = configuration.allBundlesName
         let service = SecretDiscoveryService(
             configuration: serverConfiguration, authenticator: authenticator, secrets: cache, logger: logger, now: now,
-            readiness: { readiness.notReadyReason }, federation: federation)
+            readiness: { readiness.notReadyReason }, federation: federation, attestor: attestor)
+        let workloadAPI = configuration.attestation.workloadSocketPath == nil
+            ? nil
+            : SpiffeWorkloadAPIService(
+                admission: service.admission, secrets: cache, federation: federation, jwt: jwtAuthority,
+                jwtTTL: configuration.attestation.jwtSVIDTTL, logger: logger, now: now)
+        if !attestationPolicy.rules.isEmpty {
+            logger.info("attestation policy loaded", metadata: [
+                "file": "\(configuration.attestation.policyFile ?? "-")", "rules": "\(attestationPolicy.rules.count)",
+            ])
+        }
         logger.info(
             "verifier and CA loaded",
             metadata: [
@@ -164,7 +198,7 @@ public struct Agent: Service {
             configuration: configuration, service: service, ca: ca, upstream: upstream, readiness: readiness, caChanges: caChanges,
             canRotateCA: ca != nil && !loadedFromFiles,
             keySource: keySource, fileKeys: verifiers.fileKeys, reloadSettings: reloadSettings, api: api, logger: logger,
-            now: now, cache: cache, stateLock: stateLock, federation: federation)
+            now: now, cache: cache, stateLock: stateLock, federation: federation, podWatcher: podWatcher, workloadAPI: workloadAPI)
     }
 
     private init(
@@ -173,8 +207,10 @@ public struct Agent: Service {
         caChanges: AsyncStream<IssuerChange>, canRotateCA: Bool, keySource: OIDCDiscoveryKeySource?,
         fileKeys: JWKSFileKeySource?, reloadSettings: @escaping @Sendable () async -> AgentConfiguration?, api: KubernetesAPIClient?,
         logger: Logger, now: @escaping @Sendable () -> Date, cache: SecretCache, stateLock: StateDirectoryLock,
-        federation: FederatedBundles?
+        federation: FederatedBundles?, podWatcher: KubernetesPodWatcher?, workloadAPI: SpiffeWorkloadAPIService?
     ) {
+        self.podWatcher = podWatcher
+        self.workloadAPI = workloadAPI
         self.stateLock = stateLock
         self.federation = federation
         self.keySource = keySource
@@ -227,28 +263,24 @@ public struct Agent: Service {
         defer { unlink(path) }
         let limits = configuration.limits
         let connections = ConnectionGuard(limits: limits.connections, logger: logger)
-        let transport = HTTP2ServerTransport.Posix(
-            listeningSocketDescriptor: Int(fd), transportSecurity: .plaintext,
-            config: .defaults { config in
-                config.http2.maxConcurrentStreams = configuration.maxStreamsPerConnection
-                config.rpc.maxRequestPayloadSize = limits.maxRequestBytes
-                // Not for debugging: the public hooks that see the listener, each connection and
-                // each stream's connection.
-                config.channelDebuggingCallbacks.onBindTCPListener = { channel in
-                    // NIO listens again with its own backlog of 128 when it adopts the socket; at a
-                    // node restart hundreds of sidecars connect at once, and connections past the
-                    // backlog are refused by the kernel (measured: 35% failed at 1,000). Listening
-                    // once more sets ours (listen(2) on a listening socket only updates it).
-                    channel.eventLoop.makeCompletedFuture {
-                        guard listen(fd, limits.listenBacklog) == 0 else {
-                            throw ListenerError(path: path, "listen(backlog \(limits.listenBacklog)): errno \(errno)")
-                        }
-                    }
-                }
-                config.channelDebuggingCallbacks.onAcceptTCPConnection = connections.install
-                config.channelDebuggingCallbacks.onAcceptHTTP2Stream = PeerCredentialsHandler.install
-            })
+        let transport = makeTransport(fd: fd, path: path, connections: connections, onStream: PeerCredentialsHandler.install)
         let server = GRPCServer(transport: transport, services: [service])
+        // The peer-attested socket: the same SDS service (callers proven by their pod, not a
+        // token) and the SPIFFE Workload API; the same connection limits.
+        let workloadServer: GRPCServer<HTTP2ServerTransport.Posix>?
+        if let workloadPath = configuration.attestation.workloadSocketPath, let workloadAPI {
+            let workloadFD = try UnixSocketListener.bind(
+                path: workloadPath, mode: mode_t(configuration.socketMode), backlog: limits.listenBacklog)
+            let workloadTransport = makeTransport(
+                fd: workloadFD, path: workloadPath, connections: connections, onStream: PeerCredentialsHandler.installForWorkloadSocket)
+            workloadServer = GRPCServer(transport: workloadTransport, services: [service, workloadAPI])
+            logger.notice("peer-attested socket serving SDS and the SPIFFE Workload API", metadata: [
+                "socket": "\(workloadPath)", "node": "\(configuration.attestation.nodeName ?? "-")",
+            ])
+        } else {
+            workloadServer = nil
+        }
+        defer { if let workloadPath = configuration.attestation.workloadSocketPath { unlink(workloadPath) } }
         logger.notice(
             "sds-agent serving",
             metadata: [
@@ -279,6 +311,16 @@ public struct Agent: Service {
                         if !Task.isCancelled { throw error }
                     }
                 }
+                if let workloadServer {
+                    group.addTask {
+                        do {
+                            try await workloadServer.serve()
+                        } catch {
+                            if !Task.isCancelled { throw error }
+                        }
+                    }
+                }
+                if let podWatcher { group.addTask { await podWatcher.run() } }
                 group.addTask { try await rotator.run() }
                 if let federation {
                     group.addTask { [cache] in await federation.watch { cache.bundleChanged() } }
@@ -350,6 +392,7 @@ public struct Agent: Service {
                                 service.authorization.replace(with: fresh.authorization)
                                 logger.notice("authorization policy reloaded", metadata: ["policy": "\(fresh.authorization)"])
                             }
+                            reloadAttestationPolicy(file: fresh.attestation.policyFile)
                         }
                         await fileKeys?.reload(logger: logger)
                     }
@@ -360,7 +403,54 @@ public struct Agent: Service {
         } onGracefulShutdown: {
             logger.notice("shutting down: no new streams; open streams end")
             server.beginGracefulShutdown()
+            workloadServer?.beginGracefulShutdown()
             upstream?.shutdown()
+        }
+    }
+
+    /// The gRPC transport on a listening socket we made: our backlog, the connection guard, and
+    /// `onStream` (the peer credentials of each stream, marked with the socket).
+    private func makeTransport(
+        fd: Int32, path: String, connections: ConnectionGuard, onStream: @escaping @Sendable (any Channel) -> EventLoopFuture<Void>
+    ) -> HTTP2ServerTransport.Posix {
+        let limits = configuration.limits
+        return HTTP2ServerTransport.Posix(
+            listeningSocketDescriptor: Int(fd), transportSecurity: .plaintext,
+            config: .defaults { config in
+                config.http2.maxConcurrentStreams = configuration.maxStreamsPerConnection
+                config.rpc.maxRequestPayloadSize = limits.maxRequestBytes
+                // Not for debugging: the public hooks that see the listener, each connection and
+                // each stream's connection.
+                config.channelDebuggingCallbacks.onBindTCPListener = { channel in
+                    // NIO listens again with its own backlog of 128 when it adopts the socket; at a
+                    // node restart hundreds of sidecars connect at once, and connections past the
+                    // backlog are refused by the kernel (measured: 35% failed at 1,000). Listening
+                    // once more sets ours (listen(2) on a listening socket only updates it).
+                    channel.eventLoop.makeCompletedFuture {
+                        guard listen(fd, limits.listenBacklog) == 0 else {
+                            throw ListenerError(path: path, "listen(backlog \(limits.listenBacklog)): errno \(errno)")
+                        }
+                    }
+                }
+                config.channelDebuggingCallbacks.onAcceptTCPConnection = connections.install
+                config.channelDebuggingCallbacks.onAcceptHTTP2Stream = onStream
+            })
+    }
+
+    /// SIGHUP: the attestation policy file read again; a file that does not load changes nothing.
+    private func reloadAttestationPolicy(file: String?) {
+        guard let attestor = service.admission.attestor else {
+            if file != nil { logger.warning("SIGHUP: --attestation-policy needs a restart to be turned on") }
+            return
+        }
+        do {
+            let fresh = try file.map { path throws(ConfigurationError) in try AttestationPolicyFile.load(path) } ?? .none
+            if fresh != attestor.policy {
+                attestor.replacePolicy(with: fresh)
+                logger.notice("attestation policy reloaded", metadata: ["rules": "\(fresh.rules.count)"])
+            }
+        } catch {
+            logger.error("reload refused for the attestation policy; the rules in force stay", metadata: ["error": "\(error)"])
         }
     }
 

@@ -74,6 +74,32 @@ public struct AgentConfiguration: Sendable {
     }
     /// A remote CA behind Istio's CSR API instead of the embedded CA (`--upstream-ca`).
     public var upstreamCA: UpstreamCA.Configuration?
+    /// Attestation through the caller's pod: the peer-attested socket, the node, the policy.
+    public var attestation = Attestation()
+
+    /// Attestation through the caller's pod (peer PID → cgroup → pod from the API server).
+    public struct Attestation: Sendable, Hashable {
+        /// The peer-attested socket (`--workload-socket`): SDS without a token, and the SPIFFE
+        /// Workload API; nil for none.
+        public var workloadSocketPath: String?
+        /// This node (`--node-name`): whose pods are listed and watched.
+        public var nodeName: String?
+        /// YAML rules on images, labels and node labels per identity (`--attestation-policy`).
+        public var policyFile: String?
+        /// Lifetime of the JWT-SVIDs the Workload API issues (`--jwt-svid-ttl`).
+        public var jwtSVIDTTL: Duration = .seconds(300)
+
+        public init() {}
+
+        /// Whether pods must be looked up: a peer-attested socket or a policy file.
+        public var needsPods: Bool { workloadSocketPath != nil || policyFile != nil }
+    }
+
+    /// The attestation policy in the file, or none; the error names the file.
+    public func loadAttestationPolicy() throws(ConfigurationError) -> AttestationPolicy {
+        guard let file = attestation.policyFile else { return .none }
+        return try AttestationPolicyFile.load(file)
+    }
 
     /// Bounds on what callers can make the agent hold; each is answered to the offending caller
     /// only, logged (throttled) and counted.
@@ -196,6 +222,34 @@ public struct AgentConfiguration: Sendable {
                 throw fail("--proc-root '\(peerPolicy.procRoot)' is not a directory; --peer-pod-binding reads <proc-root>/<pid>/cgroup")
             }
         }
+        if attestation.needsPods {
+            let what = attestation.workloadSocketPath != nil ? "--workload-socket" : "--attestation-policy"
+            guard let node = attestation.nodeName, !node.isEmpty else {
+                throw fail("\(what) needs --node-name: the pods of this node are read from the API server (Deploy/: the downward API's spec.nodeName)")
+            }
+            guard KubernetesName.isValid(node) || node.split(separator: ".").allSatisfy({ KubernetesName.isValid(String($0)) }) else {
+                throw fail("--node-name '\(node)' is not a Kubernetes node name")
+            }
+            guard tokens.kubernetesAPI != nil else {
+                throw fail("\(what) needs the API server: --kube-api-server https://… (in a pod, KUBERNETES_SERVICE_HOST sets it)")
+            }
+            var isDirectory: ObjCBool = false
+            guard FileManager.default.fileExists(atPath: peerPolicy.procRoot, isDirectory: &isDirectory), isDirectory.boolValue else {
+                throw fail("--proc-root '\(peerPolicy.procRoot)' is not a directory; \(what) reads <proc-root>/<pid>/cgroup")
+            }
+        }
+        if let workloadSocket = attestation.workloadSocketPath {
+            guard !workloadSocket.isEmpty, workloadSocket != socketPath else {
+                throw fail("--workload-socket must be a path other than --socket")
+            }
+            if upstreamCA?.credentialMode == .forward {
+                throw fail("--workload-socket callers send no token to forward: use --upstream-ca-credential node")
+            }
+        }
+        guard attestation.jwtSVIDTTL >= .seconds(10), attestation.jwtSVIDTTL <= .seconds(24 * 3600) else {
+            throw fail("--jwt-svid-ttl must be between 10s and 24h")
+        }
+        _ = try loadAttestationPolicy()
         if let rule = authorization.malformedRule() {
             throw fail("authorization rule '\(rule)' is malformed: namespaces are NAME or PREFIX*, service accounts NAMESPACE/NAME")
         }

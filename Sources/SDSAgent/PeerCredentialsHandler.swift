@@ -38,6 +38,15 @@ final class PeerCredentialsHandler: ChannelInboundHandler, RemovableChannelHandl
     /// with the credentials of the stream's connection, and tells the connection's
     /// ``ConnectionWatch`` (when there is one) that a stream opened and, later, closed.
     @Sendable static func install(on streamChannel: any Channel) -> EventLoopFuture<Void> {
+        install(on: streamChannel, socket: .token)
+    }
+
+    /// The callback for the peer-attested socket: the credentials say the stream came in there.
+    @Sendable static func installForWorkloadSocket(on streamChannel: any Channel) -> EventLoopFuture<Void> {
+        install(on: streamChannel, socket: .workload)
+    }
+
+    private static func install(on streamChannel: any Channel, socket: PeerCredentials.Socket) -> EventLoopFuture<Void> {
         let watch = streamChannel.parent.flatMap { try? $0.pipeline.syncOperations.handler(type: ConnectionWatch.self) }
         // The connection's credentials were read once, when it was accepted.
         let peer: EventLoopFuture<PeerCredentials?> =
@@ -45,6 +54,7 @@ final class PeerCredentialsHandler: ChannelInboundHandler, RemovableChannelHandl
                 peerCredentials(of: parent)
             } else { streamChannel.eventLoop.makeSucceededFuture(nil) }
         return peer.flatMapThrowing { peer in
+            let peer = peer.map { PeerCredentials(pid: $0.pid, uid: $0.uid, gid: $0.gid, socket: socket) }
             if let watch {
                 watch.streamOpened()
                 streamChannel.closeFuture.whenComplete { _ in watch.streamClosed() }

@@ -10,18 +10,32 @@ public struct PeerCredentials: Hashable, Sendable, CustomStringConvertible {
     public var uid: UInt32
     /// Effective group ID of the peer at connect time.
     public var gid: UInt32
+    /// Which of the agent's sockets the connection came in on.
+    public var socket: Socket
 
-    public init(pid: Int32, uid: UInt32, gid: UInt32) {
+    /// The agent's sockets: the token socket (`--socket`), where callers prove themselves with a
+    /// service-account token, and the peer-attested socket (`--workload-socket`), where the
+    /// calling process's pod is the proof.
+    public enum Socket: String, Sendable, Hashable {
+        case token
+        case workload
+    }
+
+    public init(pid: Int32, uid: UInt32, gid: UInt32, socket: Socket = .token) {
         self.pid = pid
         self.uid = uid
         self.gid = gid
+        self.socket = socket
     }
 
     /// The call-metadata key the transport writes the credentials under.
     public static let metadataKey = "x-sds-agent-peer"
 
-    /// The metadata value, `pid=<pid>;uid=<uid>;gid=<gid>`.
-    public var metadataValue: String { "pid=\(pid);uid=\(uid);gid=\(gid)" }
+    /// The metadata value, `pid=<pid>;uid=<uid>;gid=<gid>`, then `;socket=workload` for the
+    /// peer-attested socket.
+    public var metadataValue: String {
+        "pid=\(pid);uid=\(uid);gid=\(gid)" + (socket == .workload ? ";socket=workload" : "")
+    }
 
     /// Parses ``metadataValue``; nil for anything else.
     public init?(metadataValue: String) {
@@ -30,10 +44,11 @@ public struct PeerCredentials: Hashable, Sendable, CustomStringConvertible {
             let pair = part.split(separator: "=", maxSplits: 1)
             guard pair.count == 2, fields.updateValue(pair[1], forKey: pair[0]) == nil else { return nil }
         }
-        guard fields.count == 3, let pid = fields["pid"].flatMap({ Int32($0) }),
+        let socket = fields["socket"].map { Socket(rawValue: String($0)) } ?? .token
+        guard fields.count == (fields["socket"] == nil ? 3 : 4), let socket, let pid = fields["pid"].flatMap({ Int32($0) }),
             let uid = fields["uid"].flatMap({ UInt32($0) }), let gid = fields["gid"].flatMap({ UInt32($0) })
         else { return nil }
-        self.init(pid: pid, uid: uid, gid: gid)
+        self.init(pid: pid, uid: uid, gid: gid, socket: socket)
     }
 
     public var description: String { metadataValue }

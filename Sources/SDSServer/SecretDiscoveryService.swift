@@ -16,7 +16,8 @@ import WorkloadAuthentication
 /// Uses the generated `ServiceProtocol` (not the simple one) because the token is call metadata.
 public struct SecretDiscoveryService: Envoy_Service_Secret_V3_SecretDiscoveryService.ServiceProtocol {
     let configuration: SDSServerConfiguration
-    let authenticator: any WorkloadAuthenticator
+    /// Who is calling: shared with the other services on the agent's sockets.
+    public let admission: CallerAdmission
     let secrets: any SecretSource
     let logger: Logger
     let metrics: SDSMetrics
@@ -24,11 +25,9 @@ public struct SecretDiscoveryService: Envoy_Service_Secret_V3_SecretDiscoverySer
     let streams: StreamSlots
     let refusalThrottle = LogThrottle(interval: .seconds(1))
     /// The authorization policy in force: starts as the configuration's, replaced by a reload.
-    public let authorization: Reloadable<AuthorizationPolicy>
+    public var authorization: Reloadable<AuthorizationPolicy> { admission.authorization }
     /// Who holds streams open now (for `sds-agent inspect`).
     public let openStreams = OpenStreams()
-    /// Why the agent cannot issue now (nil when it can): answered to a probe as `unavailable`.
-    let readiness: @Sendable () -> String?
     /// Other trust domains' bundles (``SDSServerConfiguration/federatedTrustDomains``).
     let federation: (any FederatedBundleSource)?
 
@@ -43,14 +42,15 @@ public struct SecretDiscoveryService: Envoy_Service_Secret_V3_SecretDiscoverySer
     public init(
         configuration: SDSServerConfiguration, authenticator: any WorkloadAuthenticator, secrets: any SecretSource,
         logger: Logger, metrics: any MetricsFactory = MetricsSystem.factory, now: @escaping @Sendable () -> Date = { Date() },
-        readiness: @escaping @Sendable () -> String? = { nil }, federation: (any FederatedBundleSource)? = nil
+        readiness: @escaping @Sendable () -> String? = { nil }, federation: (any FederatedBundleSource)? = nil,
+        attestor: WorkloadAttestor? = nil
     ) {
-        self.readiness = readiness
         self.federation = federation
-        self.authorization = Reloadable(configuration.authorization)
         self.metrics = SDSMetrics(factory: metrics)
+        self.admission = CallerAdmission(
+            configuration: configuration, authenticator: authenticator, attestor: attestor, readiness: readiness, logger: logger,
+            metrics: self.metrics)
         self.configuration = configuration
-        self.authenticator = authenticator
         self.secrets = secrets
         self.logger = logger
         self.now = now
@@ -155,76 +155,15 @@ public struct SecretDiscoveryService: Envoy_Service_Secret_V3_SecretDiscoverySer
         return .milliseconds(Int64(min(max(1, seconds), 365 * 86400) * 1000))
     }
 
-    /// Admits the connection's peer (UID), verifies the caller's token (failures: `unauthenticated`,
-    /// with the reason, never the token), then applies the authorization policy and the pod
-    /// binding (refusals: `permission_denied`). Every refusal is logged with the peer's pid/uid.
+    /// The caller, through ``CallerAdmission`` (token or peer attestation, policies).
     private func authenticate(_ metadata: Metadata, context: ServerContext) async throws -> AuthenticatedCaller {
-        let peer = metadata[stringValues: PeerCredentials.metadataKey].first(where: { _ in true })
-            .flatMap(PeerCredentials.init(metadataValue:))
-        var logMetadata: Logger.Metadata = [
-            "method": "\(context.descriptor.method)", "peer_pid": "\(peer.map { String($0.pid) } ?? "-")",
-            "peer_uid": "\(peer.map { String($0.uid) } ?? "-")",
-        ]
-        let token = CallerToken.extract(from: metadata, headerKey: configuration.tokenHeaderKey)
-        // A liveness probe (`sds-agent check`: the probe header and no token) expects a refusal:
-        // it is logged at debug level and not counted. A call with a token is never a probe, so
-        // the header cannot hide a refused token from the warnings or the metric.
-        let isProbe = token == nil && metadata[stringValues: CallerToken.probeHeader].contains { _ in true }
-        /// Logs the refusal, counts it, and returns the error for the caller.
-        func refuse(_ code: RPCError.Code, reason: String, _ event: Logger.Message, detail: String, message: String) -> RPCError {
-            logMetadata["reason"] = "\(detail)"
-            logger.log(level: isProbe ? .debug : .warning, event, metadata: logMetadata)
-            if !isProbe { metrics.refused(code, reason: reason) }
-            return RPCError(code: code, message: message)
-        }
-
-        // A probe learns whether the agent can issue: `unavailable` with the reason when it cannot
-        // (`sds-agent check` exits 1), the usual refusal when it can.
-        if isProbe, let reason = readiness() {
-            logger.debug("probe: not ready", metadata: ["reason": "\(reason)"])
-            throw RPCError(code: .unavailable, message: "not ready: \(reason)")
-        }
-        if case .denied(let reason) = configuration.peerPolicy.admit(peer: peer) {
-            throw refuse(.permissionDenied, reason: "peer", "refused SDS call: peer not allowed", detail: reason,
-                         message: "caller refused: \(reason)")
-        }
-        guard let token else {
-            logMetadata["expected_header"] = "\(configuration.tokenHeaderKey)"
-            throw refuse(
-                .unauthenticated, reason: "\(AuthenticationError.Code.missingCredential)",
-                "rejected SDS call: no service-account token in the call", detail: "no token",
-                message: "no service-account token: send it in '\(configuration.tokenHeaderKey)' or 'authorization: Bearer'")
-        }
-        var caller: AuthenticatedCaller
-        do {
-            caller = try await authenticator.authenticate(token: token)
-            caller.credential = CallerCredential(token: token, expiry: caller.credentialExpiry)
-        } catch {
-            logMetadata.merge(["detail": "\(error.message)", "kid": "\(error.keyID ?? "-")", "sub": "\(error.subject ?? "-")"]) { $1 }
-            // Our failure (keys not loaded, API server down) is `unavailable`: Envoy retries it.
-            if error.code.isTransient {
-                throw refuse(.unavailable, reason: "\(error.code)", "cannot verify SDS caller now", detail: "\(error.code)",
-                             message: "cannot verify the token now: \(error)")
-            }
-            throw refuse(.unauthenticated, reason: "\(error.code)", "rejected SDS call: token failed verification",
-                         detail: "\(error.code)", message: "token rejected: \(error)")
-        }
-        logMetadata.merge(["spiffe_id": "\(caller.spiffeID)", "sub": "\(caller.subject)", "kid": "\(caller.keyID ?? "-")"]) { $1 }
-        if case .denied(let reason) = authorization.value.evaluate(caller) {
-            throw refuse(.permissionDenied, reason: "policy", "refused SDS call: caller not authorized by policy", detail: reason,
-                         message: "\(caller.spiffeID) is not allowed here: \(reason)")
-        }
-        if case .denied(let reason) = configuration.peerPolicy.bind(peer: peer, to: caller) {
-            throw refuse(.permissionDenied, reason: "pod_binding", "refused SDS call: the token does not belong to the calling pod",
-                         detail: reason, message: "\(caller.spiffeID) refused: \(reason)")
-        }
-        return caller
+        try await admission.admit(metadata, method: context.descriptor.method)
     }
 }
 
 /// Runs `body`; an `RPCError` it throws reaches the caller with its message escaped and bounded
 /// (``CallerText``), since messages quote what callers sent (names, type URLs, token fields).
-func escapingErrors<T>(_ body: () async throws -> T) async throws -> T {
+public func escapingErrors<T>(_ body: () async throws -> T) async throws -> T {
     do {
         return try await body()
     } catch let error as RPCError {

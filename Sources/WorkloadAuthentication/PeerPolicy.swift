@@ -56,14 +56,10 @@ public struct PeerPolicy: Sendable, Equatable {
         guard let boundPod = caller.podUID else {
             return .denied(reason: "the token is not bound to a pod (no kubernetes.io pod uid); pod binding needs bound tokens")
         }
-        let path = "\(procRoot)/\(peer.pid)/cgroup"
-        guard let handle = FileHandle(forReadingAtPath: path),
-            let data = try? handle.readToEnd(), let contents = String(data: data, encoding: .utf8)
-        else {
-            return .denied(reason: "cannot read \(path) to find the peer's pod")
-        }
-        guard let peerPod = PodCgroup.podUID(cgroupFile: contents) else {
-            return .denied(reason: "peer pid \(peer.pid) is not in a Kubernetes pod's cgroup")
+        let peerPod: String
+        switch PodCgroup.podUID(pid: peer.pid, procRoot: procRoot) {
+        case .success(let uid): peerPod = uid
+        case .failure(let failure): return .denied(reason: failure.message)
         }
         guard peerPod == boundPod.lowercased() else {
             return .denied(reason: "the token is bound to pod \(boundPod) but the caller (pid \(peer.pid)) runs in pod \(peerPod)")
@@ -74,6 +70,25 @@ public struct PeerPolicy: Sendable, Equatable {
 
 /// Finds a pod UID in the contents of a `/proc/<pid>/cgroup` file.
 public enum PodCgroup {
+    /// Why a process's pod could not be found, in words.
+    public struct Failure: Error, Sendable {
+        public var message: String
+    }
+
+    /// The pod UID of process `pid`, read from `<procRoot>/<pid>/cgroup`.
+    public static func podUID(pid: Int32, procRoot: String) -> Result<String, Failure> {
+        let path = "\(procRoot)/\(pid)/cgroup"
+        guard let handle = FileHandle(forReadingAtPath: path),
+            let data = try? handle.readToEnd(), let contents = String(data: data, encoding: .utf8)
+        else {
+            return .failure(Failure(message: "cannot read \(path) to find the peer's pod"))
+        }
+        guard let uid = podUID(cgroupFile: contents) else {
+            return .failure(Failure(message: "peer pid \(pid) is not in a Kubernetes pod's cgroup"))
+        }
+        return .success(uid)
+    }
+
     /// The pod UID (lowercase, with dashes) of the first cgroup path that names one, else nil.
     ///
     /// Handles both kubelet cgroup drivers: cgroupfs (`/kubepods/burstable/pod<uid>/<container>`)

@@ -101,8 +101,20 @@ struct Serve: AsyncParsableCommand {
     @Flag(help: "Require the calling process to run in the pod its token is bound to (peer PID -> <proc-root>/<pid>/cgroup -> pod UID). Needs hostPID.")
     var peerPodBinding = false
 
-    @Option(help: "Where the node's /proc is visible to the agent (for --peer-pod-binding).")
+    @Option(help: "Where the node's /proc is visible to the agent (for --peer-pod-binding, --workload-socket and --attestation-policy).")
     var procRoot = "/proc"
+
+    @Option(help: "Peer-attested Unix socket: SDS without a token and the SPIFFE Workload API; the caller's identity is its pod's service account (peer PID -> cgroup -> pod from the API server). Needs --node-name and hostPID.")
+    var workloadSocket: String?
+
+    @Option(help: "This node's name (Deploy/: the downward API's spec.nodeName): its pods are listed and watched for attestation.")
+    var nodeName: String?
+
+    @Option(help: "YAML rules per identity on the pod's images, labels and node labels (applied on both sockets; reloaded on SIGHUP).")
+    var attestationPolicy: String?
+
+    @Option(help: ArgumentHelp("Lifetime of the JWT-SVIDs the Workload API issues, e.g. 5m.", valueName: "duration"))
+    var jwtSvidTtl: Duration = AgentConfiguration.Attestation().jwtSVIDTTL
 
     @Option(help: "Most connections open on the socket at once; one more is closed at accept (logged, counted).")
     var maxConnections = AgentConfiguration.Limits.defaults.connections.maxConnections
@@ -203,6 +215,10 @@ struct Serve: AsyncParsableCommand {
             return source
         }
         configuration.caKeyType = caKeyType
+        configuration.attestation.workloadSocketPath = workloadSocket
+        configuration.attestation.nodeName = nodeName
+        configuration.attestation.policyFile = attestationPolicy
+        configuration.attestation.jwtSVIDTTL = jwtSvidTtl
         if let upstreamCa {
             guard let (host, port) = UpstreamCA.Configuration.parseAddress(upstreamCa) else {
                 throw ValidationError("--upstream-ca '\(upstreamCa.callerText(limit: 128))' is not HOST:PORT such as istiod.istio-system.svc:15012")

@@ -61,3 +61,22 @@ def workdir():
     yield path
     if os.environ.get("SDS_E2E_KEEP") != "1":
         shutil.rmtree(path, ignore_errors=True)
+
+
+def pod_cgroup_line(pod_uid: str) -> str:
+    """A /proc/<pid>/cgroup line naming `pod_uid` the way the kubelet's systemd cgroup driver does."""
+    slice_name = "kubepods-burstable-pod" + pod_uid.replace("-", "_")
+    return f"0::/kubepods.slice/kubepods-burstable.slice/{slice_name}.slice/cri-containerd-e2e.scope"
+
+
+def in_pod(proc_root: str, pod_uid: str):
+    """A launcher that puts the process it execs into `pod_uid` in the fixture /proc."""
+    script = 'mkdir -p "$0/$$" && printf "%s\\n" "$1" > "$0/$$/cgroup" && shift && exec "$@"'
+    return ["sh", "-c", script, proc_root, pod_cgroup_line(pod_uid)]
+
+
+def put_in_pod(proc_root: str, pid: int, pod_uid: str):
+    """Puts the running process `pid` into `pod_uid` in the fixture /proc."""
+    os.makedirs(os.path.join(proc_root, str(pid)), exist_ok=True)
+    with open(os.path.join(proc_root, str(pid), "cgroup"), "w") as f:
+        f.write(pod_cgroup_line(pod_uid) + "\n")

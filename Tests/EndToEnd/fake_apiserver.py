@@ -4,7 +4,10 @@ There is no API server on these machines. This one answers the calls the agent m
 with the JSON shapes the real one uses: OIDC discovery, the JWKS, TokenReview, and (for `ca serve`'s
 node authorization) GET of a pod and the list of a namespace's pods on a node (which it
 decides by verifying the token against the signer's key, as the API server would, plus a set of
-revoked tokens standing in for deleted pods). It serves TLS with a certificate for 127.0.0.1
+revoked tokens standing in for deleted pods). For pod attestation it also answers the list of a
+node's pods across namespaces (`GET /api/v1/pods?fieldSelector=spec.nodeName%3DNODE`), its watch
+(`&watch=1&resourceVersion=N`: newline-separated watch events, as the API server streams them, until
+`timeoutSeconds`), and `GET /api/v1/nodes/NAME`. It serves TLS with a certificate for 127.0.0.1
 from a CA of its own, and answers only callers presenting the agent's bearer token.
 """
 import datetime
@@ -13,6 +16,7 @@ import json
 import os
 import ssl
 import threading
+import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import jwt
@@ -65,8 +69,16 @@ class FakeAPIServer:
         self.ca_file, cert_file, key_file = _certificates(directory)
         self.revoked = set()
         self.requests = []
-        # Pods by (namespace, name): {"uid", "serviceAccountName", "nodeName"} (for node authorization).
+        # Pods by (namespace, name): {"uid", "serviceAccountName", "nodeName"}, and optionally
+        # "labels" and "containers" [(name, image, imageID)] (for attestation).
         self.pods = {}
+        # Node labels by node name.
+        self.nodes = {}
+        # Watch events: (resourceVersion, type, namespace, name, pod); put_pod/delete_pod add them.
+        self.events = []
+        self.version = 1
+        self.changed = threading.Condition()
+        self.closing = False
         server = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -99,6 +111,14 @@ class FakeAPIServer:
                     self._answer(200, {"keys": [server.signer.jwk()]})
                 elif self.path.startswith("/api/v1/namespaces/"):
                     server.answer_pods(self)
+                elif self.path.startswith("/api/v1/pods?"):
+                    server.answer_node_pods(self)
+                elif self.path.startswith("/api/v1/nodes/"):
+                    name = self.path[len("/api/v1/nodes/"):]
+                    if name not in server.nodes:
+                        return self._answer(404, {"kind": "Status", "code": 404, "reason": "NotFound"})
+                    self._answer(200, {"apiVersion": "v1", "kind": "Node",
+                                       "metadata": {"name": name, "labels": server.nodes[name]}})
                 else:
                     self._answer(404, {"kind": "Status", "code": 404})
 
@@ -119,10 +139,65 @@ class FakeAPIServer:
 
     @staticmethod
     def _pod(namespace, name, pod):
+        containers = pod.get("containers", [])
         return {"apiVersion": "v1", "kind": "Pod",
-                "metadata": {"name": name, "namespace": namespace, "uid": pod["uid"]},
-                "spec": {"serviceAccountName": pod["serviceAccountName"], "nodeName": pod["nodeName"]},
-                "status": {"phase": "Running"}}
+                "metadata": {"name": name, "namespace": namespace, "uid": pod["uid"],
+                             "labels": pod.get("labels", {})},
+                "spec": {"serviceAccountName": pod["serviceAccountName"], "nodeName": pod["nodeName"],
+                         "containers": [{"name": c, "image": image} for c, image, _ in containers]},
+                "status": {"phase": "Running",
+                           "containerStatuses": [{"name": c, "image": image, "imageID": image_id, "ready": True}
+                                                 for c, image, image_id in containers]}}
+
+    def put_pod(self, namespace, name, **pod):
+        """Adds or changes a pod; watchers get ADDED or MODIFIED."""
+        with self.changed:
+            kind = "MODIFIED" if (namespace, name) in self.pods else "ADDED"
+            self.pods[(namespace, name)] = pod
+            self.version += 1
+            self.events.append((self.version, kind, namespace, name, pod))
+            self.changed.notify_all()
+
+    def delete_pod(self, namespace, name):
+        with self.changed:
+            pod = self.pods.pop((namespace, name))
+            self.version += 1
+            self.events.append((self.version, "DELETED", namespace, name, pod))
+            self.changed.notify_all()
+
+    def answer_node_pods(self, handler):
+        """The list of a node's pods in every namespace, or (watch=1) its watch, as the API server streams it."""
+        from urllib.parse import parse_qs, urlparse
+        query = {k: v[0] for k, v in parse_qs(urlparse(handler.path).query).items()}
+        node = query.get("fieldSelector", "").removeprefix("spec.nodeName=")
+        if query.get("watch") not in ("1", "true"):
+            with self.changed:
+                items = [self._pod(ns, name, pod) for (ns, name), pod in self.pods.items() if pod["nodeName"] == node]
+                version = self.version
+            return handler._answer(200, {"apiVersion": "v1", "kind": "PodList",
+                                         "metadata": {"resourceVersion": str(version)}, "items": items})
+        since = int(query.get("resourceVersion", "0") or 0)
+        deadline = time.monotonic() + min(float(query.get("timeoutSeconds", "60")), 60)
+        handler.send_response(200)
+        handler.send_header("Content-Type", "application/json")
+        handler.end_headers()
+        try:
+            while time.monotonic() < deadline and not self.closing:
+                with self.changed:
+                    fresh = [e for e in self.events if e[0] > since]
+                    if not fresh:
+                        self.changed.wait(timeout=0.2)
+                        continue
+                for version, kind, ns, name, pod in fresh:
+                    since = version
+                    if pod["nodeName"] != node:
+                        continue
+                    obj = self._pod(ns, name, pod)
+                    obj["metadata"]["resourceVersion"] = str(version)
+                    handler.wfile.write((json.dumps({"type": kind, "object": obj}) + "\n").encode())
+                    handler.wfile.flush()
+        except (BrokenPipeError, ConnectionResetError, ssl.SSLError):
+            pass
 
     def answer_pods(self, handler):
         """GET /api/v1/namespaces/NS/pods/NAME and GET /api/v1/namespaces/NS/pods?fieldSelector=spec.nodeName%3DNODE."""
@@ -159,6 +234,7 @@ class FakeAPIServer:
         return self
 
     def __exit__(self, *exc):
+        self.closing = True
         self.httpd.shutdown()
         self.httpd.server_close()
         self.thread.join(timeout=10)

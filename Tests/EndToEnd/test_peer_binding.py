@@ -8,20 +8,12 @@ The uid checks use the real uid of the Envoy processes.
 import os
 import uuid
 
-from conftest import AGENT_BIN, ENVOY_BIN
+from conftest import AGENT_BIN, ENVOY_BIN, in_pod
 from sdsdemo.node import Node
 
 TD = "spiffe://cluster.local"
 BACKEND = f"{TD}/ns/demo/sa/backend"
 FRONTEND = f"{TD}/ns/demo/sa/frontend"
-
-
-def in_pod(proc_root: str, pod_uid: str):
-    """A launcher that puts the process it execs into `pod_uid` in the fixture /proc."""
-    slice_name = "kubepods-burstable-pod" + pod_uid.replace("-", "_")
-    line = f"0::/kubepods.slice/kubepods-burstable.slice/{slice_name}.slice/cri-containerd-e2e.scope"
-    script = 'mkdir -p "$0/$$" && printf "%s\\n" "$1" > "$0/$$/cgroup" && shift && exec "$@"'
-    return ["sh", "-c", script, proc_root, line]
 
 
 def test_an_envoy_running_as_a_uid_not_allowed_gets_no_certificate(tmp_path):

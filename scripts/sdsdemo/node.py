@@ -52,11 +52,11 @@ def http_get(url: str, timeout: float = 5.0):
 class Process:
     """A child process tracked by PID, with its output in a log file."""
 
-    def __init__(self, name, argv, log_path, env=None):
+    def __init__(self, name, argv, log_path, env=None, cwd=None):
         self.name = name
         self.log_path = log_path
         self.log = open(log_path, "ab")
-        self.popen = subprocess.Popen(argv, stdout=self.log, stderr=subprocess.STDOUT, env=env,
+        self.popen = subprocess.Popen(argv, stdout=self.log, stderr=subprocess.STDOUT, env=env, cwd=cwd,
                                       start_new_session=True)
         self.pid = self.popen.pid
 
@@ -177,8 +177,8 @@ class Node:
         self.agent = None
         self._base_id = int.from_bytes(os.urandom(2), "big") * 10
 
-    def start(self, name, argv):
-        process = Process(name, argv, os.path.join(self.workdir, f"{name}.log"))
+    def start(self, name, argv, cwd=None):
+        process = Process(name, argv, os.path.join(self.workdir, f"{name}.log"), cwd=cwd)
         self.processes.append(process)
         return process
 
@@ -218,9 +218,11 @@ class Node:
 
     def start_envoy(self, name, token_file, app_port=None, allow_ids=(), upstream_port=None, upstream_ids=(),
                     validation_context_name="ROOTCA", initial_fetch_timeout="0s", wait_live=True,
-                    api_type="GRPC", max_requests_per_connection=1000, launcher=()) -> Envoy:
+                    api_type="GRPC", max_requests_per_connection=1000, launcher=(), cwd=None,
+                    transform=None) -> Envoy:
         """Renders the bootstrap and starts Envoy; `launcher` is an argv prefix that must exec Envoy
-        (so the tracked PID is Envoy's)."""
+        (so the tracked PID is Envoy's); `transform(path)` may rewrite the rendered bootstrap;
+        `cwd` is Envoy's working directory."""
         admin, inbound, outbound = free_port(), free_port(), free_port()
         bootstrap = os.path.join(self.workdir, f"envoy-{name}.yaml")
         args = [self.agent_bin, "bootstrap", "--template", os.path.join(REPO, "envoy-bootstrap", "envoy-sidecar.yaml"),
@@ -237,10 +239,12 @@ class Node:
         for spiffe_id in upstream_ids:
             args += ["--upstream-id", spiffe_id]
         subprocess.run(args, check=True, capture_output=True, timeout=30)
+        if transform:
+            transform(bootstrap)
         self._base_id += 1
         process = self.start(f"envoy-{name}", [
             *launcher, self.envoy_bin, "-c", bootstrap, "--base-id", str(self._base_id), "--log-level", "warning",
-            "--drain-time-s", "1", "--parent-shutdown-time-s", "2"])
+            "--drain-time-s", "1", "--parent-shutdown-time-s", "2"], cwd=cwd)
         envoy = Envoy(name, process, admin, inbound, outbound, bootstrap)
         if wait_live:
             wait_until(lambda: process.alive() and envoy.ready() == "LIVE" or not process.alive(), 60,

@@ -1,0 +1,123 @@
+import Crypto
+import Foundation
+import SDSModel
+
+/// The CA module's JWT-SVID signer (SPIFFE JWT-SVID: ES256, `sub` the SPIFFE ID, `aud` the
+/// audiences asked for, `exp`, `iat`), for the SPIFFE Workload API.
+///
+/// Its P-256 key is kept in the state directory (`jwt-signing-key.pem`, mode 0600) so tokens
+/// outlive a restart; the key ID is the key's RFC 7638 thumbprint. The JWT bundle it publishes
+/// is a JWKS with that key, `use: jwt-svid`, as SPIFFE bundles carry it.
+public final class JWTAuthority: Sendable {
+    private let key: P256.Signing.PrivateKey
+    public let trustDomain: String
+    /// The key ID in every token's header and in the bundle.
+    public let keyID: String
+
+    /// The file name of the key in the state directory.
+    public static let keyFileName = "jwt-signing-key.pem"
+
+    public init(key: P256.Signing.PrivateKey, trustDomain: String) {
+        self.key = key
+        self.trustDomain = trustDomain
+        self.keyID = Self.thumbprint(key.publicKey)
+    }
+
+    /// Loads the key from `stateDirectory`, or makes and keeps one.
+    public static func loadOrCreate(stateDirectory: String, trustDomain: String) throws(CAStoreError) -> JWTAuthority {
+        let path = URL(fileURLWithPath: stateDirectory).appendingPathComponent(keyFileName).path
+        if let pem = try? String(contentsOfFile: path, encoding: .utf8) {
+            do {
+                return JWTAuthority(key: try P256.Signing.PrivateKey(pemRepresentation: pem), trustDomain: trustDomain)
+            } catch {
+                throw CAStoreError("\(path) is not a P-256 private key in PEM: \(error); remove it to make a new one")
+            }
+        }
+        let key = P256.Signing.PrivateKey()
+        try RootCAStore.makeDirectory(stateDirectory, mode: 0o700)
+        try RootCAStore.writeAtomically(key.pemRepresentation, to: path, mode: 0o600)
+        return JWTAuthority(key: key, trustDomain: trustDomain)
+    }
+
+    /// A JWT-SVID for `subject`, for `audience`, valid for `ttl` from `now`.
+    public func sign(subject: SPIFFEID, audience: [String], ttl: Duration, now: Date) throws -> (token: String, expiry: Date) {
+        let issuedAt = Int(now.timeIntervalSince1970)
+        let expiry = issuedAt + Int(ttl.components.seconds)
+        let header: [String: String] = ["alg": "ES256", "kid": keyID, "typ": "JWT"]
+        let claims: [String: any Sendable] = [
+            "sub": subject.description, "aud": audience, "exp": expiry, "iat": issuedAt,
+        ]
+        let signingInput = Self.base64URL(try Self.json(header)) + "." + Self.base64URL(try Self.json(claims))
+        let signature = try key.signature(for: Data(signingInput.utf8))
+        return (signingInput + "." + Self.base64URL(signature.rawRepresentation), Date(timeIntervalSince1970: TimeInterval(expiry)))
+    }
+
+    /// The JWT bundle: a JWKS with the signing key.
+    public func bundleJWKS() -> Data {
+        let raw = key.publicKey.rawRepresentation
+        let jwk: [String: String] = [
+            "kty": "EC", "crv": "P-256", "x": Self.base64URL(raw.prefix(32)), "y": Self.base64URL(raw.suffix(32)),
+            "kid": keyID, "use": "jwt-svid", "alg": "ES256",
+        ]
+        return (try? Self.json(["keys": [jwk]])) ?? Data()
+    }
+
+    /// Checks a JWT-SVID of this trust domain for `audience`: header, signature, `sub`, `aud`,
+    /// `exp`. Returns the SPIFFE ID and the claims (the payload's JSON).
+    public func validate(_ token: String, audience: String, now: Date) throws(JWTSVIDError) -> (subject: SPIFFEID, claims: Data) {
+        let parts = token.split(separator: ".", omittingEmptySubsequences: false)
+        guard parts.count == 3, let headerData = Self.decodeBase64URL(parts[0]), let payload = Self.decodeBase64URL(parts[1]),
+            let signatureData = Self.decodeBase64URL(parts[2])
+        else { throw JWTSVIDError("not a JWS in compact serialization") }
+        guard let header = try? JSONSerialization.jsonObject(with: headerData) as? [String: Any] else {
+            throw JWTSVIDError("the header is not a JSON object")
+        }
+        guard header["alg"] as? String == "ES256" else { throw JWTSVIDError("alg '\(header["alg"] ?? "none")' is not ES256") }
+        guard header["kid"] as? String == keyID else { throw JWTSVIDError("kid '\(header["kid"] ?? "none")' is not a key of this trust domain") }
+        guard let signature = try? P256.Signing.ECDSASignature(rawRepresentation: signatureData),
+            key.publicKey.isValidSignature(signature, for: Data("\(parts[0]).\(parts[1])".utf8))
+        else { throw JWTSVIDError("the signature does not verify") }
+        guard let claims = try? JSONSerialization.jsonObject(with: payload) as? [String: Any] else {
+            throw JWTSVIDError("the claims are not a JSON object")
+        }
+        guard let sub = claims["sub"] as? String, let subject = try? SPIFFEID(parsing: sub) else {
+            throw JWTSVIDError("sub is not a SPIFFE ID")
+        }
+        guard subject.trustDomain == trustDomain else { throw JWTSVIDError("sub \(subject) is not of trust domain \(trustDomain)") }
+        let audiences = (claims["aud"] as? [String]) ?? (claims["aud"] as? String).map { [$0] } ?? []
+        guard audiences.contains(audience) else { throw JWTSVIDError("audience \(audience) is not in the token's aud \(audiences)") }
+        guard let exp = (claims["exp"] as? NSNumber)?.doubleValue else { throw JWTSVIDError("no exp") }
+        guard exp > now.timeIntervalSince1970 else { throw JWTSVIDError("expired") }
+        return (subject, payload)
+    }
+
+    /// RFC 7638: SHA-256 of the required members in lexicographic order, base64url.
+    static func thumbprint(_ key: P256.Signing.PublicKey) -> String {
+        let raw = key.rawRepresentation
+        let canonical = "{\"crv\":\"P-256\",\"kty\":\"EC\",\"x\":\"\(base64URL(raw.prefix(32)))\",\"y\":\"\(base64URL(raw.suffix(32)))\"}"
+        return base64URL(Data(SHA256.hash(data: Data(canonical.utf8))))
+    }
+
+    static func json(_ object: Any) throws -> Data {
+        try JSONSerialization.data(withJSONObject: object, options: [.sortedKeys, .withoutEscapingSlashes])
+    }
+
+    static func base64URL(_ data: some DataProtocol) -> String {
+        Data(data).base64EncodedString().replacingOccurrences(of: "+", with: "-").replacingOccurrences(of: "/", with: "_")
+            .replacingOccurrences(of: "=", with: "")
+    }
+
+    static func decodeBase64URL(_ text: Substring) -> Data? {
+        guard text.count <= 16 * 1024 else { return nil }
+        var base64 = text.replacingOccurrences(of: "-", with: "+").replacingOccurrences(of: "_", with: "/")
+        base64 += String(repeating: "=", count: (4 - base64.count % 4) % 4)
+        return Data(base64Encoded: base64)
+    }
+}
+
+/// Why a JWT-SVID did not validate, in words.
+public struct JWTSVIDError: Error, Sendable, CustomStringConvertible {
+    public var message: String
+    public init(_ message: String) { self.message = message }
+    public var description: String { message }
+}

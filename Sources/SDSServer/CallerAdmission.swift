@@ -1,0 +1,139 @@
+import Foundation
+import GRPCCore
+import Logging
+import SDSModel
+import WorkloadAuthentication
+
+/// Who is calling, for every service on the agent's sockets: the checks a call passes before it
+/// is served, each refusal logged once (with the peer's pid/uid) and counted in
+/// `sds_agent_refused_calls_total{code,reason}`.
+///
+/// On the token socket: peer uid → token (`unauthenticated`) → authorization policy → pod
+/// binding → attestation policy (`permission_denied`). On the peer-attested socket (no token):
+/// peer uid → the peer's pod (`unavailable` while it is not known yet) → attestation policy →
+/// authorization policy.
+public struct CallerAdmission: Sendable {
+    let tokenHeaderKey: String
+    let peerPolicy: PeerPolicy
+    let authenticator: any WorkloadAuthenticator
+    /// The authorization policy in force: replaced by a reload.
+    public let authorization: Reloadable<AuthorizationPolicy>
+    /// Attestation through the caller's pod (the peer-attested socket, the attestation policy).
+    public let attestor: WorkloadAttestor?
+    let readiness: @Sendable () -> String?
+    let logger: Logger
+    let metrics: SDSMetrics
+
+    init(
+        configuration: SDSServerConfiguration, authenticator: any WorkloadAuthenticator, attestor: WorkloadAttestor?,
+        readiness: @escaping @Sendable () -> String?, logger: Logger, metrics: SDSMetrics
+    ) {
+        self.tokenHeaderKey = configuration.tokenHeaderKey
+        self.peerPolicy = configuration.peerPolicy
+        self.authenticator = authenticator
+        self.authorization = Reloadable(configuration.authorization)
+        self.attestor = attestor
+        self.readiness = readiness
+        self.logger = logger
+        self.metrics = metrics
+    }
+
+    /// The caller of a call with `metadata`, or the `RPCError` its refusal is answered with.
+    public func admit(_ metadata: Metadata, method: String) async throws -> AuthenticatedCaller {
+        let peer = metadata[stringValues: PeerCredentials.metadataKey].first(where: { _ in true })
+            .flatMap(PeerCredentials.init(metadataValue:))
+        var logMetadata: Logger.Metadata = [
+            "method": "\(method)", "peer_pid": "\(peer.map { String($0.pid) } ?? "-")",
+            "peer_uid": "\(peer.map { String($0.uid) } ?? "-")",
+        ]
+        let token = CallerToken.extract(from: metadata, headerKey: tokenHeaderKey)
+        // A liveness probe (`sds-agent check`: the probe header and no token) expects a refusal:
+        // it is logged at debug level and not counted. A call with a token is never a probe, so
+        // the header cannot hide a refused token from the warnings or the metric.
+        let isProbe = token == nil && peer?.socket != .workload && metadata[stringValues: CallerToken.probeHeader].contains { _ in true }
+        /// Logs the refusal, counts it, and returns the error for the caller.
+        func refuse(_ code: RPCError.Code, reason: String, _ event: Logger.Message, detail: String, message: String) -> RPCError {
+            logMetadata["reason"] = "\(detail)"
+            logger.log(level: isProbe ? .debug : .warning, event, metadata: logMetadata)
+            if !isProbe { metrics.refused(code, reason: reason) }
+            return RPCError(code: code, message: message)
+        }
+        /// An attestation failure: `unavailable` while the pod may still appear, else `permission_denied`.
+        func refuse(_ error: AttestationError, for id: SPIFFEID?) -> RPCError {
+            if error.isTransient {
+                return refuse(.unavailable, reason: error.code.rawValue, "cannot attest the caller now", detail: error.message,
+                              message: "cannot attest the caller now: \(error.message)")
+            }
+            return refuse(.permissionDenied, reason: error.code.rawValue, "refused call: attestation failed", detail: error.message,
+                          message: "\(id.map { "\($0) refused" } ?? "caller refused"): \(error.message)")
+        }
+
+        // A probe learns whether the agent can issue: `unavailable` with the reason when it cannot
+        // (`sds-agent check` exits 1), the usual refusal when it can.
+        if isProbe, let reason = readiness() {
+            logger.debug("probe: not ready", metadata: ["reason": "\(reason)"])
+            throw RPCError(code: .unavailable, message: "not ready: \(reason)")
+        }
+        if case .denied(let reason) = peerPolicy.admit(peer: peer) {
+            throw refuse(.permissionDenied, reason: "peer", "refused SDS call: peer not allowed", detail: reason,
+                         message: "caller refused: \(reason)")
+        }
+        if let peer, peer.socket == .workload {
+            guard let attestor else {
+                throw refuse(.unavailable, reason: "pod_source_unavailable", "cannot attest the caller now",
+                             detail: "no attestor", message: "this agent cannot attest callers")
+            }
+            let caller: AuthenticatedCaller
+            do {
+                caller = try await attestor.attest(peer: peer).caller
+            } catch {
+                throw refuse(error, for: nil)
+            }
+            logMetadata.merge(["spiffe_id": "\(caller.spiffeID)", "sub": "\(caller.subject)"]) { $1 }
+            try authorize(caller)
+            return caller
+        }
+        guard let token else {
+            logMetadata["expected_header"] = "\(tokenHeaderKey)"
+            throw refuse(
+                .unauthenticated, reason: "\(AuthenticationError.Code.missingCredential)",
+                "rejected SDS call: no service-account token in the call", detail: "no token",
+                message: "no service-account token: send it in '\(tokenHeaderKey)' or 'authorization: Bearer'")
+        }
+        var caller: AuthenticatedCaller
+        do {
+            caller = try await authenticator.authenticate(token: token)
+            caller.credential = CallerCredential(token: token, expiry: caller.credentialExpiry)
+        } catch {
+            logMetadata.merge(["detail": "\(error.message)", "kid": "\(error.keyID ?? "-")", "sub": "\(error.subject ?? "-")"]) { $1 }
+            // Our failure (keys not loaded, API server down) is `unavailable`: Envoy retries it.
+            if error.code.isTransient {
+                throw refuse(.unavailable, reason: "\(error.code)", "cannot verify SDS caller now", detail: "\(error.code)",
+                             message: "cannot verify the token now: \(error)")
+            }
+            throw refuse(.unauthenticated, reason: "\(error.code)", "rejected SDS call: token failed verification",
+                         detail: "\(error.code)", message: "token rejected: \(error)")
+        }
+        logMetadata.merge(["spiffe_id": "\(caller.spiffeID)", "sub": "\(caller.subject)", "kid": "\(caller.keyID ?? "-")"]) { $1 }
+        try authorize(caller)
+        if case .denied(let reason) = peerPolicy.bind(peer: peer, to: caller) {
+            throw refuse(.permissionDenied, reason: "pod_binding", "refused SDS call: the token does not belong to the calling pod",
+                         detail: reason, message: "\(caller.spiffeID) refused: \(reason)")
+        }
+        if let attestor {
+            do {
+                try await attestor.check(caller)
+            } catch {
+                throw refuse(error, for: caller.spiffeID)
+            }
+        }
+        return caller
+
+        func authorize(_ caller: AuthenticatedCaller) throws {
+            if case .denied(let reason) = authorization.value.evaluate(caller) {
+                throw refuse(.permissionDenied, reason: "policy", "refused SDS call: caller not authorized by policy", detail: reason,
+                             message: "\(caller.spiffeID) is not allowed here: \(reason)")
+            }
+        }
+    }
+}
