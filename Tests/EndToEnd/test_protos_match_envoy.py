@@ -1,7 +1,8 @@
 """Protos/ must use Envoy's exact package, message and field names and numbers.
 
 Compiles Protos/ with protoc and compares every message, field and method with the descriptors
-Envoy publishes (PyPI xds-protos).
+Envoy publishes (PyPI xds-protos), Istio's CSR API with Istio's file, and the SPIFFE Workload API
+with the descriptor the SPIFFE project's Python library was built from (PyPI spiffe).
 """
 import os
 import subprocess
@@ -10,6 +11,7 @@ from google.protobuf import descriptor_pb2, descriptor_pool
 from google.protobuf import descriptor as _d
 import envoy.service.secret.v3.sds_pb2  # noqa: F401  (registers Envoy's descriptors)
 import envoy.extensions.transport_sockets.tls.v3.secret_pb2  # noqa: F401
+import envoy.extensions.transport_sockets.tls.v3.tls_spiffe_validator_config_pb2  # noqa: F401
 
 REPO = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", ".."))
 
@@ -27,7 +29,7 @@ def test_every_message_and_field_matches_envoy(tmp_path):
     envoy_pool = descriptor_pool.Default()
     checked = 0
     for file in our_files(tmp_path):
-        if file.package.startswith("google.protobuf") or file.package.startswith("istio."):
+        if file.package.startswith("google.protobuf") or file.package.startswith("istio.") or file.package == "":
             continue
         for message in file.message_type:
             full = f"{file.package}.{message.name}"
@@ -81,3 +83,26 @@ def test_istio_ca_proto_matches_istio(tmp_path):
     assert (method.name, method.input_type, method.output_type) == (
         "CreateCertificate", ".istio.v1.auth.IstioCertificateRequest", ".istio.v1.auth.IstioCertificateResponse")
     assert not method.client_streaming and not method.server_streaming
+
+
+def test_the_workload_api_matches_the_spiffe_projects_descriptor(tmp_path):
+    """Protos/spiffe/workload/workload.proto against the descriptor py-spiffe ships (built from
+    go-spiffe's workload.proto): no package, same messages, fields, numbers, types and methods."""
+    from spiffe._proto import workload_pb2
+    theirs = descriptor_pb2.FileDescriptorProto()
+    workload_pb2.DESCRIPTOR.CopyToProto(theirs)
+    ours = next(f for f in our_files(tmp_path) if f.name == "spiffe/workload/workload.proto")
+    assert ours.package == theirs.package == ""
+
+    def shape(file):
+        messages = {}
+        for message in file.message_type:
+            messages[message.name] = {f.name: (f.number, f.type, f.label, f.type_name) for f in message.field}
+            for nested in message.nested_type:
+                messages[f"{message.name}.{nested.name}"] = {f.name: (f.number, f.type) for f in nested.field}
+        methods = {(s.name, m.name): (m.input_type, m.output_type, m.client_streaming, m.server_streaming)
+                   for s in file.service for m in s.method}
+        return messages, methods
+
+    assert shape(ours) == shape(theirs)
+    assert len(shape(ours)[1]) == 5

@@ -1,5 +1,6 @@
 import Foundation
 import SDSAgent
+import TestSupport
 import Testing
 
 @Suite struct DurationTextTests {
@@ -58,6 +59,59 @@ import Testing
         #expect(throws: ConfigurationError.self) { try config.validate() }
         config = AgentConfiguration(jwksFile: "/x", caCertificateFile: "/ca.pem")
         #expect(throws: ConfigurationError.self) { try config.validate() }
+    }
+
+    func problem(_ config: AgentConfiguration) -> String? {
+        do {
+            try config.validate()
+            return nil
+        } catch {
+            return error.message
+        }
+    }
+
+    @Test func attestationNeedsTheNodeTheAPIServerAndItsOwnSocket() {
+        var config = AgentConfiguration(jwksFile: "/x")
+        config.attestation.workloadSocketPath = "/tmp/workload.sock"
+        #expect(problem(config)?.contains("--workload-socket needs --node-name") == true)
+        config.attestation.nodeName = "Not A Node"
+        #expect(problem(config)?.contains("not a Kubernetes node name") == true)
+        config.attestation.nodeName = "ip-10-0-0-1.eu-west-1.compute.internal"
+        #expect(problem(config)?.contains("needs the API server") == true)
+        config.tokens.kubernetesAPI = .init(serverURL: "https://127.0.0.1:6443")
+        #expect(problem(config) == nil)
+        config.attestation.workloadSocketPath = config.socketPath
+        #expect(problem(config)?.contains("other than --socket") == true)
+        config.attestation.workloadSocketPath = "/tmp/workload.sock"
+        config.upstreamCA = .init(host: "istiod", port: 15012, serverBundleFile: "/b.pem", trustDomain: "cluster.local")
+        #expect(problem(config)?.contains("--upstream-ca-credential node") == true)
+        config.upstreamCA = nil
+        config.attestation.jwtSVIDTTL = .seconds(2)
+        #expect(problem(config)?.contains("--jwt-svid-ttl") == true)
+    }
+
+    @Test func theAttestationPolicyFileIsReadStrictly() throws {
+        var config = AgentConfiguration(jwksFile: "/x")
+        config.attestation.nodeName = "node-a"
+        config.tokens.kubernetesAPI = .init(serverURL: "https://127.0.0.1:6443")
+        let path = TestPKI.temporaryDirectory() + "-policy.yaml"
+        config.attestation.policyFile = path
+        #expect(problem(config)?.contains("cannot read") == true)
+        for (text, expected) in [
+            ("rules:\n  - namespace: payments\n    imagez: [x]\n", "unknown key 'imagez'"),
+            ("rulez: []\n", "unknown key 'rulez'"),
+            ("rules:\n  - namespace: payments\n", "no selector"),
+            ("rules: [1]\n", "not a mapping"),
+            ("rules:\n  - namespace: payments\n    labels: [a]\n", "--attestation-policy"),
+        ] {
+            try text.write(toFile: path, atomically: true, encoding: .utf8)
+            #expect(problem(config)?.contains(expected) == true, "\(text): \(problem(config) ?? "nil")")
+        }
+        try "rules:\n  - namespace: payments\n    images: [registry.example/app]\n    nodeLabels: {region: eu}\n"
+            .write(toFile: path, atomically: true, encoding: .utf8)
+        #expect(problem(config) == nil)
+        let policy = try config.loadAttestationPolicy()
+        #expect(policy.rules.first?.nodeLabels == ["region": "eu"])
     }
 }
 
