@@ -106,7 +106,7 @@ def test_the_base_grants_no_rbac_and_the_token_review_option_only_what_it_needs(
 
 def test_only_the_optional_files_grant_rbac_and_the_central_ca_only_reads_pods():
     files = {p for p, d in objects() if d["kind"] in RBAC_KINDS}
-    assert files == {"optional/token-review-rbac.yaml", "optional/central-ca.yaml"}
+    assert files == {"optional/token-review-rbac.yaml", "optional/central-ca.yaml", "optional/workload-attestation/rbac.yaml"}
     rbac = [d for p, d in objects() if d["kind"] in RBAC_KINDS and p == "optional/central-ca.yaml"]
     (role,) = [d for d in rbac if d["kind"] == "ClusterRole"]
     assert role["rules"] == [{"apiGroups": [""], "resources": ["pods"], "verbs": ["get", "list"]}]
@@ -174,6 +174,57 @@ def test_the_upstream_overlay_takes_the_ca_key_off_every_node_and_points_at_the_
     account = f"{daemonset['metadata']['namespace']}/{pod['serviceAccountName']}"
     assert f"--trusted-node-account={account}" in ca_container["args"]
     assert args["--upstream-ca-bundle"].startswith(next(m["mountPath"] for m in agent["volumeMounts"] if m["name"] == "ca-root"))
+
+
+def test_the_workload_attestation_overlay_adds_the_peer_attested_socket_and_reads_only_pods_and_nodes():
+    with open(os.path.join(DEPLOY, "optional", "workload-attestation", "kustomization.yaml")) as f:
+        overlay = yaml.safe_load(f)
+    assert overlay["resources"] == ["../..", "rbac.yaml", "attestation-policy.yaml"]
+    (patch,) = overlay["patches"]
+    daemonset = apply_json_patch(find("DaemonSet", "sds-agent"), yaml.safe_load(patch["patch"]))
+    kubernetes_validate.validate(daemonset, KUBERNETES_VERSION, strict=True)
+    pod = daemonset["spec"]["template"]["spec"]
+    (agent,) = pod["containers"]
+    # The callers' PIDs are visible, the node is named by the downward API, the API is reachable.
+    assert pod["hostPID"] is True and pod["automountServiceAccountToken"] is True
+    env = {e["name"]: e for e in agent["env"]}
+    assert env["NODE_NAME"]["valueFrom"] == {"fieldRef": {"fieldPath": "spec.nodeName"}}
+    args = dict(a.split("=", 1) for a in agent["args"] if a.startswith("--"))
+    assert set(args) <= flags_of("serve")
+    assert args["--node-name"] == "$(NODE_NAME)"
+    # The socket is in the hostPath directory the admission policy guards.
+    socket_dir = next(m["mountPath"] for m in agent["volumeMounts"] if m["name"] == "socket-dir")
+    assert args["--workload-socket"].startswith(socket_dir + "/")
+    # The policy comes from the overlay's ConfigMap, and parses (the agent's own check).
+    mount = next(m for m in agent["volumeMounts"] if m["name"] == "attestation-policy")
+    assert args["--attestation-policy"].startswith(mount["mountPath"] + "/") and mount["readOnly"] is True
+    (configmap,) = documents(os.path.join(DEPLOY, "optional", "workload-attestation", "attestation-policy.yaml"))
+    policy_volume = next(v for v in pod["volumes"] if v["name"] == "attestation-policy")
+    assert policy_volume["configMap"]["name"] == configmap["metadata"]["name"]
+    assert {m["name"] for m in agent["volumeMounts"]} == {v["name"] for v in pod["volumes"]}
+    # RBAC: this node's pods and its node object, read only.
+    rbac = documents(os.path.join(DEPLOY, "optional", "workload-attestation", "rbac.yaml"))
+    (role,) = [d for d in rbac if d["kind"] == "ClusterRole"]
+    assert role["rules"] == [{"apiGroups": [""], "resources": ["pods"], "verbs": ["get", "list", "watch"]},
+                             {"apiGroups": [""], "resources": ["nodes"], "verbs": ["get"]}]
+    (binding,) = [d for d in rbac if d["kind"] == "ClusterRoleBinding"]
+    assert binding["subjects"] == [{"kind": "ServiceAccount", "name": pod["serviceAccountName"],
+                                    "namespace": daemonset["metadata"]["namespace"]}]
+
+
+def test_the_shipped_attestation_policy_and_its_commented_example_pass_config_check(tmp_path):
+    (configmap,) = documents(os.path.join(DEPLOY, "optional", "workload-attestation", "attestation-policy.yaml"))
+    shipped = configmap["data"]["policy.yaml"]
+    example = "rules:\n" + "\n".join(line.replace("# ", "", 1) for line in shipped.splitlines()
+                                      if line.startswith("# ") or line.startswith("#   "))
+    for name, text in (("shipped", shipped), ("example", example)):
+        path = tmp_path / f"{name}.yaml"
+        path.write_text(text)
+        config = tmp_path / f"{name}-config.yaml"
+        config.write_text(yaml.safe_dump({"jwks": "/dev/null", "attestation-policy": str(path), "node-name": "node-a",
+                                          "kube-api-server": "https://127.0.0.1:6443"}))
+        result = subprocess.run([AGENT_BIN, "config", "check", str(config)], capture_output=True, text=True, timeout=30)
+        assert result.returncode == 0, (name, text, result.stdout, result.stderr)
 
 
 def socket_volume_names(pod):
