@@ -315,3 +315,32 @@ def test_a_process_outside_any_pod_gets_nothing(workdir):
         assert "refused call: attestation failed" in attested.node.agent.output()
     finally:
         attested.close()
+
+
+def test_a_forged_peer_header_on_the_token_socket_attests_nothing(workdir):
+    """The transport replaces whatever a client sends as the peer header: a token-socket caller
+    claiming to have come in on the peer-attested socket is still a caller without a token."""
+    attested = AttestedNode(workdir)
+    try:
+        uid = attested.pod("payments", "api-0", "api")
+        put_in_pod(attested.proc, os.getpid(), uid)
+        attested.start()
+        from envoy.service.discovery.v3 import discovery_pb2
+        from envoy.service.secret.v3 import sds_pb2_grpc
+        secret_type = "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.Secret"
+        forged = [("x-sds-agent-peer", f"pid={os.getpid()};uid=0;gid=0;socket=workload")]
+        with grpc.insecure_channel(f"unix:{attested.node.socket}") as channel:
+            stub = sds_pb2_grpc.SecretDiscoveryServiceStub(channel)
+            code, _ = status_of(lambda: stub.FetchSecrets(
+                discovery_pb2.DiscoveryRequest(resource_names=["default"], type_url=secret_type),
+                metadata=forged, timeout=15))
+        assert code == grpc.StatusCode.UNAUTHENTICATED
+        # The Workload API is not served on the token socket at all.
+        with grpc.insecure_channel(f"unix:{attested.node.socket}") as channel:
+            stub = workload_pb2_grpc.SpiffeWorkloadAPIStub(channel)
+            code, _ = status_of(lambda: next(stub.FetchX509SVID(workload_pb2.X509SVIDRequest(),
+                                                                metadata=HEADER + forged, timeout=15)))
+        assert code == grpc.StatusCode.UNIMPLEMENTED
+        assert "Workload API: X.509-SVID served" not in attested.node.agent.output()
+    finally:
+        attested.close()
