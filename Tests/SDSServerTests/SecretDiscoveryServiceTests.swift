@@ -21,6 +21,7 @@ import X509
         clock: ManualClock = ManualClock(), tokenExpiryMargin: Duration = .seconds(30),
         authorization: AuthorizationPolicy = .allowAll, metrics: TestMetrics = TestMetrics(),
         authenticator override: (any WorkloadAuthenticator)? = nil, limits: StreamLimits = .defaults,
+        attestor: WorkloadAttestor? = nil, peerPolicy: PeerPolicy = .none,
         _ body: @Sendable @escaping (Envoy_Service_Secret_V3_SecretDiscoveryService.Client<InProcessTransport.Client>, SecretCache) async throws -> Result
     ) async throws -> Result {
         let keys = try await VerificationKeySet(jwksJSON: tokens.jwksJSON())
@@ -33,8 +34,9 @@ import X509
         let service = SecretDiscoveryService(
             configuration: .init(
                 validationContextNames: ["ROOTCA", "spiffe://cluster.local"], tokenExpiryMargin: tokenExpiryMargin,
-                authorization: authorization, limits: limits),
-            authenticator: override ?? authenticator, secrets: cache, logger: TestPKI.quietLogger, metrics: metrics)
+                authorization: authorization, peerPolicy: peerPolicy, limits: limits),
+            authenticator: override ?? authenticator, secrets: cache, logger: TestPKI.quietLogger, metrics: metrics,
+            attestor: attestor)
         let transport = InProcessTransport()
         return try await withGRPCServer(transport: transport.server, services: [service]) { _ in
             try await withGRPCClient(transport: transport.client) { client in
@@ -338,6 +340,59 @@ import X509
         let metadata = SDSTestClient.metadata(token: tokens.token())
         try await withClient { client, _ in
             await #expect(throws: RPCError.self) { try await client.fetchSecrets(wrongType, metadata: metadata) }
+        }
+    }
+
+    /// Pods by UID, as the agent's pod watcher would answer.
+    struct FixturePods: PodDirectory {
+        var pods: [String: PodFacts]
+        func pod(uid: String) async throws(AttestationError) -> PodFacts {
+            guard let pod = pods[uid] else { throw AttestationError(.podUnknown, "pod \(uid) is not known") }
+            return pod
+        }
+    }
+
+    @Test func aPeerAttestedCallerGetsItsPodsIdentityWithNoTokenAndThePoliciesStillApply() async throws {
+        let known = "6f1a2b3c-4d5e-4f60-8a9b-0c1d2e3f4a5b", unknown = "00000000-4d5e-4f60-8a9b-0c1d2e3f4a5b"
+        let root = TestPKI.temporaryDirectory()
+        for (pid, uid) in [(11, known), (12, unknown)] {
+            try FileManager.default.createDirectory(atPath: "\(root)/\(pid)", withIntermediateDirectories: true)
+            try "0::/kubepods/besteffort/pod\(uid)/c\n".write(toFile: "\(root)/\(pid)/cgroup", atomically: true, encoding: .utf8)
+        }
+        let pods = FixturePods(pods: [
+            known: PodFacts(uid: known, namespace: "payments", name: "api-0", serviceAccount: "api",
+                            containers: [.init(name: "main", image: "evil.example/x:1")])
+        ])
+        @Sendable func peer(pid: Int32, uid: UInt32 = 1337) -> Metadata {
+            [PeerCredentials.metadataKey: .string(PeerCredentials(pid: pid, uid: uid, gid: 1337, socket: .workload).metadataValue)]
+        }
+        @Sendable func code(_ body: () async throws -> Void) async -> RPCError.Code? {
+            do {
+                try await body()
+                return nil
+            } catch {
+                return (error as? RPCError)?.code
+            }
+        }
+        let metrics = TestMetrics()
+        let attestor = WorkloadAttestor(pods: pods, procRoot: root, trustDomain: "cluster.local")
+        try await withClient(metrics: metrics, attestor: attestor, peerPolicy: PeerPolicy(allowedUIDs: [1337])) { client, cache in
+            let response = try await client.fetchSecrets(SDSTestClient.request(["default"]), metadata: peer(pid: 11))
+            let secret = try Envoy_Extensions_TransportSockets_Tls_V3_Secret(unpackingAny: response.resources[0])
+            let chain = String(decoding: secret.tlsCertificate.certificateChain.inlineBytes, as: UTF8.self)
+            let leaf = try Certificate(pemEncoded: chain)
+            #expect(leaf.description.contains("spiffe://cluster.local/ns/payments/sa/api"))
+            #expect(await code { _ = try await client.fetchSecrets(SDSTestClient.request(["default"]), metadata: peer(pid: 12)) } == .unavailable)
+            #expect(await code { _ = try await client.fetchSecrets(SDSTestClient.request(["default"]), metadata: peer(pid: 13)) } == .permissionDenied)
+            #expect(await code { _ = try await client.fetchSecrets(SDSTestClient.request(["default"]), metadata: peer(pid: 11, uid: 0)) } == .permissionDenied)
+            // The attestation policy, reloaded: the pod's image is not approved.
+            attestor.replacePolicy(with: AttestationPolicy(rules: [.init(namespace: "payments", images: ["registry.example/api"])]))
+            #expect(await code { _ = try await client.fetchSecrets(SDSTestClient.request(["default"]), metadata: peer(pid: 11)) } == .permissionDenied)
+            #expect(await cache.issuedCertificates == 1)
+        }
+        for (code, reason) in [("unavailable", "pod_unknown"), ("permission_denied", "not_in_pod"), ("permission_denied", "peer"),
+                               ("permission_denied", "policy")] {
+            #expect(try metrics.expectCounter(SecretDiscoveryService.refusedCallsMetric, [("code", code), ("reason", reason)]).totalValue == 1)
         }
     }
 
