@@ -26,7 +26,6 @@ let package = Package(
         .package(url: "https://github.com/swift-server/swift-prometheus.git", from: "2.4.1"),
         .package(url: "https://github.com/swift-server/async-http-client.git", from: "1.37.0"),
         .package(url: "https://github.com/apple/swift-nio-ssl.git", from: "2.37.6"),
-        .package(url: "https://github.com/jpsim/Yams.git", from: "6.2.2"),
     ],
     targets: [
         // Executable: parses the command line, bootstraps logging, runs the agent. Thin.
@@ -36,7 +35,6 @@ let package = Package(
                 "SDSAgent", "SDSModel", "SDSServer", "SecretCache", "WorkloadAuthentication", "EnvoyAPI", "KubernetesAPI",
                 "UpstreamCA",
                 .product(name: "ArgumentParser", package: "swift-argument-parser"),
-                .product(name: "Yams", package: "Yams"),
                 .product(name: "GRPCCore", package: "grpc-swift-2"),
                 .product(name: "GRPCNIOTransportHTTP2", package: "grpc-swift-nio-transport"),
                 .product(name: "ServiceLifecycle", package: "swift-service-lifecycle"),
@@ -53,7 +51,6 @@ let package = Package(
                 "UpstreamCA", "CentralCA", "IstioAPI", "WorkloadAPI", "SPIFFEAPI",
                 .product(name: "GRPCCore", package: "grpc-swift-2"),
                 .product(name: "SwiftASN1", package: "swift-asn1"),
-                .product(name: "Yams", package: "Yams"),
                 .product(name: "GRPCNIOTransportHTTP2", package: "grpc-swift-nio-transport"),
                 .product(name: "ServiceLifecycle", package: "swift-service-lifecycle"),
                 .product(name: "UnixSignals", package: "swift-service-lifecycle"),
@@ -96,6 +93,7 @@ let package = Package(
                 "SDSModel", "CertificateAuthority",
                 .product(name: "Crypto", package: "swift-crypto"),
                 .product(name: "X509", package: "swift-certificates"),
+                .product(name: "SwiftASN1", package: "swift-asn1"),
                 .product(name: "Logging", package: "swift-log"),
                 .product(name: "CoreMetrics", package: "swift-metrics"),
                 .product(name: "ServiceLifecycle", package: "swift-service-lifecycle"),
@@ -144,6 +142,7 @@ let package = Package(
             dependencies: [
                 "SDSModel", "CertificateAuthority", "IstioAPI",
                 .product(name: "GRPCCore", package: "grpc-swift-2"),
+                .product(name: "SwiftProtobuf", package: "swift-protobuf"),
                 .product(name: "GRPCNIOTransportHTTP2", package: "grpc-swift-nio-transport"),
                 .product(name: "X509", package: "swift-certificates"),
                 .product(name: "SwiftASN1", package: "swift-asn1"),
@@ -292,3 +291,14 @@ let package = Package(
     ],
     swiftLanguageModes: [.v6]
 )
+
+// The shipped modules import FoundationEssentials, not Foundation (whose ICU data is most of a
+// static binary): with member import visibility, a Foundation-only API used by mistake through a
+// dependency's import is a compile error, not a silent link of Foundation.
+let shipped: Set<String> = [
+    "sds-agent", "SDSAgent", "SDSServer", "SecretCache", "CertificateAuthority", "WorkloadAuthentication", "KubernetesAPI",
+    "UpstreamCA", "CentralCA", "SDSModel", "WorkloadAPI",
+]
+for target in package.targets where shipped.contains(target.name) {
+    target.swiftSettings = (target.swiftSettings ?? []) + [.enableUpcomingFeature("MemberImportVisibility")]
+}

@@ -1,6 +1,11 @@
 import CertificateAuthority
 import CoreMetrics
+#if canImport(FoundationEssentials)
+import FoundationEssentials
+import Glibc
+#else
 import Foundation
+#endif
 import GRPCCore
 import IstioAPI
 import Logging
@@ -8,6 +13,7 @@ import SDSModel
 import WorkloadAuthentication
 import SwiftASN1
 import X509
+import SwiftProtobuf
 
 /// Istio's `IstioCertificateService` (istio/api `security/v1alpha1/ca.proto`) in front of an
 /// ``EmbeddedCA``: what `sds-agent ca serve` answers, as istiod does (`security/pkg/server/ca`).
@@ -191,9 +197,9 @@ public struct IstioCertificateService: Istio_V1_Auth_IstioCertificateService.Ser
     /// The token in `authorization: Bearer <token>`.
     static func bearerToken(in metadata: Metadata) -> String? {
         for value in metadata[stringValues: "authorization"] {
-            let trimmed = value.trimmingCharacters(in: .whitespaces)
+            let trimmed = value.trimmed
             guard trimmed.count > 7, trimmed.prefix(7).lowercased() == "bearer " else { continue }
-            let token = trimmed.dropFirst(7).trimmingCharacters(in: .whitespaces)
+            let token = trimmed.dropFirst(7).trimmed
             if !token.isEmpty { return token }
         }
         return nil

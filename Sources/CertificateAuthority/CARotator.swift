@@ -1,7 +1,14 @@
+#if canImport(FoundationEssentials)
+import FoundationEssentials
+import Glibc
+#else
 import Foundation
+#endif
 import Logging
 import ServiceLifecycle
 import Synchronization
+import X509
+import SDSModel
 
 /// Drives root rotation of the ``EmbeddedCA``: on a schedule, or when asked (`SIGUSR1`).
 ///

@@ -1,7 +1,13 @@
 import Crypto
+#if canImport(FoundationEssentials)
+import FoundationEssentials
+import Glibc
+#else
 import Foundation
+#endif
 import SDSModel
 import X509
+import SwiftASN1
 
 /// The narrow seam between the agent and whatever CA signs its workloads' certificates.
 ///
@@ -80,7 +86,7 @@ extension TrustBundle {
     /// The bundle of `roots` (PEM, in order), versioned by a digest of that PEM.
     public init(roots: [Certificate], trustDomain: String) {
         let pem = roots.compactMap { try? $0.serializeAsPEM().pemString }.joined(separator: "\n") + "\n"
-        let digest = SHA256.hash(data: Data(pem.utf8)).prefix(8).map { String(format: "%02x", $0) }.joined()
+        let digest = SHA256.hash(data: Data(pem.utf8)).prefix(8).hexString
         self.init(trustDomain: trustDomain, rootsPEM: roots.isEmpty ? "" : pem, version: digest)
     }
 }

@@ -1,5 +1,10 @@
 import Crypto
+#if canImport(FoundationEssentials)
+import FoundationEssentials
+import Glibc
+#else
 import Foundation
+#endif
 import SDSModel
 
 /// The CA module's JWT-SVID signer (SPIFFE JWT-SVID: ES256, `sub` the SPIFFE ID, `aud` the
@@ -41,77 +46,90 @@ public final class JWTAuthority: Sendable {
 
     /// A JWT-SVID for `subject`, for `audience`, valid for `ttl` from `now`.
     public func sign(subject: SPIFFEID, audience: [String], ttl: Duration, now: Date) throws -> (token: String, expiry: Date) {
-        let issuedAt = Int(now.timeIntervalSince1970)
-        let expiry = issuedAt + Int(ttl.components.seconds)
-        let header: [String: String] = ["alg": "ES256", "kid": keyID, "typ": "JWT"]
-        let claims: [String: any Sendable] = [
-            "sub": subject.description, "aud": audience, "exp": expiry, "iat": issuedAt,
-        ]
-        let signingInput = Self.base64URL(try Self.json(header)) + "." + Self.base64URL(try Self.json(claims))
+        let issuedAt = Int64(now.timeIntervalSince1970)
+        let expiry = issuedAt + ttl.components.seconds
+        let header = Header(alg: "ES256", kid: keyID, typ: "JWT")
+        let claims = Claims(sub: subject.description, aud: audience, exp: expiry, iat: issuedAt)
+        let signingInput = Base64URL.encode(try Self.json(header)) + "." + Base64URL.encode(try Self.json(claims))
         let signature = try key.signature(for: Data(signingInput.utf8))
-        return (signingInput + "." + Self.base64URL(signature.rawRepresentation), Date(timeIntervalSince1970: TimeInterval(expiry)))
+        return (signingInput + "." + Base64URL.encode(signature.rawRepresentation), Date(timeIntervalSince1970: TimeInterval(expiry)))
     }
 
     /// The JWT bundle: a JWKS with the signing key.
     public func bundleJWKS() -> Data {
         let raw = key.publicKey.rawRepresentation
-        let jwk: [String: String] = [
-            "kty": "EC", "crv": "P-256", "x": Self.base64URL(raw.prefix(32)), "y": Self.base64URL(raw.suffix(32)),
-            "kid": keyID, "use": "jwt-svid", "alg": "ES256",
-        ]
-        return (try? Self.json(["keys": [jwk]])) ?? Data()
+        let jwk = JWK(
+            kty: "EC", crv: "P-256", x: Base64URL.encode(raw.prefix(32)), y: Base64URL.encode(raw.suffix(32)), kid: keyID,
+            use: "jwt-svid", alg: "ES256")
+        return (try? Self.json(JWKS(keys: [jwk]))) ?? Data()
     }
 
     /// Checks a JWT-SVID of this trust domain for `audience`: header, signature, `sub`, `aud`,
     /// `exp`. Returns the SPIFFE ID and the claims (the payload's JSON).
     public func validate(_ token: String, audience: String, now: Date) throws(JWTSVIDError) -> (subject: SPIFFEID, claims: Data) {
         let parts = token.split(separator: ".", omittingEmptySubsequences: false)
-        guard parts.count == 3, let headerData = Self.decodeBase64URL(parts[0]), let payload = Self.decodeBase64URL(parts[1]),
-            let signatureData = Self.decodeBase64URL(parts[2])
+        guard token.utf8.count <= 16 * 1024, parts.count == 3, let headerData = Base64URL.decode(parts[0]),
+            let payload = Base64URL.decode(parts[1]), let signatureData = Base64URL.decode(parts[2])
         else { throw JWTSVIDError("not a JWS in compact serialization") }
-        guard let header = try? JSONSerialization.jsonObject(with: headerData) as? [String: Any] else {
-            throw JWTSVIDError("the header is not a JSON object")
+        guard let header = try? JSONDecoder().decode(ReadHeader.self, from: Data(headerData)) else {
+            throw JWTSVIDError("the header is not a JSON object with alg and kid")
         }
-        guard header["alg"] as? String == "ES256" else { throw JWTSVIDError("alg '\(header["alg"] ?? "none")' is not ES256") }
-        guard header["kid"] as? String == keyID else { throw JWTSVIDError("kid '\(header["kid"] ?? "none")' is not a key of this trust domain") }
+        guard header.alg == "ES256" else { throw JWTSVIDError("alg '\(header.alg ?? "none")' is not ES256") }
+        guard header.kid == keyID else { throw JWTSVIDError("kid '\(header.kid ?? "none")' is not a key of this trust domain") }
         guard let signature = try? P256.Signing.ECDSASignature(rawRepresentation: signatureData),
             key.publicKey.isValidSignature(signature, for: Data("\(parts[0]).\(parts[1])".utf8))
         else { throw JWTSVIDError("the signature does not verify") }
-        guard let claims = try? JSONSerialization.jsonObject(with: payload) as? [String: Any] else {
-            throw JWTSVIDError("the claims are not a JSON object")
+        guard let claims = try? JSONDecoder().decode(ReadClaims.self, from: Data(payload)) else {
+            throw JWTSVIDError("the claims are not a JSON object of JWT-SVID claims")
         }
-        guard let sub = claims["sub"] as? String, let subject = try? SPIFFEID(parsing: sub) else {
-            throw JWTSVIDError("sub is not a SPIFFE ID")
-        }
+        guard let sub = claims.sub, let subject = try? SPIFFEID(parsing: sub) else { throw JWTSVIDError("sub is not a SPIFFE ID") }
         guard subject.trustDomain == trustDomain else { throw JWTSVIDError("sub \(subject) is not of trust domain \(trustDomain)") }
-        let audiences = (claims["aud"] as? [String]) ?? (claims["aud"] as? String).map { [$0] } ?? []
+        let audiences = claims.aud?.values ?? []
         guard audiences.contains(audience) else { throw JWTSVIDError("audience \(audience) is not in the token's aud \(audiences)") }
-        guard let exp = (claims["exp"] as? NSNumber)?.doubleValue else { throw JWTSVIDError("no exp") }
+        guard let exp = claims.exp else { throw JWTSVIDError("no exp") }
         guard exp > now.timeIntervalSince1970 else { throw JWTSVIDError("expired") }
-        return (subject, payload)
+        return (subject, Data(payload))
     }
 
     /// RFC 7638: SHA-256 of the required members in lexicographic order, base64url.
     static func thumbprint(_ key: P256.Signing.PublicKey) -> String {
         let raw = key.rawRepresentation
-        let canonical = "{\"crv\":\"P-256\",\"kty\":\"EC\",\"x\":\"\(base64URL(raw.prefix(32)))\",\"y\":\"\(base64URL(raw.suffix(32)))\"}"
-        return base64URL(Data(SHA256.hash(data: Data(canonical.utf8))))
+        let canonical = "{\"crv\":\"P-256\",\"kty\":\"EC\",\"x\":\"\(Base64URL.encode(raw.prefix(32)))\",\"y\":\"\(Base64URL.encode(raw.suffix(32)))\"}"
+        return Base64URL.encode(SHA256.hash(data: Data(canonical.utf8)))
     }
 
-    static func json(_ object: Any) throws -> Data {
-        try JSONSerialization.data(withJSONObject: object, options: [.sortedKeys, .withoutEscapingSlashes])
+    static func json(_ value: some Encodable) throws -> Data {
+        let encoder = JSONEncoder()
+        encoder.outputFormatting = [.sortedKeys, .withoutEscapingSlashes]
+        return try encoder.encode(value)
     }
 
-    static func base64URL(_ data: some DataProtocol) -> String {
-        Data(data).base64EncodedString().replacingOccurrences(of: "+", with: "-").replacingOccurrences(of: "/", with: "_")
-            .replacingOccurrences(of: "=", with: "")
+    private struct Header: Encodable { var alg, kid, typ: String }
+    private struct Claims: Encodable {
+        var sub: String
+        var aud: [String]
+        var exp: Int64
+        var iat: Int64
     }
-
-    static func decodeBase64URL(_ text: Substring) -> Data? {
-        guard text.count <= 16 * 1024 else { return nil }
-        var base64 = text.replacingOccurrences(of: "-", with: "+").replacingOccurrences(of: "_", with: "/")
-        base64 += String(repeating: "=", count: (4 - base64.count % 4) % 4)
-        return Data(base64Encoded: base64)
+    private struct JWK: Encodable { var kty, crv, x, y, kid, use, alg: String }
+    private struct JWKS: Encodable { var keys: [JWK] }
+    private struct ReadHeader: Decodable { var alg: String?; var kid: String? }
+    private struct ReadClaims: Decodable {
+        var sub: String?
+        var aud: Audience?
+        var exp: Double?
+    }
+    /// `aud` is a string or an array of strings.
+    private struct Audience: Decodable {
+        var values: [String]
+        init(from decoder: any Decoder) throws {
+            let container = try decoder.singleValueContainer()
+            if let list = try? container.decode([String].self) {
+                values = list
+            } else {
+                values = [try container.decode(String.self)]
+            }
+        }
     }
 }
 

@@ -2,6 +2,7 @@ import Crypto
 import SDSModel
 import X509
 import _CryptoExtras
+import SwiftASN1
 
 /// The key types the agent generates and its CAs accept (`--workload-key-type`, `--ca-key-type`).
 public enum KeyType: String, Sendable, CaseIterable, CustomStringConvertible {

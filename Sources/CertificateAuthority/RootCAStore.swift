@@ -1,4 +1,9 @@
+#if canImport(FoundationEssentials)
+import FoundationEssentials
+import Glibc
+#else
 import Foundation
+#endif
 import Logging
 import SwiftASN1
 import X509
@@ -240,7 +245,7 @@ public enum RootCAStore {
             throw CAStoreError("cannot rename \(temporary) to \(path): \(reason)")
         }
         // The rename itself survives a crash only once the directory is on disk.
-        let directory = open((path as NSString).deletingLastPathComponent, O_RDONLY | O_DIRECTORY | O_CLOEXEC)
+        let directory = open(URL(fileURLWithPath: path).deletingLastPathComponent().path, O_RDONLY | O_DIRECTORY | O_CLOEXEC)
         if directory >= 0 {
             fsync(directory)
             close(directory)

@@ -1,7 +1,13 @@
 import Crypto
+#if canImport(FoundationEssentials)
+import FoundationEssentials
+import Glibc
+#else
 import Foundation
+#endif
 import SwiftASN1
 import X509
+import SDSModel
 
 extension SigningAuthority {
     /// A TLS server certificate for `names` (DNS names, or IPv4/IPv6 addresses as IP SANs) signed

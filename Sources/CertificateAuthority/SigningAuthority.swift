@@ -1,6 +1,12 @@
 import Crypto
+#if canImport(FoundationEssentials)
+import FoundationEssentials
+import Glibc
+#else
 import Foundation
+#endif
 import X509
+import SDSModel
 
 /// A CA certificate and key that sign workload certificates, and the roots they chain to.
 public struct SigningAuthority: Sendable {

@@ -1,8 +1,14 @@
 import AsyncHTTPClient
+#if canImport(FoundationEssentials)
+import FoundationEssentials
+import Glibc
+#else
 import Foundation
+#endif
 import NIOCore
 import NIOHTTP1
 import NIOSSL
+import SDSModel
 
 /// A small HTTPS client for the Kubernetes API server: GET and POST of JSON, authenticated with
 /// the agent's own service-account token and trusting only the cluster's CA.
@@ -142,8 +148,7 @@ public final class KubernetesAPIClient: Sendable {
             request.body = .bytes(ByteBuffer(bytes: json))
         }
         if let tokenFile = configuration.tokenFile {
-            guard let token = try? String(contentsOfFile: tokenFile, encoding: .utf8)
-                .trimmingCharacters(in: .whitespacesAndNewlines), !token.isEmpty
+            guard let token = try? String(contentsOfFile: tokenFile, encoding: .utf8).trimmed, !token.isEmpty
             else {
                 throw KubernetesAPIError(message: "cannot read the agent's own token from \(tokenFile)", isTransient: true)
             }

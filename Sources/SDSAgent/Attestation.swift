@@ -1,10 +1,14 @@
 import CertificateAuthority
+#if canImport(FoundationEssentials)
+import FoundationEssentials
+import Glibc
+#else
 import Foundation
+#endif
 import KubernetesAPI
 import SDSModel
 import WorkloadAPI
 import WorkloadAuthentication
-import Yams
 
 extension KubernetesPodWatcher: PodDirectory {
     /// The pod, or `pod_unknown` (the caller gets `unavailable` and retries) once the lookup's
@@ -30,26 +34,55 @@ public enum AttestationPolicyFile {
             ConfigurationError(message: "--attestation-policy \(path): \(message)")
         }
         guard let text = try? String(contentsOfFile: path, encoding: .utf8) else { throw fail("cannot read the file") }
-        let policy: AttestationPolicy
+        let document: YAMLNode?
         do {
-            guard let node = try Yams.compose(yaml: text), let top = node.mapping else {
-                throw fail("not a YAML mapping with rules:")
-            }
-            for key in top.keys.compactMap(\.string) where key != "rules" {
-                throw fail("unknown key '\(key)' (only rules:)")
-            }
-            for (index, rule) in (top["rules"]?.sequence ?? []).enumerated() {
-                guard let mapping = rule.mapping else { throw fail("rule #\(index + 1) is not a mapping") }
-                for key in mapping.keys.compactMap(\.string) where !ruleKeys.contains(key) {
-                    throw fail("rule #\(index + 1): unknown key '\(key)' (keys: \(ruleKeys.sorted().joined(separator: ", ")))")
+            document = try YAMLNode.parse(text)
+        } catch {
+            throw fail("not YAML the agent reads: \(error)")
+        }
+        guard let top = document?.mapping else { throw fail("not a YAML mapping with rules:") }
+        for entry in top where entry.key != "rules" { throw fail("unknown key '\(entry.key)' (only rules:)") }
+        guard let rulesNode = document?["rules"], let list = rulesNode.sequence else {
+            throw fail("rules: must be a sequence of rules (rules: [] for none)")
+        }
+        var rules: [AttestationPolicy.Rule] = []
+        for (index, node) in list.enumerated() {
+            let where_ = "rule #\(index + 1)"
+            guard let mapping = node.mapping else { throw fail("\(where_) is not a mapping") }
+            var rule = AttestationPolicy.Rule()
+            for entry in mapping {
+                func text() throws(ConfigurationError) -> String {
+                    guard let value = entry.value.scalar else { throw fail("\(where_): \(entry.key) must be a single value, not a \(entry.value.kind)") }
+                    return value
+                }
+                func labels() throws(ConfigurationError) -> [String: String] {
+                    guard let pairs = entry.value.mapping else { throw fail("\(where_): \(entry.key) must be a mapping of label to value") }
+                    var labels: [String: String] = [:]
+                    for pair in pairs {
+                        guard let value = pair.value.scalar else { throw fail("\(where_): \(entry.key).\(pair.key) must be a single value") }
+                        labels[pair.key] = value
+                    }
+                    return labels
+                }
+                switch entry.key {
+                case "name": rule.name = try text()
+                case "spiffeID": rule.spiffeID = try text()
+                case "namespace": rule.namespace = try text()
+                case "serviceAccount": rule.serviceAccount = try text()
+                case "images":
+                    guard let images = entry.value.sequence?.compactMap(\.scalar), images.count == entry.value.sequence?.count else {
+                        throw fail("\(where_): images must be a sequence of image references")
+                    }
+                    rule.images = images
+                case "labels": rule.labels = try labels()
+                case "nodeLabels": rule.nodeLabels = try labels()
+                default:
+                    throw fail("\(where_): unknown key '\(entry.key)' (keys: \(ruleKeys.sorted().joined(separator: ", ")))")
                 }
             }
-            policy = try YAMLDecoder().decode(AttestationPolicy.self, from: text)
-        } catch let error as ConfigurationError {
-            throw error
-        } catch {
-            throw fail("\(error)")
+            rules.append(rule)
         }
+        let policy = AttestationPolicy(rules: rules)
         if let problem = policy.problem() { throw fail(problem) }
         return policy
     }

@@ -1,6 +1,11 @@
 import CertificateAuthority
 import CoreMetrics
+#if canImport(FoundationEssentials)
+import FoundationEssentials
+import Glibc
+#else
 import Foundation
+#endif
 import Logging
 import SDSModel
 import SDSServer
@@ -103,11 +108,17 @@ public final class FederatedBundles: FederatedBundleSource {
         let text = String(decoding: data, as: UTF8.self)
         var roots: [Certificate] = []
         if text.drop(while: { $0.isWhitespace }).hasPrefix("{") {
-            guard let object = try? JSONSerialization.jsonObject(with: data) as? [String: Any],
-                let keys = object["keys"] as? [[String: Any]]
+            struct Bundle: Decodable {
+                struct Key: Decodable {
+                    var use: String?
+                    var x5c: [String]?
+                }
+                var keys: [Key]
+            }
+            guard let bundle = try? JSONDecoder().decode(Bundle.self, from: data)
             else { throw ReadError(message: "not a SPIFFE bundle (JSON with a \"keys\" list)") }
-            for key in keys where (key["use"] as? String) == "x509-svid" {
-                guard let chain = key["x5c"] as? [String], let first = chain.first, let der = Data(base64Encoded: first),
+            for key in bundle.keys where key.use == "x509-svid" {
+                guard let first = key.x5c?.first, let der = Data(base64Encoded: first),
                     let certificate = try? Certificate(derEncoded: Array(der))
                 else { throw ReadError(message: "an x509-svid key without a certificate in x5c") }
                 roots.append(certificate)

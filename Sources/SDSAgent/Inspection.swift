@@ -1,9 +1,15 @@
+#if canImport(FoundationEssentials)
+import FoundationEssentials
+import Glibc
+#else
 import Foundation
+#endif
 import SDSModel
 import SDSServer
 import SecretCache
 import SwiftASN1
 import X509
+import CertificateAuthority
 
 /// What `sds-agent inspect` shows: the node's analogue of `istioctl proxy-config secret`.
 /// The agent encodes it on its admin socket; the command decodes it and prints a table or the JSON.
@@ -119,7 +125,7 @@ public struct Inspection: Codable, Sendable, Equatable {
         }
         let widths = header.indices.map { column in rows.map { $0[column].count }.max() ?? 0 }
         for row in rows {
-            lines.append(row.indices.map { $0 == row.count - 1 ? row[$0] : row[$0].padding(toLength: widths[$0], withPad: " ", startingAt: 0) }
+            lines.append(row.indices.map { $0 == row.count - 1 ? row[$0] : row[$0] + String(repeating: " ", count: max(0, widths[$0] - row[$0].count)) }
                 .joined(separator: "  "))
         }
         if identities.isEmpty { lines.append("(no identity cached)") }

@@ -1,4 +1,9 @@
+#if canImport(FoundationEssentials)
+import FoundationEssentials
+import Glibc
+#else
 import Foundation
+#endif
 import Logging
 import Synchronization
 
@@ -65,7 +70,8 @@ public struct JSONLogHandler: LogHandler {
             case "\r": out += "\\r"
             case "\t": out += "\\t"
             case _ where scalar.value < 0x20 || scalar.value == 0x7F || scalar.value == 0x2028 || scalar.value == 0x2029:
-                out += "\\u" + String(format: "%04x", scalar.value)
+                let hex = String(scalar.value, radix: 16)
+                out += "\\u" + String(repeating: "0", count: 4 - hex.count) + hex
             default: out.unicodeScalars.append(scalar)
             }
         }
@@ -75,7 +81,7 @@ public struct JSONLogHandler: LogHandler {
     /// Writes `line` to standard error in one call (lines from concurrent tasks do not interleave).
     public static let standardError: @Sendable (String) -> Void = { line in
         let bytes = Array(line.utf8)
-        bytes.withUnsafeBytes { _ = Foundation.write(2, $0.baseAddress, $0.count) }
+        bytes.withUnsafeBytes { _ = Glibc.write(2, $0.baseAddress, $0.count) }
     }
 }
 

@@ -2,6 +2,7 @@ import Glibc
 import NIOCore
 import NIOHTTP2
 import SDSModel
+import NIOHPACK
 
 /// Puts the connection's Unix peer credentials (`SO_PEERCRED`) into every request's metadata,
 /// under ``PeerCredentials/metadataKey``, so the SDS service can check them.

@@ -1,5 +1,10 @@
 import CertificateAuthority
+#if canImport(FoundationEssentials)
+import FoundationEssentials
+import Glibc
+#else
 import Foundation
+#endif
 
 /// Fills `envoy-bootstrap/envoy-sidecar.yaml` for one Envoy sidecar.
 ///
@@ -106,7 +111,7 @@ public struct SidecarBootstrap: Sendable {
         // Envoy's protobuf Duration in YAML is seconds with an `s` ("300s", "0.500s"), never "5m".
         let milliseconds = timeout.components.seconds * 1000 + timeout.components.attoseconds / 1_000_000_000_000_000
         values["INITIAL_FETCH_TIMEOUT"] =
-            milliseconds % 1000 == 0 ? "\(milliseconds / 1000)s" : String(format: "%d.%03ds", milliseconds / 1000, milliseconds % 1000)
+            milliseconds % 1000 == 0 ? "\(milliseconds / 1000)s" : "\(milliseconds / 1000)." + String(String(milliseconds % 1000 + 1000).dropFirst()) + "s"
         for (name, port) in ports { values[name] = String(port) }
         values["UPSTREAM_MAX_REQUESTS_PER_CONNECTION"] = String(upstreamMaxRequestsPerConnection)
         values["INBOUND_SAN_MATCHERS"] = try Self.sanMatchers(inboundAllowedIDs)
@@ -119,9 +124,9 @@ public struct SidecarBootstrap: Sendable {
         let values = try values()
         var output = ""
         var rest = template[...]
-        while let open = rest.range(of: "{{") {
+        while let open = rest.firstRange(of: "{{") {
             output += rest[..<open.lowerBound]
-            guard let close = rest[open.upperBound...].range(of: "}}") else {
+            guard let close = rest[open.upperBound...].firstRange(of: "}}") else {
                 throw ConfigurationError(message: "template has an unclosed '{{'")
             }
             let name = String(rest[open.upperBound..<close.lowerBound])

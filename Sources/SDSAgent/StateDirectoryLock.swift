@@ -1,5 +1,11 @@
 import CertificateAuthority
+#if canImport(FoundationEssentials)
+import FoundationEssentials
+import Glibc
+#else
 import Foundation
+#endif
+import SDSModel
 
 /// One agent per state directory: an exclusive `flock` on `<dir>/agent.lock`, held while the
 /// agent lives (the kernel drops it when the process exits, even after SIGKILL). A second agent
@@ -22,7 +28,7 @@ final class StateDirectoryLock: Sendable {
             throw ConfigurationError(message: "--state-dir \(directory): cannot open \(path): \(String(cString: strerror(errno)))")
         }
         guard flock(fd, LOCK_EX | LOCK_NB) == 0 else {
-            let holder = (try? String(contentsOfFile: path, encoding: .utf8))?.trimmingCharacters(in: .whitespacesAndNewlines)
+            let holder = (try? String(contentsOfFile: path, encoding: .utf8))?.trimmed
             close(fd)
             throw ConfigurationError(
                 message: "--state-dir \(directory) is in use by another sds-agent (pid \(holder ?? "?")); each agent needs its own")

@@ -1,4 +1,9 @@
+#if canImport(FoundationEssentials)
+import FoundationEssentials
+import Glibc
+#else
 import Foundation
+#endif
 import KubernetesAPI
 import Logging
 import SDSModel
@@ -45,7 +50,7 @@ public struct TokenVerification: Sendable {
             throw fail("--trust-domain '\(trustDomain)' is not a valid trust domain (lowercase letters, digits, '.', '-', '_')")
         }
         guard !issuers.isEmpty else { throw fail("at least one --issuer is required") }
-        if issuers.contains(where: { $0.trimmingCharacters(in: .whitespaces).isEmpty }) {
+        if issuers.contains(where: { $0.trimmed.isEmpty }) {
             throw fail("--issuer must not be empty (an empty ConfigMap key gives an empty value): every token would be refused")
         }
         guard jwksFile != nil || oidcDiscovery || tokenReview else {
@@ -60,7 +65,7 @@ public struct TokenVerification: Sendable {
             }
         }
         guard !audiences.isEmpty else { throw fail("at least one --audience is required") }
-        if audiences.contains(where: { $0.trimmingCharacters(in: .whitespaces).isEmpty }) {
+        if audiences.contains(where: { $0.trimmed.isEmpty }) {
             throw fail("--audience must not be empty (an empty ConfigMap key gives an empty value): every token would be refused")
         }
         if let maxTokenAge, maxTokenAge <= .zero { throw fail("--max-token-age must be positive") }

@@ -1,4 +1,10 @@
+#if canImport(FoundationEssentials)
+import FoundationEssentials
+import Glibc
+import SDSModel
+#else
 import Foundation
+#endif
 
 /// Creates the agent's listening Unix domain socket.
 ///
@@ -12,19 +18,19 @@ enum UnixSocketListener {
         guard path.utf8.count <= maxPath else {
             throw ListenerError(path: path, "socket path is \(path.utf8.count) bytes; Unix sockets allow \(maxPath)")
         }
-        let directory = (path as NSString).deletingLastPathComponent
+        let directory = path.contains("/") ? URL(fileURLWithPath: path).deletingLastPathComponent().path : ""
         if !directory.isEmpty {
             do {
                 try FileManager.default.createDirectory(atPath: directory, withIntermediateDirectories: true)
             } catch {
-                throw ListenerError(path: path, "cannot create directory \(directory): \(error.localizedDescription)")
+                throw ListenerError(path: path, "cannot create directory \(directory): \(error)")
             }
         }
         try removeStaleSocket(at: path)
 
         let fd = socket(AF_UNIX, Int32(SOCK_STREAM.rawValue), 0)
         guard fd >= 0 else { throw ListenerError(path: path, "socket(): \(errnoText())") }
-        let bound = withAddress(of: path) { Foundation.bind(fd, $0, $1) }
+        let bound = withAddress(of: path) { Glibc.bind(fd, $0, $1) }
         guard bound == 0 else {
             let text = errnoText()
             close(fd)
@@ -44,9 +50,8 @@ enum UnixSocketListener {
     }
 
     private static func removeStaleSocket(at path: String) throws(ListenerError) {
-        var info = stat()
-        guard lstat(path, &info) == 0 else { return }  // nothing there
-        guard (info.st_mode & S_IFMT) == S_IFSOCK else {
+        guard let kind = FileKind.at(path, followingLinks: false) else { return }  // nothing there
+        guard kind == .socket else {
             throw ListenerError(path: path, "exists and is not a socket; refusing to replace it")
         }
         // A socket someone still listens on belongs to a running agent: do not steal it.

@@ -1,7 +1,14 @@
 import EnvoyAPI
+#if canImport(FoundationEssentials)
+import FoundationEssentials
+import Glibc
+#else
 import Foundation
+#endif
 import GRPCCore
 import Logging
+import SDSModel
+import CoreMetrics
 
 /// One DeltaSecrets stream: applies ``DeltaStreamStateMachine`` to requests and pushes on updates.
 struct DeltaStream: Sendable {

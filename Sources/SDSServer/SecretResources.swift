@@ -1,5 +1,10 @@
 import EnvoyAPI
+#if canImport(FoundationEssentials)
+import FoundationEssentials
+import Glibc
+#else
 import Foundation
+#endif
 import GRPCCore
 import SDSModel
 import SwiftProtobuf

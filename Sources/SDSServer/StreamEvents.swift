@@ -1,5 +1,10 @@
 import AsyncAlgorithms
+#if canImport(FoundationEssentials)
+import FoundationEssentials
+import Glibc
+#else
 import Foundation
+#endif
 import GRPCCore
 import SDSModel
 

@@ -1,10 +1,16 @@
 import CertificateAuthority
 import CoreMetrics
 import Crypto
+#if canImport(FoundationEssentials)
+import FoundationEssentials
+import Glibc
+#else
 import Foundation
+#endif
 import Logging
 import SDSModel
 import X509
+import SwiftASN1
 
 /// One current secret per identity, shared by every stream and every Envoy that asks for it.
 ///

@@ -1,6 +1,11 @@
 import CertificateAuthority
 import CoreMetrics
+#if canImport(FoundationEssentials)
+import FoundationEssentials
+import Glibc
+#else
 import Foundation
+#endif
 import GRPCCore
 import GRPCNIOTransportHTTP2
 import IstioAPI
@@ -9,6 +14,7 @@ import SDSModel
 import Synchronization
 import SwiftASN1
 import X509
+import SwiftProtobuf
 
 /// A remote CA behind Istio's CSR API (istiod, cert-manager istio-csr, `sds-agent ca serve`):
 /// the second implementation of the ``CertificateIssuer`` seam.
@@ -310,7 +316,7 @@ public final class UpstreamCA: CertificateIssuer {
             return credential.token
         case .node:
             guard let file = configuration.tokenFile,
-                let token = try? String(contentsOfFile: file, encoding: .utf8).trimmingCharacters(in: .whitespacesAndNewlines),
+                let token = try? String(contentsOfFile: file, encoding: .utf8).trimmed,
                 !token.isEmpty
             else {
                 throw IssuanceError(

@@ -1,4 +1,10 @@
+#if canImport(FoundationEssentials)
+import FoundationEssentials
+import Glibc
+import SDSModel
+#else
 import Foundation
+#endif
 
 /// The two header fields checked before any signature work: `alg` and `kid`.
 struct JWTHeaderFields: Decodable {
@@ -18,10 +24,7 @@ struct JWTHeaderFields: Decodable {
 extension Data {
     /// Decodes unpadded base64url, as used in JWTs.
     init?(base64URLEncoded string: Substring) {
-        var base64 = string.replacingOccurrences(of: "-", with: "+").replacingOccurrences(of: "_", with: "/")
-        let remainder = base64.utf8.count % 4
-        if remainder == 1 { return nil }
-        if remainder > 0 { base64 += String(repeating: "=", count: 4 - remainder) }
-        self.init(base64Encoded: base64)
+        guard !string.contains("="), let bytes = Base64URL.decode(string) else { return nil }
+        self.init(bytes)
     }
 }

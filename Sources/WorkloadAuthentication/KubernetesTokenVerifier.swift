@@ -1,4 +1,9 @@
+#if canImport(FoundationEssentials)
+import FoundationEssentials
+import Glibc
+#else
 import Foundation
+#endif
 import JWTKit
 import SDSModel
 
@@ -76,7 +81,7 @@ public struct KubernetesTokenVerifier: WorkloadAuthenticator {
     }
 
     public func authenticate(token: String) async throws(AuthenticationError) -> AuthenticatedCaller {
-        let token = token.trimmingCharacters(in: .whitespacesAndNewlines)
+        let token = token.trimmed
         guard !token.isEmpty else {
             throw AuthenticationError(code: .missingCredential, message: "the call carries an empty token")
         }

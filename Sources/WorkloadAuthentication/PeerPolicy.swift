@@ -1,4 +1,9 @@
+#if canImport(FoundationEssentials)
+import FoundationEssentials
+import Glibc
+#else
 import Foundation
+#endif
 import SDSModel
 
 /// Attestation beyond the token: checks on the Unix peer credentials of the connection a call
@@ -78,9 +83,19 @@ public enum PodCgroup {
     /// The pod UID of process `pid`, read from `<procRoot>/<pid>/cgroup`.
     public static func podUID(pid: Int32, procRoot: String) -> Result<String, Failure> {
         let path = "\(procRoot)/\(pid)/cgroup"
-        guard let handle = FileHandle(forReadingAtPath: path),
-            let data = try? handle.readToEnd(), let contents = String(data: data, encoding: .utf8)
-        else {
+        // /proc files report size 0: read until the end, bounded.
+        let fd = open(path, O_RDONLY | O_CLOEXEC)
+        var bytes: [UInt8] = []
+        if fd >= 0 {
+            defer { close(fd) }
+            var buffer = [UInt8](repeating: 0, count: 4096)
+            while bytes.count < 64 * 1024 {
+                let count = buffer.withUnsafeMutableBytes { read(fd, $0.baseAddress, $0.count) }
+                guard count > 0 else { break }
+                bytes += buffer[..<count]
+            }
+        }
+        guard fd >= 0, let contents = String(validating: bytes, as: UTF8.self) else {
             return .failure(Failure(message: "cannot read \(path) to find the peer's pod"))
         }
         guard let uid = podUID(cgroupFile: contents) else {
@@ -104,7 +119,7 @@ public enum PodCgroup {
                 guard name.count >= 39 else { continue }
                 let candidate = name.suffix(36)
                 guard name.dropLast(36).hasSuffix("pod") else { continue }
-                let uid = candidate.replacingOccurrences(of: "_", with: "-").lowercased()
+                let uid = String(candidate.map { $0 == "_" ? "-" : $0 }).lowercased()
                 if isUUID(uid) { return uid }
             }
         }

@@ -1,5 +1,10 @@
 import Crypto
+#if canImport(FoundationEssentials)
+import FoundationEssentials
+import Glibc
+#else
 import Foundation
+#endif
 import KubernetesAPI
 import Logging
 import SDSModel
@@ -53,7 +58,7 @@ public actor TokenReviewAuthenticator: WorkloadAuthenticator {
     }
 
     public func authenticate(token: String) async throws(AuthenticationError) -> AuthenticatedCaller {
-        let token = token.trimmingCharacters(in: .whitespacesAndNewlines)
+        let token = token.trimmed
         guard !token.isEmpty else { throw AuthenticationError(code: .missingCredential, message: "the call carries an empty token") }
         guard token.utf8.count <= configuration.maxTokenBytes else {
             throw AuthenticationError(code: .tokenTooLarge, message: "token is \(token.utf8.count) bytes; the limit is \(configuration.maxTokenBytes)")

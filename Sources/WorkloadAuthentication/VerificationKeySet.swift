@@ -1,4 +1,9 @@
+#if canImport(FoundationEssentials)
+import FoundationEssentials
+import Glibc
+#else
 import Foundation
+#endif
 import JWTKit
 
 /// The public keys tokens are verified with, loaded from a JWKS document.
@@ -42,7 +47,7 @@ public struct VerificationKeySet: Sendable {
         do {
             data = try Data(contentsOf: URL(fileURLWithPath: path))
         } catch {
-            throw KeySetError(message: "cannot read JWKS file \(path): \(error.localizedDescription)")
+            throw KeySetError(message: "cannot read JWKS file \(path): \(error)")
         }
         do {
             try await self.init(jwksJSON: data)

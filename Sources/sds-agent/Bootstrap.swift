@@ -1,5 +1,10 @@
 import ArgumentParser
+#if canImport(FoundationEssentials)
+import FoundationEssentials
+import Glibc
+#else
 import Foundation
+#endif
 import SDSAgent
 
 /// `sds-agent bootstrap`: renders the Envoy sidecar bootstrap template.
@@ -73,7 +78,7 @@ struct Bootstrap: AsyncParsableCommand {
         do {
             text = try String(contentsOfFile: template, encoding: .utf8)
         } catch {
-            throw ValidationError("cannot read template \(template): \(error.localizedDescription)")
+            throw ValidationError("cannot read template \(template): \(error)")
         }
         let rendered: String
         do {

@@ -1,6 +1,11 @@
 import ArgumentParser
 import CertificateAuthority
+#if canImport(FoundationEssentials)
+import FoundationEssentials
+import Glibc
+#else
 import Foundation
+#endif
 import KubernetesAPI
 import Logging
 import Metrics
@@ -8,6 +13,8 @@ import Prometheus
 import SDSAgent
 import ServiceLifecycle
 import UpstreamCA
+import UnixSignals
+import SDSModel
 
 /// `sds-agent ca`: the central CA for meshes without istiod.
 struct CA: AsyncParsableCommand {

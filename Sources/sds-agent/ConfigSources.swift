@@ -1,9 +1,14 @@
 import ArgumentParser
+#if canImport(FoundationEssentials)
+import FoundationEssentials
+import Glibc
+#else
 import Foundation
+#endif
 import Logging
 import SDSAgent
 import Synchronization
-import Yams
+import SDSModel
 
 /// `serve`'s settings from a YAML file (`--config FILE`) and the environment (`SDS_AGENT_<FLAG>`),
 /// merged into its command line so that one parser, one set of defaults and one set of checks
@@ -16,7 +21,7 @@ import Yams
 ///
 /// Looked at first: apple/swift-configuration (readers over files, environment and arguments with
 /// reload). Its model reads values key by key; ours must feed ArgumentParser, whose parsing and
-/// checks are the contract, so the sources are merged as arguments and Yams reads the file.
+/// checks are the contract, so the sources are merged as arguments and `YAMLNode` reads the file.
 struct ConfigSources {
     /// Where one setting came from (for the start log).
     enum Source: String { case flag, environment, file }
@@ -99,7 +104,7 @@ struct ConfigSources {
 
         /// `https://user:secret@host` → `https://REDACTED@host`.
         static func redacted(_ value: String) -> String {
-            guard let scheme = value.range(of: "://"), let at = value[scheme.upperBound...].firstIndex(of: "@"),
+            guard let scheme = value.firstRange(of: "://"), let at = value[scheme.upperBound...].firstIndex(of: "@"),
                 !value[scheme.upperBound..<at].contains("/")
             else { return value }
             return value[..<scheme.upperBound] + "REDACTED" + value[at...]
@@ -115,7 +120,7 @@ struct ConfigSources {
 
     /// The environment variable for `flag`: `trust-domain` → `SDS_AGENT_TRUST_DOMAIN`.
     static func environmentName(_ flag: String) -> String {
-        "SDS_AGENT_" + flag.uppercased().replacingOccurrences(of: "-", with: "_")
+        "SDS_AGENT_" + flag.uppercased().replacing("-", with: "_")
     }
 
     /// `arguments` (after the subcommand) with the file's and the environment's settings before
@@ -168,19 +173,19 @@ struct ConfigSources {
         } catch {
             throw Failure(description: "config \(path): cannot read it (\(Self.reason(error)))")
         }
-        let node: Node?
+        let node: YAMLNode?
         do {
-            node = try Yams.compose(yaml: text)
+            node = try YAMLNode.parse(text)
         } catch {
-            throw Failure(description: "config \(path): not YAML: \(error)")
+            throw Failure(description: "config \(path): not YAML the agent reads: \(error)")
         }
         guard let node else { return [] }
         guard let mapping = node.mapping else {
             throw Failure(description: "config \(path): the top level must be a mapping of flag names to values (trust-domain: cluster.local)")
         }
         var settings: [(String, [String])] = []
-        for (keyNode, valueNode) in mapping {
-            guard let key = keyNode.string else { throw Failure(description: "config \(path): a key is not a string") }
+        for entry in mapping {
+            let (key, valueNode) = (entry.key, entry.value)
             guard flags.all.contains(key) else {
                 let hint = flags.all.filter { $0.hasPrefix(String(key.prefix(4))) }.sorted().prefix(3)
                 throw Failure(
@@ -192,12 +197,12 @@ struct ConfigSources {
         return settings
     }
 
-    private static func values(of key: String, node: Node, file: String, flags: Flags) throws -> [String] {
-        func scalarText(_ node: Node) throws -> String {
+    private static func values(of key: String, node: YAMLNode, file: String, flags: Flags) throws -> [String] {
+        func scalarText(_ node: YAMLNode) throws -> String {
             guard let scalar = node.scalar else {
-                throw Failure(description: "config \(file): '\(key)' must be a single value, not a \(node.sequence != nil ? "sequence" : "mapping")")
+                throw Failure(description: "config \(file): '\(key)' must be a single value, not a \(node.kind)")
             }
-            return scalar.string
+            return scalar
         }
         if flags.switches.contains(key) {
             guard let bool = node.bool else {
@@ -222,7 +227,7 @@ struct ConfigSources {
             }
         }
         if flags.repeatable.contains(key) {
-            return text.split(separator: ",").map { $0.trimmingCharacters(in: .whitespaces) }
+            return text.split(separator: ",").map { $0.trimmed }
         }
         return [text]
     }
@@ -246,12 +251,12 @@ struct ConfigSources {
     }
 
     private static func reason(_ error: any Error) -> String {
-        let nsError = error as NSError
-        if let underlying = nsError.userInfo[NSUnderlyingErrorKey] as? NSError, underlying.domain == NSPOSIXErrorDomain {
-            return String(cString: strerror(Int32(underlying.code)))
+        switch (error as? CocoaError)?.code {
+        case .fileReadNoSuchFile?: return "no such file"
+        case .fileReadNoPermission?: return "permission denied"
+        case .fileReadInvalidFileName?: return "not a file name"
+        default: return "\(error)"
         }
-        if nsError.domain == NSCocoaErrorDomain && nsError.code == NSFileReadNoSuchFileError { return "no such file" }
-        return nsError.localizedDescription
     }
 }
 

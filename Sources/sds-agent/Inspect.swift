@@ -1,5 +1,10 @@
 import ArgumentParser
+#if canImport(FoundationEssentials)
+import FoundationEssentials
+import Glibc
+#else
 import Foundation
+#endif
 import SDSAgent
 
 /// `sds-agent inspect`: every identity the node's agent holds, with serials, expiry, renewal,
@@ -23,8 +28,7 @@ struct Inspect: AsyncParsableCommand {
             throw ExitCode.failure
         }
         if json {
-            FileHandle.standardOutput.write(body)
-            print()
+            print(String(decoding: body, as: UTF8.self))
             return
         }
         do {
@@ -43,7 +47,7 @@ enum AdminClient {
     }
 
     static func get(_ path: String, socket: String) throws -> Data {
-        let fd = Foundation.socket(AF_UNIX, Int32(SOCK_STREAM.rawValue), 0)
+        let fd = Glibc.socket(AF_UNIX, Int32(SOCK_STREAM.rawValue), 0)
         guard fd >= 0 else { throw Failure(description: "socket(): errno \(errno)") }
         defer { close(fd) }
         var address = sockaddr_un()

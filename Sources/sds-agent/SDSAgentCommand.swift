@@ -1,5 +1,10 @@
 import ArgumentParser
+#if canImport(FoundationEssentials)
+import FoundationEssentials
+import Glibc
+#else
 import Foundation
+#endif
 import SDSAgent
 
 /// `sds-agent`: an Envoy SDS node agent issuing SPIFFE workload certificates.
@@ -37,15 +42,15 @@ struct SDSAgentCommand: AsyncParsableCommand {
             let code = exitCode(for: error)
             var message = fullMessage(for: error)
             // A duration that does not parse: say what one looks like (ArgumentParser names only the flag).
-            if let range = message.range(of: " <duration>'") {
+            if let range = message.firstRange(of: " <duration>'") {
                 message.insert(contentsOf: ": it must be \(DurationText.expected)", at: range.upperBound)
             }
             if code == .success {
                 if !message.isEmpty { print(message) }
-                Foundation.exit(0)
+                Glibc.exit(0)
             }
             if !message.isEmpty { printToStandardError(message) }
-            Foundation.exit(code == .validationFailure ? 2 : code.rawValue)
+            Glibc.exit(code == .validationFailure ? 2 : code.rawValue)
         }
     }
 }
@@ -61,5 +66,6 @@ struct Version: ParsableCommand {
 
 /// One line on standard error.
 func printToStandardError(_ text: String) {
-    FileHandle.standardError.write(Data((text + "\n").utf8))
+    let bytes = Array((text + "\n").utf8)
+    _ = bytes.withUnsafeBytes { Glibc.write(2, $0.baseAddress, $0.count) }
 }

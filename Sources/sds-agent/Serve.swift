@@ -1,6 +1,11 @@
 import ArgumentParser
 import CertificateAuthority
+#if canImport(FoundationEssentials)
+import FoundationEssentials
+import Glibc
+#else
 import Foundation
+#endif
 import KubernetesAPI
 import Logging
 import Metrics
@@ -11,6 +16,8 @@ import SecretCache
 import WorkloadAuthentication
 import ServiceLifecycle
 import UpstreamCA
+import UnixSignals
+import SDSServer
 
 /// `sds-agent serve`: the agent itself. Its flags are a public contract (scripts, manifests).
 struct Serve: AsyncParsableCommand {
