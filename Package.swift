@@ -252,7 +252,7 @@ let package = Package(
         .executableTarget(
             name: "sds-agent-bench",
             dependencies: [
-                "EnvoyAPI", "TestSupport",
+                "EnvoyAPI", "TestSupport", "SDSAgent",
                 .product(name: "ArgumentParser", package: "swift-argument-parser"),
                 .product(name: "GRPCCore", package: "grpc-swift-2"),
                 .product(name: "GRPCNIOTransportHTTP2", package: "grpc-swift-nio-transport"),

@@ -3,7 +3,8 @@
 # ships) over its socket, next to this machine's ECDSA P-256 limit from `openssl speed`, and
 # prints the numbers. Full sizes take a few minutes, then a storm of 1,000 clients; CI runs
 # `--smoke` to prove it still runs, and `--storm 300` as a test.
-# Numbers are printed, never asserted: compare them run to run on the same machine.
+# Numbers are printed, never asserted: compare them run to run on the same machine. The results,
+# with the machine, the commit and the date, go to run/bench/latest.json (and storm.json).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export PATH="/opt/swift/usr/bin:$PATH"
@@ -19,9 +20,19 @@ seconds=3
 # The limit: what OpenSSL signs and verifies per second on one core, on this run.
 read -r sign verify < <(openssl speed -seconds "$seconds" ecdsap256 2>/dev/null | awk '/nistp256/ {print $(NF-1), $NF}')
 echo "openssl speed ecdsap256: ${sign} sign/s, ${verify} verify/s (one core)"
-"$bin/sds-agent-bench" --agent "$bin/sds-agent" --sign-per-second "$sign" --verify-per-second "$verify" "$@"
+# The binary measured is the one the image ships: stripped (scripts/build-release.sh).
+mkdir -p run/bench
+install -m 0755 "$bin/sds-agent" run/bench/sds-agent
+strip run/bench/sds-agent
+agent=$PWD/run/bench/sds-agent
+commit=$(git rev-parse --short=12 HEAD 2>/dev/null || echo unknown)
+[ -z "$(git status --porcelain 2>/dev/null)" ] || commit="$commit-dirty"
+out=run/bench
+[[ " $* " == *" --smoke "* ]] && out=run/bench/smoke
+"$bin/sds-agent-bench" --agent "$agent" --sign-per-second "$sign" --verify-per-second "$verify" \
+  --commit "$commit" --json-out "$out/latest.json" "$@"
 # The node-restart storm (one connection per stream, all at once) on a fresh agent: 1,000 clients
 # in the full run; CI runs it at 300 (`--storm 300`, which fails on any client not served).
 if [[ " $* " != *" --smoke "* && " $* " != *" --storm "* ]]; then
-  "$bin/sds-agent-bench" --agent "$bin/sds-agent" --storm 1000
+  "$bin/sds-agent-bench" --agent "$agent" --storm 1000 --commit "$commit" --json-out "$out/storm.json"
 fi

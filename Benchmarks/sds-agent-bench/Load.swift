@@ -2,6 +2,7 @@ import EnvoyAPI
 import Foundation
 import GRPCCore
 import GRPCNIOTransportHTTP2
+import Synchronization
 import TestSupport
 
 /// Throughput and latency of one phase.
@@ -86,10 +87,17 @@ struct SDSClients: Sendable {
     }
 
     /// One FetchSecrets for the workload certificate; fails unless it is served.
-    func fetch(token: String, on index: Int) async throws {
+    func fetch(token: String, on index: Int, timeout: Duration? = nil) async throws {
+        var options = CallOptions.defaults
+        options.timeout = timeout
         let response = try await clients[index % clients.count].fetchSecrets(
-            SDSTestClient.request(["default"]), metadata: SDSTestClient.metadata(token: token))
+            SDSTestClient.request(["default"]), metadata: SDSTestClient.metadata(token: token), options: options)
         guard response.resources.count == 1 else { throw BenchError("expected one secret, got \(response.resources.count)") }
+    }
+
+    /// The whole FetchSecrets response for the workload certificate (the floor server's canned answer).
+    func fetchResponse(token: String) async throws -> Envoy_Service_Discovery_V3_DiscoveryResponse {
+        try await clients[0].fetchSecrets(SDSTestClient.request(["default"]), metadata: SDSTestClient.metadata(token: token))
     }
 
     /// Opens `count` StreamSecrets streams (tokens round-robin), waits (bounded) until each has its
@@ -137,4 +145,70 @@ struct SDSClients: Sendable {
 struct BenchError: Error, CustomStringConvertible {
     var description: String
     init(_ description: String) { self.description = description }
+}
+
+extension SDSClients {
+    /// Rotation fan-out: opens `count` streams (tokens round-robin) for the certificate and the
+    /// bundle, waits (bounded) until each has its first response, calls `trigger` (SIGUSR1 at the
+    /// agent: a root rotation) and records, per stream, when its next two responses arrive: the
+    /// bundle with the new root, then (after the activation delay) the renewed certificate.
+    /// Returns seconds from the trigger, sorted.
+    func rotation(
+        _ count: Int, tokens: [String], timeout: Duration = .seconds(120), trigger: @escaping @Sendable () -> Void
+    ) async throws -> (bundle: [Double], certificate: [Double]) {
+        let clock = ContinuousClock()
+        let (ready, readySink) = AsyncStream.makeStream(of: Void.self)
+        let (pushes, pushSink) = AsyncStream.makeStream(of: (Int, ContinuousClock.Instant).self)
+        let start = Gate()
+        return try await withThrowingTaskGroup(of: Void.self, returning: (bundle: [Double], certificate: [Double]).self) { group in
+            for i in 0..<count {
+                let client = clients[i % clients.count]
+                let token = tokens[i % tokens.count]
+                group.addTask {
+                    try await SDSTestClient.withStream(client, metadata: SDSTestClient.metadata(token: token)) { session in
+                        session.send(SDSTestClient.request(["default", "ROOTCA"]))
+                        guard let first = try await session.next() else { throw BenchError("a stream ended before its first response") }
+                        session.send(SDSTestClient.request(["default", "ROOTCA"], version: first.versionInfo, nonce: first.nonce))
+                        readySink.yield()
+                        await start.wait()
+                        for push in 1...2 {
+                            guard let response = try await session.next() else { throw BenchError("a stream ended before push \(push)") }
+                            session.send(SDSTestClient.request(["default", "ROOTCA"], version: response.versionInfo, nonce: response.nonce))
+                            pushSink.yield((push, clock.now))
+                        }
+                        _ = try await session.next()  // held open until cancelled
+                    }
+                }
+            }
+            group.addTask {
+                try await Task.sleep(for: timeout)
+                readySink.finish()
+                pushSink.finish()
+            }
+            var opened = 0
+            for await _ in ready {
+                opened += 1
+                if opened == count { break }
+            }
+            guard opened == count else {
+                group.cancelAll()
+                throw BenchError("only \(opened) of \(count) streams were served")
+            }
+            let triggered = clock.now
+            trigger()
+            start.open()
+            var bundle: [Double] = [], certificate: [Double] = []
+            for await (push, at) in pushes {
+                let elapsed = triggered.duration(to: at)
+                let seconds = Double(elapsed.components.seconds) + Double(elapsed.components.attoseconds) / 1e18
+                if push == 1 { bundle.append(seconds) } else { certificate.append(seconds) }
+                if certificate.count == count { break }
+            }
+            group.cancelAll()
+            guard certificate.count == count else {
+                throw BenchError("only \(bundle.count) bundle and \(certificate.count) certificate pushes of \(count) streams arrived")
+            }
+            return (bundle.sorted(), certificate.sorted())
+        }
+    }
 }

@@ -11,9 +11,9 @@ import Foundation
 /// The parent directory is created; a stale socket file from an earlier run is replaced (but a
 /// regular file or a socket another process is listening on is never removed); the mode is set
 /// between `bind` and `listen`, so no client can connect while it is wider than asked.
-enum UnixSocketListener {
+public enum UnixSocketListener {
     /// Returns a listening socket descriptor bound to `path` with file mode `mode`.
-    static func bind(path: String, mode: mode_t, backlog: Int32 = 1024) throws(ListenerError) -> Int32 {
+    public static func bind(path: String, mode: mode_t, backlog: Int32 = 1024) throws(ListenerError) -> Int32 {
         let maxPath = MemoryLayout.size(ofValue: sockaddr_un().sun_path) - 1
         guard path.utf8.count <= maxPath else {
             throw ListenerError(path: path, "socket path is \(path.utf8.count) bytes; Unix sockets allow \(maxPath)")
