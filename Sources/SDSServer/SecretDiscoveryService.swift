@@ -71,7 +71,9 @@ public struct SecretDiscoveryService: Envoy_Service_Secret_V3_SecretDiscoverySer
         let stream = SotWStream(resolver: resolver(for: caller, context: context), configuration: configuration, metrics: metrics.sotw)
         return StreamingServerResponse { writer in
             try await withStreamSlot(caller, context: context) {
-                try await stream.run(events(request.messages, for: caller), writer: writer)
+                let source = events(request.messages, for: caller)
+                defer { source.finish() }
+                try await stream.run(FirstRequestDeadline(base: source, timeout: configuration.limits.firstRequestTimeout), writer: writer)
             }
             return [:]
         }
@@ -86,7 +88,9 @@ public struct SecretDiscoveryService: Envoy_Service_Secret_V3_SecretDiscoverySer
         let stream = DeltaStream(resolver: resolver(for: caller, context: context), configuration: configuration, metrics: metrics.delta)
         return StreamingServerResponse { writer in
             try await withStreamSlot(caller, context: context) {
-                try await stream.run(events(request.messages, for: caller), writer: writer)
+                let source = events(request.messages, for: caller)
+                defer { source.finish() }
+                try await stream.run(FirstRequestDeadline(base: source, timeout: configuration.limits.firstRequestTimeout), writer: writer)
             }
             return [:]
         }
@@ -136,12 +140,12 @@ public struct SecretDiscoveryService: Envoy_Service_Secret_V3_SecretDiscoverySer
     }
 
     /// What a stream of `caller` reacts to: its requests, its identity's updates, its token's
-    /// deadline and the first-request deadline, merged.
+    /// deadline and the first-request deadline, in one source.
     private func events<Request: Sendable>(
         _ requests: RPCAsyncSequence<Request, any Error>, for caller: AuthenticatedCaller
-    ) -> some AsyncSequence<StreamEvent<Request>, any Error> & Sendable {
-        StreamEvents.merged(
-            requests, secrets.updates(for: caller.spiffeID), credentialExpiresIn: streamLifetime(for: caller),
+    ) -> StreamEventSource<Request> {
+        StreamEvents.source(
+            requests, secrets: secrets, identity: caller.spiffeID, credentialExpiresIn: streamLifetime(for: caller),
             firstRequestTimeout: configuration.limits.firstRequestTimeout)
     }
 

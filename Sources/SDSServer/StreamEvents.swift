@@ -1,4 +1,4 @@
-import AsyncAlgorithms
+import SecretCache
 #if canImport(FoundationEssentials)
 import FoundationEssentials
 import Glibc
@@ -20,22 +20,18 @@ enum StreamEvent<Request: Sendable>: Sendable {
 }
 
 enum StreamEvents {
-    /// Merges `requests` (followed by `.requestsEnded`), `updates`, and one `.credentialExpiring`
-    /// after `wait`, with back-pressure: a request is read only when the stream is ready for it.
-    /// A stream whose first request has not come within `firstRequestTimeout` ends with
-    /// `deadline_exceeded`: an open stream that asks for nothing may not hold the agent's resources.
-    static func merged<Request: Sendable>(
-        _ requests: RPCAsyncSequence<Request, any Error>, _ updates: AsyncStream<Void>, credentialExpiresIn wait: Duration,
-        firstRequestTimeout: Duration
-    ) -> some AsyncSequence<StreamEvent<Request>, any Error> & Sendable {
-        // One merge of three: each base costs the merge a task, so both deadlines share one
-        // sequence (measured: the nested merge with two timers cost ~20 KiB per open stream).
-        FirstRequestDeadline(
-            base: merge(
-                chain(requests.map { StreamEvent.request($0) }, [StreamEvent<Request>.requestsEnded].async),
-                updates.map { StreamEvent<Request>.updated },
-                StreamDeadlines<Request>(firstRequest: firstRequestTimeout, credential: wait)),
-            timeout: firstRequestTimeout)
+    /// What a stream of `identity` reacts to: its requests (then their end, with back-pressure:
+    /// a request is read only when the stream is ready for it), the identity's changes, and one
+    /// `.credentialExpiring` after `wait`. A stream whose first request has not come within
+    /// `firstRequestTimeout` ends with `deadline_exceeded`: an open stream that asks for nothing
+    /// may not hold the agent's resources. The stream calls `finish()` on the source when it ends.
+    static func source<Request: Sendable>(
+        _ requests: RPCAsyncSequence<Request, any Error>, secrets: any SecretSource, identity: SPIFFEID,
+        credentialExpiresIn wait: Duration, firstRequestTimeout: Duration
+    ) -> StreamEventSource<Request> {
+        StreamEventSource(
+            requests: requests, secrets: secrets, identity: identity, firstRequestTimeout: firstRequestTimeout,
+            credentialExpiresIn: wait)
     }
 
     /// Why a stream ended, in words, for its one closing log line.
@@ -53,38 +49,6 @@ enum StreamEvents {
         RPCError(
             code: .unavailable,
             message: "the service-account token this stream was opened with expires at \(expiry.formatted(.iso8601)); reconnect with a fresh token")
-    }
-}
-
-/// A stream's two deadlines in one sequence: `.firstRequestDue` after `firstRequest`, and
-/// `.credentialExpiring` after `credential`, in time order; it ends (nil) when cancelled.
-struct StreamDeadlines<Request: Sendable>: AsyncSequence, Sendable {
-    let firstRequest: Duration
-    let credential: Duration
-
-    struct AsyncIterator: AsyncIteratorProtocol {
-        var pending: [(at: ContinuousClock.Instant, event: StreamEvent<Request>)]
-
-        mutating func next() async -> StreamEvent<Request>? {
-            guard !pending.isEmpty else { return nil }
-            let (at, event) = pending.removeFirst()
-            do {
-                try await Task.sleep(until: at, clock: .continuous)
-            } catch {
-                pending = []
-                return nil
-            }
-            return event
-        }
-    }
-
-    func makeAsyncIterator() -> AsyncIterator {
-        let now = ContinuousClock.now
-        let deadlines: [(at: ContinuousClock.Instant, event: StreamEvent<Request>)] = [
-            (now + Swift.max(firstRequest, .milliseconds(1)), .firstRequestDue),
-            (now + Swift.max(credential, .milliseconds(1)), .credentialExpiring),
-        ]
-        return AsyncIterator(pending: deadlines.sorted { $0.at < $1.at })
     }
 }
 

@@ -141,6 +141,10 @@ public actor SecretCache: SecretSource {
 
     public nonisolated func updates(for identity: SPIFFEID) -> AsyncStream<Void> { updates.watch(identity) }
 
+    public nonisolated func watch(_ identity: SPIFFEID, signal: @escaping @Sendable () -> Void) -> SecretWatch {
+        updates.watch(identity, signal: signal)
+    }
+
     public func workloadSecret(for identity: SPIFFEID, credential: CallerCredential?) async throws(SecretError)
         -> WorkloadSecret
     {

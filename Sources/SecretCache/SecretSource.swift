@@ -15,9 +15,22 @@ public protocol SecretSource: Sendable {
     /// Signals (newest only) when `identity`'s certificate or the trust bundle changes.
     /// The watch ends when the returned stream is dropped.
     func updates(for identity: SPIFFEID) -> AsyncStream<Void>
+
+    /// Calls `signal` when `identity`'s certificate or the trust bundle changes, until the watch
+    /// is cancelled: what an open stream waits on without a task of its own.
+    func watch(_ identity: SPIFFEID, signal: @escaping @Sendable () -> Void) -> SecretWatch
 }
 
 extension SecretSource {
+    /// The callback watch over ``updates(for:)``, for sources without their own: one task.
+    public func watch(_ identity: SPIFFEID, signal: @escaping @Sendable () -> Void) -> SecretWatch {
+        let updates = updates(for: identity)
+        let task = Task {
+            for await _ in updates { signal() }
+        }
+        return SecretWatch { task.cancel() }
+    }
+
     /// The current secret for `identity`, with no caller credential to forward.
     public func workloadSecret(for identity: SPIFFEID) async throws(SecretError) -> WorkloadSecret {
         try await workloadSecret(for: identity, credential: nil)

@@ -10,7 +10,7 @@ import Synchronization
 public final class SecretUpdates: Sendable {
     private struct Watcher {
         var identity: SPIFFEID
-        var continuation: AsyncStream<Void>.Continuation
+        var signal: @Sendable () -> Void
     }
 
     private let watchers = Mutex<(next: Int, all: [Int: Watcher])>((0, [:]))
@@ -20,27 +20,33 @@ public final class SecretUpdates: Sendable {
     /// Signals for changes to `identity`'s certificate or to the trust bundle.
     public func watch(_ identity: SPIFFEID) -> AsyncStream<Void> {
         let (stream, continuation) = AsyncStream.makeStream(of: Void.self, bufferingPolicy: .bufferingNewest(1))
+        let watch = watch(identity) { continuation.yield() }
+        continuation.onTermination = { _ in watch.cancel() }
+        return stream
+    }
+
+    /// Calls `signal` (from the notifier's context: it must only record and wake) for changes to
+    /// `identity`'s certificate or to the trust bundle, until the returned watch is cancelled. No
+    /// task or stream per watcher: an open SDS stream waits on its own event source.
+    public func watch(_ identity: SPIFFEID, signal: @escaping @Sendable () -> Void) -> SecretWatch {
         let id = watchers.withLock { state in
             state.next += 1
-            state.all[state.next] = Watcher(identity: identity, continuation: continuation)
+            state.all[state.next] = Watcher(identity: identity, signal: signal)
             return state.next
         }
-        continuation.onTermination = { [weak self] _ in
-            _ = self?.watchers.withLock { $0.all.removeValue(forKey: id) }
-        }
-        return stream
+        return SecretWatch { [weak self] in _ = self?.watchers.withLock { $0.all.removeValue(forKey: id) } }
     }
 
     /// Tells the watchers of `identity` that its certificate changed.
     public func certificateChanged(for identity: SPIFFEID) {
-        let targets = watchers.withLock { $0.all.values.filter { $0.identity == identity }.map(\.continuation) }
-        for continuation in targets { continuation.yield() }
+        let targets = watchers.withLock { $0.all.values.filter { $0.identity == identity }.map(\.signal) }
+        for signal in targets { signal() }
     }
 
     /// Tells every watcher that the trust bundle changed.
     public func bundleChanged() {
-        let targets = watchers.withLock { $0.all.values.map(\.continuation) }
-        for continuation in targets { continuation.yield() }
+        let targets = watchers.withLock { $0.all.values.map(\.signal) }
+        for signal in targets { signal() }
     }
 
     /// The identities that have at least one open stream.
@@ -50,4 +56,19 @@ public final class SecretUpdates: Sendable {
 
     /// How many streams are watching (all identities).
     public var count: Int { watchers.withLock { $0.all.count } }
+}
+
+/// A registered watcher; ``cancel()`` (once, idempotent) removes it.
+public final class SecretWatch: Sendable {
+    private let onCancel: Mutex<(@Sendable () -> Void)?>
+
+    public init(onCancel: @escaping @Sendable () -> Void) { self.onCancel = Mutex(onCancel) }
+
+    public func cancel() {
+        let action = onCancel.withLock { action in
+            defer { action = nil }
+            return action
+        }
+        action?()
+    }
 }

@@ -8,6 +8,7 @@ import SDSModel
 @testable import SDSServer
 import SecretCache
 import TestSupport
+import Synchronization
 import Testing
 import WorkloadAuthentication
 import X509
@@ -534,5 +535,98 @@ import X509
 
     @Test func ignoresTheDeadlineOnceARequestCame() async throws {
         #expect(try await drain([.request(1), .firstRequestDue, .updated]) == ["request(1)", "updated"])
+    }
+}
+
+/// The per-stream event source: one reader task with back-pressure, change signals and deadlines
+/// without tasks of their own, a fixed order, and nothing left behind after `finish()`.
+@Suite(.timeLimit(.minutes(1))) struct StreamEventSourceTests {
+    /// A source whose changes the test signals by hand, and which counts live watches.
+    final class Signals: SecretSource, Sendable {
+        let signals = Mutex<[Int: @Sendable () -> Void]>([:])
+        func workloadSecret(for identity: SPIFFEID, credential: CallerCredential?) async throws(SecretError) -> WorkloadSecret {
+            throw SecretError(isTransient: true, message: "not used")
+        }
+        func trustBundle() async -> TrustBundle { TrustBundle(trustDomain: "cluster.local", rootsPEM: "", version: "") }
+        func updates(for identity: SPIFFEID) -> AsyncStream<Void> { AsyncStream { $0.finish() } }
+        func watch(_ identity: SPIFFEID, signal: @escaping @Sendable () -> Void) -> SecretWatch {
+            let id = signals.withLock { signals in
+                let id = (signals.keys.max() ?? 0) + 1
+                signals[id] = signal
+                return id
+            }
+            return SecretWatch { [self] in _ = signals.withLock { $0.removeValue(forKey: id) } }
+        }
+        func fire() { for signal in signals.withLock({ Array($0.values) }) { signal() } }
+        var watching: Int { signals.withLock { $0.count } }
+    }
+
+    let identity = try! SPIFFEID(trustDomain: "cluster.local", namespace: "demo", serviceAccount: "frontend")
+
+    @Test func readsARequestOnlyWhenTheStreamIsReadyAndKeepsItsOrder() async throws {
+        let pulled = Atomic<Int>(0)
+        let (requests, sink) = AsyncThrowingStream.makeStream(of: Int.self, throwing: (any Error).self)
+        for i in 1...5 { sink.yield(i) }
+        sink.finish()
+        let counted = requests.map { value -> Int in
+            pulled.add(1, ordering: .relaxed)
+            return value
+        }
+        let signals = Signals()
+        let source = StreamEventSource(
+            requests: RPCAsyncSequence(wrapping: counted), secrets: signals, identity: identity,
+            firstRequestTimeout: .seconds(60), credentialExpiresIn: .seconds(60))
+        var iterator = source.makeAsyncIterator()
+        var seen: [String] = []
+        var taken = 0
+        while let event = try await iterator.next() {
+            seen.append("\(event)")
+            if case .request = event { taken += 1 }
+            // Back-pressure: at most the request being handed over is read ahead.
+            #expect(pulled.load(ordering: .relaxed) <= taken + 1)
+            if taken == 2 && !seen.contains("updated") { signals.fire() }
+            if case .requestsEnded = event { break }
+        }
+        // Requests in order, the change once (after the second request: a pending request goes first),
+        // the end last.
+        #expect(seen.filter { $0 != "updated" } == ["request(1)", "request(2)", "request(3)", "request(4)", "request(5)", "requestsEnded"])
+        #expect(seen.filter { $0 == "updated" }.count == 1 && seen.firstIndex(of: "updated")! > 1)
+        source.finish()
+        #expect(signals.watching == 0)
+    }
+
+    @Test func deliversTheDeadlinesAndEndsWhenFinished() async throws {
+        // The requests stay open (a dropped continuation would end them).
+        let (requests, open) = AsyncThrowingStream.makeStream(of: Int.self, throwing: (any Error).self)
+        defer { open.finish() }
+        let signals = Signals()
+        let source = StreamEventSource(
+            requests: RPCAsyncSequence(wrapping: requests), secrets: signals, identity: identity,
+            firstRequestTimeout: .milliseconds(1), credentialExpiresIn: .milliseconds(2))
+        var iterator = source.makeAsyncIterator()
+        var deadlines: Set<String> = []
+        while deadlines.count < 2, let event = try await iterator.next() { deadlines.insert("\(event)") }
+        #expect(deadlines == ["firstRequestDue", "credentialExpiring"])
+        #expect(signals.watching == 1)
+        // A stream waiting for its next event gets nil once the source is finished.
+        async let next = iterator.next()
+        source.finish()
+        #expect(try await next == nil)
+        #expect(signals.watching == 0)
+    }
+
+    @Test func aWaitingStreamIsCancelled() async throws {
+        let (requests, open) = AsyncThrowingStream.makeStream(of: Int.self, throwing: (any Error).self)
+        defer { open.finish() }
+        let source = StreamEventSource(
+            requests: RPCAsyncSequence(wrapping: requests), secrets: Signals(), identity: identity,
+            firstRequestTimeout: .seconds(60), credentialExpiresIn: .seconds(60))
+        let waiting = Task {
+            var iterator = source.makeAsyncIterator()
+            return try await iterator.next()
+        }
+        waiting.cancel()
+        await #expect(throws: CancellationError.self) { _ = try await waiting.value }
+        source.finish()
     }
 }

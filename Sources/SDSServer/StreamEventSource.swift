@@ -1,0 +1,199 @@
+import Dispatch
+import GRPCCore
+import SDSModel
+import SecretCache
+import Synchronization
+
+/// What one stream reacts to, in one sequence, for the cost of one task: Envoy's requests (read
+/// by that task, one at a time, only once the stream has taken the previous one: back-pressure),
+/// the cache's change signal (a callback that records and wakes), and the two deadlines (Dispatch
+/// timers). An `AsyncAlgorithms.merge` of the same sources ran a task per source and one more.
+///
+/// Events come in this order when several are ready: a request, then a change, then a deadline,
+/// then the end of the requests. ``finish()`` (the stream's end) stops the reader, the watch and
+/// the timers.
+final class StreamEventSource<Request: Sendable>: AsyncSequence, Sendable {
+    typealias Element = StreamEvent<Request>
+
+    private struct State {
+        var request: Request?
+        var requestsEnded = false
+        var endReported = false
+        var failure: (any Error)?
+        var updated = false
+        var firstRequestDue = false
+        var credentialExpiring = false
+        var cancelled = false
+        /// The stream waiting for an event.
+        var waiter: CheckedContinuation<Void, Never>?
+        /// The reader waiting for the stream to take the request it holds.
+        var reader: CheckedContinuation<Void, Never>?
+    }
+
+    private let state = Mutex(State())
+    private let resources = Mutex<(task: Task<Void, Never>?, watch: SecretWatch?, timers: [Timer])>((nil, nil, []))
+
+    /// A scheduled deadline; `DispatchWorkItem.cancel()` may be called from any thread.
+    private struct Timer: @unchecked Sendable {
+        let item: DispatchWorkItem
+    }
+
+    /// Starts reading `requests`, watching `identity` in `secrets`, and both deadlines.
+    init(
+        requests: RPCAsyncSequence<Request, any Error>, secrets: any SecretSource, identity: SPIFFEID,
+        firstRequestTimeout: Duration, credentialExpiresIn: Duration
+    ) {
+        let watch = secrets.watch(identity) { [weak self] in self?.deliver { $0.updated = true } }
+        func after(_ delay: Duration, _ item: DispatchWorkItem) -> Timer {
+            let parts = Swift.max(delay, .milliseconds(1)).components
+            let milliseconds = Swift.min(parts.seconds, 400 * 86400) * 1000 + parts.attoseconds / 1_000_000_000_000_000
+            DispatchQueue.global().asyncAfter(deadline: .now() + .milliseconds(Int(milliseconds)), execute: item)
+            return Timer(item: item)
+        }
+        let timers = [
+            after(firstRequestTimeout, DispatchWorkItem { [weak self] in self?.deliver { $0.firstRequestDue = true } }),
+            after(credentialExpiresIn, DispatchWorkItem { [weak self] in self?.deliver { $0.credentialExpiring = true } }),
+        ]
+        let task = Task { [weak self] in
+            var iterator = requests.makeAsyncIterator()
+            do {
+                while let request = try await iterator.next() {
+                    guard let self else { return }
+                    await self.hand(request)
+                    if Task.isCancelled { return }
+                }
+                self?.deliver { $0.requestsEnded = true }
+            } catch {
+                self?.deliver { $0.failure = error }
+            }
+        }
+        resources.withLock { $0 = (task, watch, timers) }
+    }
+
+    /// Stops the reader, the watch and the timers; a waiting stream gets nil.
+    func finish() {
+        let (task, watch, timers) = resources.withLock { resources in
+            defer { resources = (nil, nil, []) }
+            return resources
+        }
+        task?.cancel()
+        watch?.cancel()
+        for timer in timers { timer.item.cancel() }
+        let (waiter, reader) = state.withLock { state in
+            state.cancelled = true
+            defer { (state.waiter, state.reader) = (nil, nil) }
+            return (state.waiter, state.reader)
+        }
+        waiter?.resume()
+        reader?.resume()
+    }
+
+    deinit { finish() }
+
+    /// Records what happened and wakes the stream if it waits.
+    private func deliver(_ mark: (inout State) -> Void) {
+        let waiter = state.withLock { state in
+            mark(&state)
+            defer { state.waiter = nil }
+            return state.waiter
+        }
+        waiter?.resume()
+    }
+
+    /// The reader's side: hands `request` over and waits until the stream has taken it.
+    private func hand(_ request: Request) async {
+        await withCheckedContinuation { (continuation: CheckedContinuation<Void, Never>) in
+            let waiter = state.withLock { state -> CheckedContinuation<Void, Never>? in
+                if state.cancelled {
+                    continuation.resume()
+                    return nil
+                }
+                state.request = request
+                state.reader = continuation
+                defer { state.waiter = nil }
+                return state.waiter
+            }
+            waiter?.resume()
+        }
+    }
+
+    private enum Step {
+        case event(StreamEvent<Request>, wake: CheckedContinuation<Void, Never>?)
+        case fail(any Error)
+        case end
+        case wait
+    }
+
+    /// The next event, or nil once finished; throws what the request sequence threw, or
+    /// `CancellationError` when the stream's task is cancelled.
+    private func next() async throws -> StreamEvent<Request>? {
+        while true {
+            try Task.checkCancellation()
+            let step = state.withLock { state -> Step in
+                // Finished: nothing more is delivered, whatever was pending.
+                if state.cancelled { return .end }
+                if let request = state.request {
+                    state.request = nil
+                    defer { state.reader = nil }
+                    return .event(.request(request), wake: state.reader)
+                }
+                if state.updated {
+                    state.updated = false
+                    return .event(.updated, wake: nil)
+                }
+                if state.credentialExpiring {
+                    state.credentialExpiring = false
+                    return .event(.credentialExpiring, wake: nil)
+                }
+                if state.firstRequestDue {
+                    state.firstRequestDue = false
+                    return .event(.firstRequestDue, wake: nil)
+                }
+                if let failure = state.failure {
+                    state.failure = nil
+                    state.endReported = true
+                    return .fail(failure)
+                }
+                if state.requestsEnded && !state.endReported {
+                    state.endReported = true
+                    return .event(.requestsEnded, wake: nil)
+                }
+                return .wait
+            }
+            switch step {
+            case .event(let event, let wake):
+                wake?.resume()
+                return event
+            case .fail(let error):
+                throw error
+            case .end:
+                return nil
+            case .wait:
+                await withTaskCancellationHandler {
+                    await withCheckedContinuation { (continuation: CheckedContinuation<Void, Never>) in
+                        let ready = state.withLock { state -> Bool in
+                            let ready = Task.isCancelled || state.request != nil || state.updated || state.credentialExpiring || state.firstRequestDue
+                                || state.failure != nil || (state.requestsEnded && !state.endReported) || state.cancelled
+                            if !ready { state.waiter = continuation }
+                            return ready
+                        }
+                        if ready { continuation.resume() }
+                    }
+                } onCancel: {
+                    let waiter = state.withLock { state in
+                        defer { state.waiter = nil }
+                        return state.waiter
+                    }
+                    waiter?.resume()
+                }
+            }
+        }
+    }
+
+    struct AsyncIterator: AsyncIteratorProtocol {
+        let source: StreamEventSource
+        mutating func next() async throws -> StreamEvent<Request>? { try await source.next() }
+    }
+
+    func makeAsyncIterator() -> AsyncIterator { AsyncIterator(source: self) }
+}
