@@ -126,11 +126,7 @@ struct SDSClients: Sendable {
                 try await Task.sleep(for: .seconds(300))
                 readySink.finish()
             }
-            var opened = 0
-            for await _ in ready {
-                opened += 1
-                if opened == count { break }
-            }
+            let opened = await Self.count(ready, upTo: count)
             guard opened == count else {
                 group.cancelAll()
                 throw BenchError("only \(opened) of \(count) streams were served (failed or timed out after 300 s)")
@@ -139,6 +135,18 @@ struct SDSClients: Sendable {
             group.cancelAll()
             return result
         }
+    }
+}
+
+extension SDSClients {
+    /// How many signals `ready` gave, stopping at `count` (or when it ends).
+    static func count(_ ready: AsyncStream<Void>, upTo count: Int) async -> Int {
+        var opened = 0
+        for await _ in ready {
+            opened += 1
+            if opened == count { break }
+        }
+        return opened
     }
 }
 
@@ -165,18 +173,24 @@ extension SDSClients {
                 let client = clients[i % clients.count]
                 let token = tokens[i % tokens.count]
                 group.addTask {
-                    try await SDSTestClient.withStream(client, metadata: SDSTestClient.metadata(token: token)) { session in
-                        session.send(SDSTestClient.request(["default", "ROOTCA"]))
-                        guard let first = try await session.next() else { throw BenchError("a stream ended before its first response") }
-                        session.send(SDSTestClient.request(["default", "ROOTCA"], version: first.versionInfo, nonce: first.nonce))
-                        readySink.yield()
-                        await start.wait()
-                        for push in 1...2 {
-                            guard let response = try await session.next() else { throw BenchError("a stream ended before push \(push)") }
-                            session.send(SDSTestClient.request(["default", "ROOTCA"], version: response.versionInfo, nonce: response.nonce))
-                            pushSink.yield((push, clock.now))
+                    do {
+                        try await SDSTestClient.withStream(client, metadata: SDSTestClient.metadata(token: token)) { session in
+                            session.send(SDSTestClient.request(["default", "ROOTCA"]))
+                            guard let first = try await session.next() else { throw BenchError("a stream ended before its first response") }
+                            session.send(SDSTestClient.request(["default", "ROOTCA"], version: first.versionInfo, nonce: first.nonce))
+                            readySink.yield()
+                            await start.wait()
+                            for push in 1...2 {
+                                guard let response = try await session.next() else { throw BenchError("a stream ended before push \(push)") }
+                                session.send(SDSTestClient.request(["default", "ROOTCA"], version: response.versionInfo, nonce: response.nonce))
+                                pushSink.yield((push, clock.now))
+                            }
+                            _ = try await session.next()  // held open until cancelled
                         }
-                        _ = try await session.next()  // held open until cancelled
+                    } catch {
+                        readySink.finish()  // stops the waits below
+                        pushSink.finish()
+                        throw error
                     }
                 }
             }
@@ -185,11 +199,7 @@ extension SDSClients {
                 readySink.finish()
                 pushSink.finish()
             }
-            var opened = 0
-            for await _ in ready {
-                opened += 1
-                if opened == count { break }
-            }
+            let opened = await Self.count(ready, upTo: count)
             guard opened == count else {
                 group.cancelAll()
                 throw BenchError("only \(opened) of \(count) streams were served")

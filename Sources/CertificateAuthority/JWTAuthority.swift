@@ -66,7 +66,7 @@ public final class JWTAuthority: Sendable {
 
     /// Checks a JWT-SVID of this trust domain for `audience`: header, signature, `sub`, `aud`,
     /// `exp`. Returns the SPIFFE ID and the claims (the payload's JSON).
-    public func validate(_ token: String, audience: String, now: Date) throws(JWTSVIDError) -> (subject: SPIFFEID, claims: Data) {
+    public func validateSVID(_ token: String, audience: String, now: Date) throws(JWTSVIDError) -> (subject: SPIFFEID, claims: Data) {
         let parts = token.split(separator: ".", omittingEmptySubsequences: false)
         guard token.utf8.count <= 16 * 1024, parts.count == 3, let headerData = Base64URL.decode(parts[0]),
             let payload = Base64URL.decode(parts[1]), let signatureData = Base64URL.decode(parts[2])

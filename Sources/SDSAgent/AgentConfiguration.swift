@@ -222,7 +222,7 @@ public struct AgentConfiguration: Sendable {
         guard (0...0.5).contains(rotation.jitter) else { throw fail("--rotation-jitter must be between 0 and 0.5") }
         guard tokenExpiryMargin >= .zero else { throw fail("--token-expiry-margin must not be negative") }
         if peerPolicy.requirePodBinding {
-            guard Self.isDirectory(peerPolicy.procRoot) else {
+            guard FileKind.at(peerPolicy.procRoot) == .directory else {
                 throw fail("--proc-root '\(peerPolicy.procRoot)' is not a directory; --peer-pod-binding reads <proc-root>/<pid>/cgroup")
             }
         }
@@ -237,7 +237,7 @@ public struct AgentConfiguration: Sendable {
             guard tokens.kubernetesAPI != nil else {
                 throw fail("\(what) needs the API server: --kube-api-server https://… (in a pod, KUBERNETES_SERVICE_HOST sets it)")
             }
-            guard Self.isDirectory(peerPolicy.procRoot) else {
+            guard FileKind.at(peerPolicy.procRoot) == .directory else {
                 throw fail("--proc-root '\(peerPolicy.procRoot)' is not a directory; \(what) reads <proc-root>/<pid>/cgroup")
             }
         }
@@ -256,12 +256,6 @@ public struct AgentConfiguration: Sendable {
         if let rule = authorization.malformedRule() {
             throw fail("authorization rule '\(rule)' is malformed: namespaces are NAME or PREFIX*, service accounts NAMESPACE/NAME")
         }
-    }
-}
-
-extension AgentConfiguration {
-    static func isDirectory(_ path: String) -> Bool {
-        FileKind.at(path) == .directory
     }
 }
 

@@ -88,8 +88,4 @@ public enum AttestationPolicyFile {
     }
 }
 
-extension JWTAuthority: JWTSVIDSigner {
-    public func validateSVID(_ token: String, audience: String, now: Date) throws -> (subject: SPIFFEID, claims: Data) {
-        try validate(token, audience: audience, now: now)
-    }
-}
+extension JWTAuthority: JWTSVIDSigner {}

@@ -67,7 +67,7 @@ public struct Inspection: Codable, Sendable, Equatable {
         let decoder = JSONDecoder()
         // The inverse of `.convertToSnakeCase` for our names (`spiffe_id` → `spiffeID`).
         decoder.keyDecodingStrategy = .custom { path in
-            let key = path.last!.stringValue
+            let key = path.last?.stringValue ?? ""
             let parts = key.split(separator: "_")
             let camel = (parts.first.map(String.init) ?? "")
                 + parts.dropFirst().map { $0 == "id" ? "ID" : $0.prefix(1).uppercased() + $0.dropFirst() }.joined()

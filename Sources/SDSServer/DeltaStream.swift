@@ -91,7 +91,7 @@ struct DeltaStream: Sendable {
                 case .requestsEnded:
                     break loop
                 case .firstRequestDue:
-                    continue  // handled by StreamEvents.merged
+                    continue  // handled by FirstRequestDeadline
                 }
             }
         } catch {

@@ -45,11 +45,7 @@ struct ResourceResolver: Sendable {
                     secret = try await secrets.workloadSecret(for: caller.spiffeID, credential: caller.credential)
                 } catch {
                     logger.error("no certificate for the caller", metadata: ["error": "\(error.message)"])
-                    // A refusal is the caller's (permission_denied); a CA that cannot answer now is
-                    // `unavailable` (Envoy retries); only our own failure is `internal`.
-                    throw RPCError(
-                        code: error.isTransient ? .unavailable : error.isRefusal ? .permissionDenied : .internalError,
-                        message: "cannot issue a certificate for \(caller.spiffeID): \(error.message)")
+                    throw RPCError(issuing: caller.spiffeID, error)
                 }
                 resource = SecretResources.tlsCertificate(named: name, from: secret)
                 version = secret.version
@@ -96,5 +92,16 @@ struct ResourceResolver: Sendable {
         response.resources = resolved.map(\.resource)
         response.versionInfo = resolved.map(\.version).joined(separator: ".")
         return response
+    }
+}
+
+extension RPCError {
+    /// The status for a certificate that could not be issued, on every service: a refusal is the
+    /// caller's (`permission_denied`); a CA that cannot answer now is `unavailable` (clients
+    /// retry); only our own failure is `internal`.
+    public init(issuing identity: SPIFFEID, _ error: SecretError) {
+        self.init(
+            code: error.isTransient ? .unavailable : error.isRefusal ? .permissionDenied : .internalError,
+            message: "cannot issue a certificate for \(identity): \(error.message)")
     }
 }

@@ -144,9 +144,9 @@ public struct SecretDiscoveryService: Envoy_Service_Secret_V3_SecretDiscoverySer
     private func events<Request: Sendable>(
         _ requests: RPCAsyncSequence<Request, any Error>, for caller: AuthenticatedCaller
     ) -> StreamEventSource<Request> {
-        StreamEvents.source(
-            requests, secrets: secrets, identity: caller.spiffeID, credentialExpiresIn: streamLifetime(for: caller),
-            firstRequestTimeout: configuration.limits.firstRequestTimeout)
+        StreamEventSource(
+            requests: requests, secrets: secrets, identity: caller.spiffeID,
+            firstRequestTimeout: configuration.limits.firstRequestTimeout, credentialExpiresIn: streamLifetime(for: caller))
     }
 
     private func resolver(for caller: AuthenticatedCaller, context: ServerContext) -> ResourceResolver {

@@ -85,7 +85,7 @@ struct SotWStream: Sendable {
                 case .requestsEnded:
                     break loop
                 case .firstRequestDue:
-                    continue  // handled by StreamEvents.merged
+                    continue  // handled by FirstRequestDeadline
                 }
             }
         } catch {

@@ -28,6 +28,12 @@ final class StreamEventSource<Request: Sendable>: AsyncSequence, Sendable {
         var waiter: CheckedContinuation<Void, Never>?
         /// The reader waiting for the stream to take the request it holds.
         var reader: CheckedContinuation<Void, Never>?
+
+        /// Whether ``next()`` has something to return (an event, a failure, or the end).
+        var isReady: Bool {
+            cancelled || request != nil || updated || credentialExpiring || firstRequestDue || failure != nil
+                || (requestsEnded && !endReported)
+        }
     }
 
     private let state = Mutex(State())
@@ -172,8 +178,7 @@ final class StreamEventSource<Request: Sendable>: AsyncSequence, Sendable {
                 await withTaskCancellationHandler {
                     await withCheckedContinuation { (continuation: CheckedContinuation<Void, Never>) in
                         let ready = state.withLock { state -> Bool in
-                            let ready = Task.isCancelled || state.request != nil || state.updated || state.credentialExpiring || state.firstRequestDue
-                                || state.failure != nil || (state.requestsEnded && !state.endReported) || state.cancelled
+                            let ready = Task.isCancelled || state.isReady
                             if !ready { state.waiter = continuation }
                             return ready
                         }

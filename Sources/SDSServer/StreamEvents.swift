@@ -1,4 +1,3 @@
-import SecretCache
 #if canImport(FoundationEssentials)
 import FoundationEssentials
 import Glibc
@@ -14,26 +13,12 @@ enum StreamEvent<Request: Sendable>: Sendable {
     case requestsEnded
     case updated
     case credentialExpiring
-    /// The time for the stream's first request ran out (consumed by ``StreamEvents/merged``,
+    /// The time for the stream's first request ran out (consumed by ``FirstRequestDeadline``,
     /// which ends the stream when no request came; never seen by a stream).
     case firstRequestDue
 }
 
 enum StreamEvents {
-    /// What a stream of `identity` reacts to: its requests (then their end, with back-pressure:
-    /// a request is read only when the stream is ready for it), the identity's changes, and one
-    /// `.credentialExpiring` after `wait`. A stream whose first request has not come within
-    /// `firstRequestTimeout` ends with `deadline_exceeded`: an open stream that asks for nothing
-    /// may not hold the agent's resources. The stream calls `finish()` on the source when it ends.
-    static func source<Request: Sendable>(
-        _ requests: RPCAsyncSequence<Request, any Error>, secrets: any SecretSource, identity: SPIFFEID,
-        credentialExpiresIn wait: Duration, firstRequestTimeout: Duration
-    ) -> StreamEventSource<Request> {
-        StreamEventSource(
-            requests: requests, secrets: secrets, identity: identity, firstRequestTimeout: firstRequestTimeout,
-            credentialExpiresIn: wait)
-    }
-
     /// Why a stream ended, in words, for its one closing log line.
     static func endReason(_ error: any Error) -> String {
         switch error {

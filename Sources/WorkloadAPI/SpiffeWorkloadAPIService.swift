@@ -200,9 +200,7 @@ public struct SpiffeWorkloadAPIService: SpiffeWorkloadAPI.ServiceProtocol {
         do {
             secret = try await secrets.workloadSecret(for: caller.spiffeID, credential: caller.credential)
         } catch {
-            throw RPCError(
-                code: error.isTransient ? .unavailable : error.isRefusal ? .permissionDenied : .internalError,
-                message: "cannot issue \(caller.spiffeID): \(error.message)")
+            throw RPCError(issuing: caller.spiffeID, error)
         }
         let bundle = await secrets.trustBundle()
         guard !bundle.isEmpty else { throw RPCError(code: .unavailable, message: "no trust bundle yet: the CA has not answered") }
@@ -213,9 +211,7 @@ public struct SpiffeWorkloadAPIService: SpiffeWorkloadAPI.ServiceProtocol {
         svid.bundle = try Self.der(bundle.rootsPEM)
         var response = X509SVIDResponse()
         response.svids = [svid]
-        for (domain, federated) in federation?.federatedBundles() ?? [:] where !federated.isEmpty {
-            response.federatedBundles["spiffe://\(domain)"] = try Self.der(federated.rootsPEM)
-        }
+        response.federatedBundles = try federatedBundlesDER()
         return response
     }
 
@@ -224,12 +220,19 @@ public struct SpiffeWorkloadAPIService: SpiffeWorkloadAPI.ServiceProtocol {
             let bundle = await secrets.trustBundle()
             guard !bundle.isEmpty else { throw RPCError(code: .unavailable, message: "no trust bundle yet: the CA has not answered") }
             var response = X509BundlesResponse()
+            response.bundles = try federatedBundlesDER()
             response.bundles["spiffe://\(bundle.trustDomain)"] = try Self.der(bundle.rootsPEM)
-            for (domain, federated) in federation?.federatedBundles() ?? [:] where !federated.isEmpty {
-                response.bundles["spiffe://\(domain)"] = try Self.der(federated.rootsPEM)
-            }
             return response
         }
+    }
+
+    /// Other trust domains' roots, DER, keyed by the domain's SPIFFE ID.
+    private func federatedBundlesDER() throws -> [String: Data] {
+        var bundles: [String: Data] = [:]
+        for (domain, federated) in federation?.federatedBundles() ?? [:] where !federated.isEmpty {
+            bundles["spiffe://\(domain)"] = try Self.der(federated.rootsPEM)
+        }
+        return bundles
     }
 
     /// Every PEM block of `pem`, DER-encoded and concatenated (the API's "ASN.1 DER encoded"

@@ -22,11 +22,11 @@ import Testing
         let authority = JWTAuthority(key: P256.Signing.PrivateKey(), trustDomain: "cluster.local")
         let (token, expiry) = try authority.sign(subject: id, audience: ["db", "cache"], ttl: .seconds(300), now: now)
         #expect(expiry == now.addingTimeInterval(300))
-        let (subject, claims) = try authority.validate(token, audience: "cache", now: now)
+        let (subject, claims) = try authority.validateSVID(token, audience: "cache", now: now)
         #expect(subject == id)
         let object = try #require(try JSONSerialization.jsonObject(with: claims) as? [String: Any])
         #expect(object["sub"] as? String == id.description && object["aud"] as? [String] == ["db", "cache"])
-        let headerData = try #require(base64URLDecoded(token.split(separator: ".")[0]))
+        let headerData = try #require(Base64URL.decode(token.split(separator: ".")[0]).map { Data($0) })
         let header = try #require(try JSONSerialization.jsonObject(with: headerData) as? [String: String])
         #expect(header == ["alg": "ES256", "kid": authority.keyID, "typ": "JWT"])
     }
@@ -35,18 +35,18 @@ import Testing
         let authority = JWTAuthority(key: P256.Signing.PrivateKey(), trustDomain: "cluster.local")
         let stranger = JWTAuthority(key: P256.Signing.PrivateKey(), trustDomain: "cluster.local")
         let (token, _) = try authority.sign(subject: id, audience: ["db"], ttl: .seconds(300), now: now)
-        #expect(failure { _ = try authority.validate(token, audience: "other", now: now) }?.contains("audience") == true)
-        #expect(failure { _ = try authority.validate(token, audience: "db", now: now.addingTimeInterval(301)) } == "expired")
-        #expect(failure { _ = try stranger.validate(token, audience: "db", now: now) }?.contains("kid") == true)
+        #expect(failure { _ = try authority.validateSVID(token, audience: "other", now: now) }?.contains("audience") == true)
+        #expect(failure { _ = try authority.validateSVID(token, audience: "db", now: now.addingTimeInterval(301)) } == "expired")
+        #expect(failure { _ = try stranger.validateSVID(token, audience: "db", now: now) }?.contains("kid") == true)
         let parts = token.split(separator: ".").map(String.init)
         let forged = [parts[0], parts[1], String(parts[2].reversed())].joined(separator: ".")
-        #expect(failure { _ = try authority.validate(forged, audience: "db", now: now) } != nil)
-        let none = base64URL(Data(#"{"alg":"none","kid":"\#(authority.keyID)"}"#.utf8))
-        #expect(failure { _ = try authority.validate("\(none).\(parts[1]).", audience: "db", now: now) }?.contains("ES256") == true)
-        #expect(failure { _ = try authority.validate("x.y", audience: "db", now: now) } != nil)
+        #expect(failure { _ = try authority.validateSVID(forged, audience: "db", now: now) } != nil)
+        let none = Base64URL.encode(Data(#"{"alg":"none","kid":"\#(authority.keyID)"}"#.utf8))
+        #expect(failure { _ = try authority.validateSVID("\(none).\(parts[1]).", audience: "db", now: now) }?.contains("ES256") == true)
+        #expect(failure { _ = try authority.validateSVID("x.y", audience: "db", now: now) } != nil)
         let otherDomain = JWTAuthority(key: P256.Signing.PrivateKey(), trustDomain: "other.example")
         let (foreign, _) = try otherDomain.sign(subject: id, audience: ["db"], ttl: .seconds(300), now: now)
-        #expect(failure { _ = try otherDomain.validate(foreign, audience: "db", now: now) }?.contains("trust domain") == true)
+        #expect(failure { _ = try otherDomain.validateSVID(foreign, audience: "db", now: now) }?.contains("trust domain") == true)
     }
 
     @Test func theKeyIsKeptInTheStateDirectoryWithMode0600() throws {
@@ -61,13 +61,3 @@ import Testing
     }
 }
 
-func base64URL(_ data: Data) -> String {
-    data.base64EncodedString().replacingOccurrences(of: "+", with: "-").replacingOccurrences(of: "/", with: "_")
-        .replacingOccurrences(of: "=", with: "")
-}
-
-func base64URLDecoded(_ text: Substring) -> Data? {
-    var base64 = text.replacingOccurrences(of: "-", with: "+").replacingOccurrences(of: "_", with: "/")
-    base64 += String(repeating: "=", count: (4 - base64.count % 4) % 4)
-    return Data(base64Encoded: base64)
-}
