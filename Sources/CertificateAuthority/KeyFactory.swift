@@ -41,7 +41,7 @@ public enum KeyFactory {
     /// A fresh key of `type`, in memory only.
     public static func generate(_ type: KeyType) throws -> Certificate.PrivateKey {
         switch type {
-        case .ecP256: Certificate.PrivateKey(P256.Signing.PrivateKey())
+        case .ecP256: Certificate.PrivateKey(p256())
         case .ecP384: Certificate.PrivateKey(P384.Signing.PrivateKey())
         case .rsa2048: Certificate.PrivateKey(try _RSA.Signing.PrivateKey(keySize: .bits2048))
         case .rsa3072: Certificate.PrivateKey(try _RSA.Signing.PrivateKey(keySize: .bits3072))
@@ -49,9 +49,36 @@ public enum KeyFactory {
         }
     }
 
+    /// A P-256 key from 32 bytes of BoringSSL's CSPRNG, its public point one base-point
+    /// multiplication. `P256.Signing.PrivateKey()` makes a FIPS key: after generating, BoringSSL's
+    /// `EC_KEY_check_fips` recomputes the public point and runs a pairwise-consistency test (one
+    /// ECDSA signature and one verification), which tripled the cost of every workload key for a
+    /// check that FIPS mode asks for and this agent does not claim (Go's `ecdsa.GenerateKey`, which
+    /// istio-agent uses, does neither outside FIPS mode). A scalar of 0 or not below the group
+    /// order (a chance of about 2^-32) is refused by BoringSSL and drawn again.
+    public static func p256() -> P256.Signing.PrivateKey {
+        while true {
+            let scalar = SymmetricKey(size: .bits256)
+            if let key = scalar.withUnsafeBytes({ try? P256.Signing.PrivateKey(rawRepresentation: $0) }) {
+                return key
+            }
+        }
+    }
+
     /// The key as PEM for Envoy (PKCS#8 for EC keys, PKCS#1 for RSA keys; BoringSSL reads both).
     public static func pem(of key: Certificate.PrivateKey) throws -> String {
         try key.serializeAsPEM().pemString + "\n"
+    }
+
+    /// A fresh key of `type` and its PEM for Envoy, as ``pem(of:)`` writes it. A P-256 key's
+    /// PKCS#8 is encoded once, directly (the path every workload key takes).
+    public static func generateWithPEM(_ type: KeyType) throws -> (key: Certificate.PrivateKey, pem: String) {
+        guard type == .ecP256 else {
+            let key = try generate(type)
+            return (key, try pem(of: key))
+        }
+        let key = p256()
+        return (Certificate.PrivateKey(key), PEM.encode(key.derRepresentation, label: "PRIVATE KEY"))
     }
 
     /// A CSR with an empty subject and a URI SAN extension request for `identity`, signed by `key`.
@@ -64,5 +91,24 @@ public enum KeyFactory {
         ])
         return try CertificateSigningRequest(
             version: .v1, subject: DistinguishedName(), privateKey: key, attributes: attributes)
+    }
+}
+
+extension Certificate {
+    /// The certificate as newline-terminated PEM (``SDSModel/PEM``), as Envoy and istiod's
+    /// clients read it.
+    public func pem() throws -> String {
+        var serializer = DER.Serializer()
+        try serializer.serialize(self)
+        return PEM.encode(serializer.serializedBytes, label: "CERTIFICATE")
+    }
+}
+
+extension CertificateSigningRequest {
+    /// The CSR as newline-terminated PEM, as istiod's `CreateCertificate` takes it.
+    public func pem() throws -> String {
+        var serializer = DER.Serializer()
+        try serializer.serialize(self)
+        return PEM.encode(serializer.serializedBytes, label: "CERTIFICATE REQUEST")
     }
 }

@@ -284,12 +284,12 @@ public actor SecretCache: SecretSource {
         for identity: SPIFFEID, issuer: any CertificateIssuer, ttl: Duration, keyType: KeyType = .ecP256,
         credential: CallerCredential? = nil
     ) async throws(SecretError) -> WorkloadSecret {
-        let key: Certificate.PrivateKey
+        let key: (key: Certificate.PrivateKey, pem: String)
         let csr: CertificateSigningRequest
         let chain: [Certificate]
         do {
-            key = try KeyFactory.generate(keyType)
-            csr = try KeyFactory.makeCSR(for: identity, key: key)
+            key = try KeyFactory.generateWithPEM(keyType)
+            csr = try KeyFactory.makeCSR(for: identity, key: key.key)
         } catch {
             throw SecretError(isTransient: false, message: "cannot build a CSR for \(identity): \(error)")
         }
@@ -301,10 +301,10 @@ public actor SecretCache: SecretSource {
                 message: error.code.isTransient ? "the CA cannot sign \(identity) now: \(error)" : "the CA refused \(identity): \(error)")
         }
         do {
-            let chainPEM = try chain.map { try $0.serializeAsPEM().pemString }.joined(separator: "\n") + "\n"
+            let chainPEM = try chain.map { try $0.pem() }.joined()
             let leaf = chain[0]
             return WorkloadSecret(
-                spiffeID: identity, certificateChainPEM: chainPEM, privateKeyPEM: try KeyFactory.pem(of: key),
+                spiffeID: identity, certificateChainPEM: chainPEM, privateKeyPEM: key.pem,
                 serialNumberHex: leaf.serialNumber.hexString, notBefore: leaf.notValidBefore,
                 notAfter: leaf.notValidAfter)
         } catch {

@@ -298,7 +298,7 @@ public final class UpstreamCA: CertificateIssuer {
         -> Istio_V1_Auth_IstioCertificateRequest
     {
         var request = Istio_V1_Auth_IstioCertificateRequest()
-        request.csr = try csr.serializeAsPEM().pemString + "\n"
+        request.csr = try csr.pem()
         request.validityDuration = ttl.components.seconds
         if mode == .node {
             request.metadata.fields["ImpersonatedIdentity"] = .init(stringValue: identity.description)

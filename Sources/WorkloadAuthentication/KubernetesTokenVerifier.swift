@@ -90,6 +90,14 @@ public struct KubernetesTokenVerifier: WorkloadAuthenticator {
                 code: .tokenTooLarge,
                 message: "token is \(token.utf8.count) bytes; the limit is \(configuration.maxTokenBytes)")
         }
+        // Verified before, under a key still in the set: the claims are checked again (time,
+        // issuer, audience, age); the header (checked when it was verified) and the signature are not.
+        let cacheKey = VerifiedTokenCache.key(for: token)
+        if let hit = verified.entry(for: cacheKey, now: now()), let keySet = await keys.currentKeys(),
+            keySet.keyIDs.contains(hit.keyID)
+        {
+            return try check(hit.claims, keyID: hit.keyID)
+        }
         guard let header = JWTHeaderFields.decode(compactToken: token[...]) else {
             throw AuthenticationError(
                 code: .malformedToken, message: "not a JWT (expected three base64url parts with a JSON header)")
@@ -115,12 +123,6 @@ public struct KubernetesTokenVerifier: WorkloadAuthenticator {
         guard keySet.keyIDs.contains(kid) else {
             throw AuthenticationError(
                 code: .unknownKey, message: "key ID '\(kid)' is not in the verification key set", keyID: kid)
-        }
-        // Verified before, under a key still in the set: the claims are checked again (time,
-        // issuer, audience, age), the signature is not.
-        let cacheKey = VerifiedTokenCache.key(for: token)
-        if let hit = verified.entry(for: cacheKey, now: now()), hit.keyID == kid {
-            return try check(hit.claims, keyID: kid)
         }
 
         let claims: ServiceAccountClaims

@@ -21,8 +21,21 @@ final class VerifiedTokenCache: Sendable {
         var validUntil: Date
     }
 
+    /// A token's SHA-256 as four words: hashed as 4 words, not byte by byte as `SHA256Digest` is.
+    struct Key: Hashable, Sendable {
+        var words: (UInt64, UInt64, UInt64, UInt64)
+
+        static func == (a: Key, b: Key) -> Bool { a.words == b.words }
+        func hash(into hasher: inout Hasher) {
+            hasher.combine(words.0)
+            hasher.combine(words.1)
+            hasher.combine(words.2)
+            hasher.combine(words.3)
+        }
+    }
+
     private struct State {
-        var entries: [SHA256Digest: Entry] = [:]
+        var entries: [Key: Entry] = [:]
     }
 
     private let state = Mutex(State())
@@ -30,9 +43,16 @@ final class VerifiedTokenCache: Sendable {
 
     init(capacity: Int = 10_000) { self.capacity = capacity }
 
-    static func key(for token: String) -> SHA256Digest { SHA256.hash(data: Data(token.utf8)) }
+    static func key(for token: String) -> Key {
+        var token = token
+        let digest = token.withUTF8 { SHA256.hash(data: UnsafeRawBufferPointer($0)) }
+        return digest.withUnsafeBytes { bytes in
+            Key(words: (bytes.loadUnaligned(fromByteOffset: 0, as: UInt64.self), bytes.loadUnaligned(fromByteOffset: 8, as: UInt64.self),
+                        bytes.loadUnaligned(fromByteOffset: 16, as: UInt64.self), bytes.loadUnaligned(fromByteOffset: 24, as: UInt64.self)))
+        }
+    }
 
-    func entry(for key: SHA256Digest, now: Date) -> Entry? {
+    func entry(for key: Key, now: Date) -> Entry? {
         state.withLock { state in
             guard let entry = state.entries[key] else { return nil }
             guard now < entry.validUntil else {
@@ -43,7 +63,7 @@ final class VerifiedTokenCache: Sendable {
         }
     }
 
-    func insert(_ entry: Entry, for key: SHA256Digest, now: Date) {
+    func insert(_ entry: Entry, for key: Key, now: Date) {
         state.withLock { state in
             if state.entries.count >= capacity {
                 state.entries = state.entries.filter { now < $0.value.validUntil }

@@ -35,6 +35,42 @@ import _CryptoExtras
         }
     }
 
+    @Test func ourPEMIsByteForByteSwiftASN1sForEveryLengthAndForCertificatesCSRsAndKeys() async throws {
+        for length in 1..<200 {
+            let der = (0..<length).map { UInt8(truncatingIfNeeded: $0 &* 37 &+ length) }
+            #expect(PEM.encode(der, label: "CERTIFICATE") == PEMDocument(type: "CERTIFICATE", derBytes: der).pemString + "\n")
+        }
+        let (key, pem) = try KeyFactory.generateWithPEM(.ecP256)
+        #expect(pem == (try KeyFactory.pem(of: key)))
+        #expect(try Certificate.PrivateKey(pemEncoded: pem).publicKey == key.publicKey)
+        let csr = try KeyFactory.makeCSR(for: TestPKI.identity(), key: key)
+        #expect(try csr.pem() == csr.serializeAsPEM().pemString + "\n")
+        let chain = try await TestPKI.ca().issue(csr: csr, for: TestPKI.identity(), ttl: .seconds(600))
+        for certificate in chain {
+            #expect(try certificate.pem() == certificate.serializeAsPEM().pemString + "\n")
+        }
+        let (rsa, rsaPEM) = try KeyFactory.generateWithPEM(.rsa2048)
+        #expect(rsaPEM == (try KeyFactory.pem(of: rsa)))
+    }
+
+    @Test func p256KeysFromRawScalarsAreDistinctValidAndTheirPublicPointIsTheirs() throws {
+        var seen = Set<Data>()
+        for _ in 0..<64 {
+            let key = KeyFactory.p256()
+            #expect(seen.insert(key.rawRepresentation).inserted)
+            // The public point is the scalar's: BoringSSL recomputes it from the raw scalar and agrees.
+            let again = try P256.Signing.PrivateKey(rawRepresentation: key.rawRepresentation)
+            #expect(again.publicKey.rawRepresentation == key.publicKey.rawRepresentation)
+            let message = Data("proof of possession".utf8)
+            #expect(key.publicKey.isValidSignature(try key.signature(for: message), for: message))
+        }
+        // Scalars BoringSSL must refuse, so that the loop in `p256()` draws again: 0 and the group order.
+        #expect(throws: (any Error).self) { try P256.Signing.PrivateKey(rawRepresentation: Data(count: 32)) }
+        let hex = Array("ffffffff00000000ffffffffffffffffbce6faada7179e84f3b9cac2fc632551")
+        let order = Data(stride(from: 0, to: hex.count, by: 2).map { UInt8(String(hex[$0...$0 + 1]), radix: 16)! })
+        #expect(throws: (any Error).self) { try P256.Signing.PrivateKey(rawRepresentation: order) }
+    }
+
     @Test func aKeyTypeTheCADoesNotSignIsRefused() throws {
         let key = Certificate.PrivateKey(P521.Signing.PrivateKey())
         let csr = try KeyFactory.makeCSR(for: TestPKI.identity(), key: key)
