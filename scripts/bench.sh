@@ -8,8 +8,8 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export PATH="/opt/swift/usr/bin:$PATH"
-scratch=${SDS_RELEASE_SCRATCH:-.build-release}
-flags=(-c release --static-swift-stdlib --scratch-path "$scratch")
+source scripts/release-flags.sh
+flags=("${release_flags[@]}")
 
 swift build "${flags[@]}" --product sds-agent
 swift build "${flags[@]}" --product sds-agent-bench

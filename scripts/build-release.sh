@@ -6,7 +6,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 export PATH="/opt/swift/usr/bin:$PATH"
 out=${1:?usage: build-release.sh OUT_DIR}
-scratch=${SDS_RELEASE_SCRATCH:-.build-release}
+source scripts/release-flags.sh
 
 # The commit goes into the binary (`sds-agent version`) for the build only; the file is restored after.
 commit_file=Sources/SDSAgent/BuildCommit.swift
@@ -16,8 +16,8 @@ if commit=$(git rev-parse --short=12 HEAD 2>/dev/null); then
   trap 'mv -f "$commit_file.orig" "$commit_file"' EXIT
   printf '// Rewritten by scripts/build-release.sh for the duration of a release build; keep it one line.\nlet buildCommit = "%s"\n' "$commit" > "$commit_file"
 fi
-swift build -c release --static-swift-stdlib --product sds-agent --scratch-path "$scratch"
-bin=$(swift build -c release --static-swift-stdlib --scratch-path "$scratch" --show-bin-path)
+swift build "${release_flags[@]}" --product sds-agent
+bin=$(swift build "${release_flags[@]}" --show-bin-path)
 
 mkdir -p "$out/bin" "$out/etc/sds-agent"
 install -m 0755 "$bin/sds-agent" "$out/bin/sds-agent"

@@ -99,43 +99,6 @@ struct SDSClients: Sendable {
     func fetchResponse(token: String) async throws -> Envoy_Service_Discovery_V3_DiscoveryResponse {
         try await clients[0].fetchSecrets(SDSTestClient.request(["default"]), metadata: SDSTestClient.metadata(token: token))
     }
-
-    /// Opens `count` StreamSecrets streams (tokens round-robin), waits (bounded) until each has its
-    /// first response, runs `measure` while all are open, then closes them.
-    func holdStreams<R: Sendable>(_ count: Int, tokens: [String], measure: @Sendable () async throws -> R) async throws -> R {
-        let (ready, readySink) = AsyncStream.makeStream(of: Void.self)
-        return try await withThrowingTaskGroup(of: Void.self, returning: R.self) { group in
-            for i in 0..<count {
-                let client = clients[i % clients.count]
-                let token = tokens[i % tokens.count]
-                group.addTask {
-                    do {
-                        try await SDSTestClient.withStream(client, metadata: SDSTestClient.metadata(token: token)) { session in
-                            session.send(SDSTestClient.request(["default", "ROOTCA"]))
-                            guard try await session.next() != nil else { throw BenchError("a stream ended before its first response") }
-                            readySink.yield()
-                            _ = try await session.next()  // held open until cancelled
-                        }
-                    } catch {
-                        readySink.finish()  // stops the wait below
-                        throw error
-                    }
-                }
-            }
-            group.addTask {
-                try await Task.sleep(for: .seconds(300))
-                readySink.finish()
-            }
-            let opened = await Self.count(ready, upTo: count)
-            guard opened == count else {
-                group.cancelAll()
-                throw BenchError("only \(opened) of \(count) streams were served (failed or timed out after 300 s)")
-            }
-            let result = try await measure()
-            group.cancelAll()
-            return result
-        }
-    }
 }
 
 extension SDSClients {

@@ -30,7 +30,12 @@ enum Storm {
         }
     }
 
-    static func run(socket: String, tokens: [String], timeout: Duration = .seconds(60)) async -> Result {
+    /// `whileHeld` runs once every client has settled, before the held streams are released (the
+    /// per-stream memory is measured there).
+    static func run(
+        socket: String, tokens: [String], timeout: Duration = .seconds(60),
+        whileHeld: (@Sendable () async -> Void)? = nil
+    ) async -> Result {
         let clock = ContinuousClock()
         let release = Gate()
         let start = clock.now
@@ -39,7 +44,12 @@ enum Storm {
             // to settle releases the held streams.
             let settled = Atomic<Int>(0)
             let settle: @Sendable () -> Void = {
-                if settled.add(1, ordering: .relaxed).newValue == tokens.count { release.open() }
+                if settled.add(1, ordering: .relaxed).newValue == tokens.count {
+                    Task {
+                        await whileHeld?()
+                        release.open()
+                    }
+                }
             }
             for token in tokens {
                 group.addTask {

@@ -44,7 +44,16 @@ public struct CallerAdmission: Sendable {
     }
 
     /// The caller of a call with `metadata`, or the `RPCError` its refusal is answered with.
+    ///
+    /// Admitted in a child task, for the reason ``ResourceResolver/resolve(_:)`` resolves in one:
+    /// a token's verification is a deep call chain, and the slabs it grows in a stream's task
+    /// would stay for the stream's life.
     public func admit(_ metadata: Metadata, method: String) async throws -> AuthenticatedCaller {
+        async let caller = admitHere(metadata, method: method)
+        return try await caller
+    }
+
+    private func admitHere(_ metadata: Metadata, method: String) async throws -> AuthenticatedCaller {
         let peer = metadata[stringValues: PeerCredentials.metadataKey].first(where: { _ in true })
             .flatMap(PeerCredentials.init(metadataValue:))
         var logMetadata: Logger.Metadata = [

@@ -32,7 +32,18 @@ struct ResourceResolver: Sendable {
     }
 
     /// The current resources for `names`, sorted by name.
+    ///
+    /// Resolved in a child task. A Swift task keeps every allocator slab its deepest call chain
+    /// needed until the task ends, and a stream's task lives as long as the stream: issuing a
+    /// certificate (the cache actor, the CA, logging) inside it left ~10 KiB per open stream
+    /// behind. The child's slabs go when it returns.
     func resolve(_ names: some Sequence<String>) async throws -> [Resolved] {
+        let names = Array(names)
+        async let resolved = resolveHere(names)
+        return try await resolved
+    }
+
+    private func resolveHere(_ names: [String]) async throws -> [Resolved] {
         var resolved: [Resolved] = []
         // The workload secret first: with an upstream CA, its answer is what brings the roots.
         let ordered = Set(names).sorted { ($0 == configuration.workloadSecretName ? 0 : 1, $0) < ($1 == configuration.workloadSecretName ? 0 : 1, $1) }
