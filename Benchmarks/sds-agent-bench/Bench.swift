@@ -149,7 +149,8 @@ struct Bench: AsyncParsableCommand {
         }
 
         // Rotation fan-out: every open stream gets the new bundle, then its renewed certificate.
-        let rotationClients = try SDSClients(socket: socket, count: max(1, sizes.streams / 50))
+        // One connection per stream, as Envoy opens them.
+        let rotationClients = try SDSClients(socket: socket, count: sizes.rotation)
         let rotation = try await rotationClients.run { clients in
             try await clients.rotation(sizes.rotation, tokens: issuanceTokens) { kill(process.process.processIdentifier, SIGUSR1) }
         }
