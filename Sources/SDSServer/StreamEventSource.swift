@@ -37,28 +37,17 @@ final class StreamEventSource<Request: Sendable>: AsyncSequence, Sendable {
     }
 
     private let state = Mutex(State())
-    private let resources = Mutex<(task: Task<Void, Never>?, watch: SecretWatch?, timers: [Timer])>((nil, nil, []))
+    private let resources = Mutex<(task: Task<Void, Never>?, watch: SecretWatch?, timers: [DeadlineTimer])>((nil, nil, []))
 
-    /// A scheduled deadline; `DispatchWorkItem.cancel()` may be called from any thread.
-    private struct Timer: @unchecked Sendable {
-        let item: DispatchWorkItem
-    }
-
-    /// Starts reading `requests`, watching `identity` in `secrets`, and both deadlines.
+    /// Starts reading `requests`, watching `identity` in `secrets`, and both deadlines on `deadlines`.
     init(
         requests: RPCAsyncSequence<Request, any Error>, secrets: any SecretSource, identity: SPIFFEID,
-        firstRequestTimeout: Duration, credentialExpiresIn: Duration
+        firstRequestTimeout: Duration, credentialExpiresIn: Duration, deadlines: any DeadlineScheduler = DispatchDeadlines()
     ) {
         let watch = secrets.watch(identity) { [weak self] in self?.deliver { $0.updated = true } }
-        func after(_ delay: Duration, _ item: DispatchWorkItem) -> Timer {
-            let parts = Swift.max(delay, .milliseconds(1)).components
-            let milliseconds = Swift.min(parts.seconds, 400 * 86400) * 1000 + parts.attoseconds / 1_000_000_000_000_000
-            DispatchQueue.global().asyncAfter(deadline: .now() + .milliseconds(Int(milliseconds)), execute: item)
-            return Timer(item: item)
-        }
         let timers = [
-            after(firstRequestTimeout, DispatchWorkItem { [weak self] in self?.deliver { $0.firstRequestDue = true } }),
-            after(credentialExpiresIn, DispatchWorkItem { [weak self] in self?.deliver { $0.credentialExpiring = true } }),
+            deadlines.schedule(after: firstRequestTimeout) { [weak self] in self?.deliver { $0.firstRequestDue = true } },
+            deadlines.schedule(after: credentialExpiresIn) { [weak self] in self?.deliver { $0.credentialExpiring = true } },
         ]
         let task = Task { [weak self] in
             var iterator = requests.makeAsyncIterator()
@@ -84,7 +73,7 @@ final class StreamEventSource<Request: Sendable>: AsyncSequence, Sendable {
         }
         task?.cancel()
         watch?.cancel()
-        for timer in timers { timer.item.cancel() }
+        for timer in timers { timer.cancel() }
         let (waiter, reader) = state.withLock { state in
             state.cancelled = true
             defer { (state.waiter, state.reader) = (nil, nil) }
@@ -201,4 +190,31 @@ final class StreamEventSource<Request: Sendable>: AsyncSequence, Sendable {
     }
 
     func makeAsyncIterator() -> AsyncIterator { AsyncIterator(source: self) }
+}
+
+/// A scheduled deadline, cancelled from any thread.
+struct DeadlineTimer: Sendable {
+    let cancel: @Sendable () -> Void
+}
+
+/// Where a stream's deadlines are scheduled: Dispatch in the agent, a manual clock in tests.
+protocol DeadlineScheduler: Sendable {
+    /// Calls `fire` once `delay` has passed, unless the returned timer is cancelled first.
+    func schedule(after delay: Duration, _ fire: @escaping @Sendable () -> Void) -> DeadlineTimer
+}
+
+/// Deadlines as Dispatch work items: no task per deadline.
+struct DispatchDeadlines: DeadlineScheduler {
+    /// `DispatchWorkItem.cancel()` may be called from any thread.
+    private struct Item: @unchecked Sendable {
+        let item: DispatchWorkItem
+    }
+
+    func schedule(after delay: Duration, _ fire: @escaping @Sendable () -> Void) -> DeadlineTimer {
+        let parts = Swift.max(delay, .milliseconds(1)).components
+        let milliseconds = Swift.min(parts.seconds, 400 * 86400) * 1000 + parts.attoseconds / 1_000_000_000_000_000
+        let item = Item(item: DispatchWorkItem(block: fire))
+        DispatchQueue.global().asyncAfter(deadline: .now() + .milliseconds(Int(milliseconds)), execute: item.item)
+        return DeadlineTimer { item.item.cancel() }
+    }
 }

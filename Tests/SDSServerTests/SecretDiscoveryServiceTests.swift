@@ -595,24 +595,90 @@ import X509
         #expect(signals.watching == 0)
     }
 
-    @Test func deliversTheDeadlinesAndEndsWhenFinished() async throws {
+    /// Deadlines on a manual clock: they fire when the test moves time past them, not before.
+    final class ManualDeadlines: DeadlineScheduler, Sendable {
+        private let state = Mutex<(now: Duration, pending: [(id: Int, due: Duration, fire: @Sendable () -> Void)], nextID: Int)>((.zero, [], 0))
+
+        func schedule(after delay: Duration, _ fire: @escaping @Sendable () -> Void) -> DeadlineTimer {
+            let id = state.withLock { state in
+                state.nextID += 1
+                state.pending.append((state.nextID, state.now + delay, fire))
+                return state.nextID
+            }
+            return DeadlineTimer { [self] in state.withLock { $0.pending.removeAll { $0.id == id } } }
+        }
+
+        /// Moves the clock by `duration` and fires what fell due, in order.
+        func advance(by duration: Duration) {
+            let due = state.withLock { state in
+                state.now += duration
+                let due = state.pending.filter { $0.due <= state.now }.sorted { $0.due < $1.due }
+                state.pending.removeAll { $0.due <= state.now }
+                return due
+            }
+            for timer in due { timer.fire() }
+        }
+
+        var scheduled: Int { state.withLock { $0.pending.count } }
+    }
+
+    @Test func deliversTheDeadlinesWhenTheyFallDueAndEndsWhenFinished() async throws {
         // The requests stay open (a dropped continuation would end them).
         let (requests, open) = AsyncThrowingStream.makeStream(of: Int.self, throwing: (any Error).self)
         defer { open.finish() }
         let signals = Signals()
+        let clock = ManualDeadlines()
         let source = StreamEventSource(
             requests: RPCAsyncSequence(wrapping: requests), secrets: signals, identity: identity,
-            firstRequestTimeout: .milliseconds(1), credentialExpiresIn: .milliseconds(2))
-        var iterator = source.makeAsyncIterator()
-        var deadlines: Set<String> = []
-        while deadlines.count < 2, let event = try await iterator.next() { deadlines.insert("\(event)") }
-        #expect(deadlines == ["firstRequestDue", "credentialExpiring"])
+            firstRequestTimeout: .seconds(10), credentialExpiresIn: .seconds(3600), deadlines: clock)
+        #expect(clock.scheduled == 2)
+        // Not yet due: a change is all there is to deliver.
+        clock.advance(by: .seconds(9))
+        signals.fire()
+        #expect(try await Self.next(source) == "updated")
+        clock.advance(by: .seconds(1))
+        #expect(try await Self.next(source) == "firstRequestDue")
+        // The token's deadline, while the stream waits for it.
+        async let expiring = Self.next(source)
+        clock.advance(by: .seconds(3590))
+        #expect(try await expiring == "credentialExpiring")
         #expect(signals.watching == 1)
         // A stream waiting for its next event gets nil once the source is finished.
-        async let next = iterator.next()
+        async let next = Self.next(source)
         source.finish()
         #expect(try await next == nil)
         #expect(signals.watching == 0)
+    }
+
+    static func next(_ source: StreamEventSource<Int>) async throws -> String? {
+        var iterator = source.makeAsyncIterator()
+        return try await iterator.next().map { "\($0)" }
+    }
+
+    @Test func finishingCancelsTheDeadlines() {
+        let (requests, open) = AsyncThrowingStream.makeStream(of: Int.self, throwing: (any Error).self)
+        defer { open.finish() }
+        let clock = ManualDeadlines()
+        let source = StreamEventSource(
+            requests: RPCAsyncSequence(wrapping: requests), secrets: Signals(), identity: identity,
+            firstRequestTimeout: .seconds(10), credentialExpiresIn: .seconds(3600), deadlines: clock)
+        #expect(clock.scheduled == 2)
+        source.finish()
+        #expect(clock.scheduled == 0)
+    }
+
+    @Test func dispatchDeadlinesFireOnceAndNotWhenCancelled() async {
+        let fired = Atomic<Int>(0)
+        let (done, signal) = AsyncStream.makeStream(of: Void.self)
+        // Cancelled at once, due well before the other fires: had it run, the count would show it.
+        let cancelled = DispatchDeadlines().schedule(after: .milliseconds(100)) { fired.add(100, ordering: .relaxed) }
+        cancelled.cancel()
+        _ = DispatchDeadlines().schedule(after: .milliseconds(200)) {
+            fired.add(1, ordering: .relaxed)
+            signal.finish()
+        }
+        for await _ in done {}
+        #expect(fired.load(ordering: .relaxed) == 1)
     }
 
     @Test func aWaitingStreamIsCancelled() async throws {
