@@ -226,7 +226,7 @@ let package = Package(
         .testTarget(
             name: "SDSServerTests",
             dependencies: [
-                "SDSServer", "SDSModel", "EnvoyAPI", "TestSupport", "SecretCache", "WorkloadAuthentication",
+                "SDSServer", "SDSModel", "EnvoyAPI", "TestSupport", "SecretCache", "WorkloadAuthentication", "CertificateAuthority",
                 .product(name: "GRPCCore", package: "grpc-swift-2"),
                 .product(name: "GRPCInProcessTransport", package: "grpc-swift-2"),
                 .product(name: "X509", package: "swift-certificates"),

@@ -25,6 +25,10 @@ public protocol CertificateIssuer: Sendable {
 
     /// The roots that certificates from this issuer chain to.
     func trustBundle() async -> TrustBundle
+
+    /// Whether ``issue(csr:for:ttl:credential:)`` sends the caller's token on (a CA asked on the
+    /// caller's behalf). When false, nobody holds tokens for it: not the cache, not each open stream.
+    var usesCallerCredential: Bool { get }
 }
 
 extension CertificateIssuer {

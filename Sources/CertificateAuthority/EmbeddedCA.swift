@@ -20,6 +20,9 @@ import X509
 /// 3. ``retireExpiredRoots()`` drops an old root once the last leaf it signed has expired.
 /// Every issued chain is verified against the current roots before it is returned.
 public final class EmbeddedCA: CertificateIssuer {
+    /// The embedded CA signs for the authenticated identity; it never sees the token.
+    public let usesCallerCredential = false
+
     /// What changed, for whoever must tell the streams.
     public typealias Change = IssuerChange
 

@@ -165,8 +165,13 @@ public struct SecretDiscoveryService: Envoy_Service_Secret_V3_SecretDiscoverySer
     }
 
     /// The caller, through ``CallerAdmission`` (token or peer attestation, policies).
+    ///
+    /// The token stays with the caller only when the CA is asked on the caller's behalf: a stream
+    /// holds its caller for its whole life, and the token is most of it.
     private func authenticate(_ metadata: Metadata, context: ServerContext) async throws -> AuthenticatedCaller {
-        try await admission.admit(metadata, method: context.descriptor.method)
+        var caller = try await admission.admit(metadata, method: context.descriptor.method)
+        if !secrets.usesCallerCredential { caller.credential = nil }
+        return caller
     }
 }
 

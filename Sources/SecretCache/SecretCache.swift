@@ -60,6 +60,7 @@ public actor SecretCache: SecretSource {
     }
 
     private let issuer: any CertificateIssuer
+    public nonisolated var usesCallerCredential: Bool { issuer.usesCallerCredential }
     private let configuration: Configuration
     private let logger: Logger
     private let now: @Sendable () -> Date

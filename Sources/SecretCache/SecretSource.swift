@@ -19,6 +19,10 @@ public protocol SecretSource: Sendable {
     /// Calls `signal` when `identity`'s certificate or the trust bundle changes, until the watch
     /// is cancelled: what an open stream waits on without a task of its own.
     func watch(_ identity: SPIFFEID, signal: @escaping @Sendable () -> Void) -> SecretWatch
+
+    /// Whether `workloadSecret(for:credential:)` uses the caller's token (its CA is asked on the
+    /// caller's behalf). When false, a stream does not keep the token for its life.
+    var usesCallerCredential: Bool { get }
 }
 
 extension SecretSource {

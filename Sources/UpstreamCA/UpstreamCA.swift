@@ -105,6 +105,8 @@ public final class UpstreamCA: CertificateIssuer {
     }
 
     private let configuration: Configuration
+    /// Only in forward mode does the caller's token go to the CA.
+    public var usesCallerCredential: Bool { configuration.credentialMode == .forward }
     private let client: GRPCClient<HTTP2ClientTransport.Posix>
     private let logger: Logger
     private let now: @Sendable () -> Date

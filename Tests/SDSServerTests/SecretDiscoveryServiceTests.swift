@@ -1,3 +1,4 @@
+import CertificateAuthority
 import Crypto
 import EnvoyAPI
 import Foundation
@@ -22,7 +23,7 @@ import X509
         clock: ManualClock = ManualClock(), tokenExpiryMargin: Duration = .seconds(30),
         authorization: AuthorizationPolicy = .allowAll, metrics: TestMetrics = TestMetrics(),
         authenticator override: (any WorkloadAuthenticator)? = nil, limits: StreamLimits = .defaults,
-        attestor: WorkloadAttestor? = nil, peerPolicy: PeerPolicy = .none,
+        attestor: WorkloadAttestor? = nil, peerPolicy: PeerPolicy = .none, issuer: (any CertificateIssuer)? = nil,
         _ body: @Sendable @escaping (Envoy_Service_Secret_V3_SecretDiscoveryService.Client<InProcessTransport.Client>, SecretCache) async throws -> Result
     ) async throws -> Result {
         let keys = try await VerificationKeySet(jwksJSON: tokens.jwksJSON())
@@ -30,7 +31,7 @@ import X509
             configuration: .init(trustDomain: "cluster.local", issuers: [TokenFactory.issuer], audiences: [TokenFactory.audience]),
             keys: keys)
         let cache = SecretCache(
-            issuer: TestPKI.ca(now: { clock.now }), configuration: .init(certificateTTL: .seconds(3600), rotation: .init(jitter: 0)),
+            issuer: issuer ?? TestPKI.ca(now: { clock.now }), configuration: .init(certificateTTL: .seconds(3600), rotation: .init(jitter: 0)),
             logger: TestPKI.quietLogger, now: { clock.now })
         let service = SecretDiscoveryService(
             configuration: .init(
@@ -69,6 +70,35 @@ import X509
             }
             #expect(await cache.issuedCertificates == 1)
         }
+    }
+
+    /// The embedded CA, telling whether it wants the caller's token, and recording what it got.
+    final class CredentialRecordingIssuer: CertificateIssuer, Sendable {
+        let usesCallerCredential: Bool
+        let ca = TestPKI.ca()
+        let received = Mutex<[String?]>([])
+        init(usesCallerCredential: Bool) { self.usesCallerCredential = usesCallerCredential }
+        func issue(csr: CertificateSigningRequest, for identity: SPIFFEID, ttl: Duration, credential: CallerCredential?)
+            async throws(IssuanceError) -> [Certificate]
+        {
+            received.withLock { $0.append(credential?.token) }
+            return try await ca.issue(csr: csr, for: identity, ttl: ttl, credential: nil)
+        }
+        func trustBundle() async -> TrustBundle { await ca.trustBundle() }
+    }
+
+    @Test(arguments: [true, false])
+    func theCallersTokenReachesOnlyACAThatUsesIt(_ uses: Bool) async throws {
+        let token = tokens.token(namespace: "demo", serviceAccount: "frontend")
+        let issuer = CredentialRecordingIssuer(usesCallerCredential: uses)
+        try await withClient(issuer: issuer) { client, _ in
+            try await SDSTestClient.withStream(client, metadata: SDSTestClient.metadata(token: token)) { session in
+                session.send(SDSTestClient.request(["default"], node: true))
+                let first = try await session.next()
+                #expect(first != nil)
+            }
+        }
+        #expect(issuer.received.withLock { $0 } == [uses ? token : nil])
     }
 
     @Test func aRotationIsPushedOnTheOpenStreamAndANACKIsNotAnswered() async throws {
@@ -543,6 +573,7 @@ import X509
 @Suite(.timeLimit(.minutes(1))) struct StreamEventSourceTests {
     /// A source whose changes the test signals by hand, and which counts live watches.
     final class Signals: SecretSource, Sendable {
+        let usesCallerCredential = false
         let signals = Mutex<[Int: @Sendable () -> Void]>([:])
         func workloadSecret(for identity: SPIFFEID, credential: CallerCredential?) async throws(SecretError) -> WorkloadSecret {
             throw SecretError(isTransient: true, message: "not used")

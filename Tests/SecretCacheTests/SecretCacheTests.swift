@@ -10,6 +10,7 @@ import X509
 
 /// An issuer that fails while `failing` is set, counting attempts.
 final class FlakyIssuer: CertificateIssuer, @unchecked Sendable {
+    let usesCallerCredential = true
     let ca: EmbeddedCA
     private let state = Mutex<(failing: Bool, attempts: Int)>((false, 0))
     init(ca: EmbeddedCA) { self.ca = ca }
@@ -160,6 +161,7 @@ final class FlakyIssuer: CertificateIssuer, @unchecked Sendable {
 
     @Test func aRefusedIssuanceIsNotCached() async throws {
         struct RefusingIssuer: CertificateIssuer {
+            let usesCallerCredential = false
             func issue(csr: CertificateSigningRequest, for identity: SPIFFEID, ttl: Duration, credential: CallerCredential?) async throws(IssuanceError) -> [Certificate] {
                 throw IssuanceError(code: .unavailable, message: "CA offline")
             }
