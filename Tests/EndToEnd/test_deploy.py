@@ -266,7 +266,12 @@ def test_the_image_is_built_by_the_script_ci_runs():
     with open(os.path.join(DEPLOY, "Dockerfile")) as f:
         dockerfile = f.read()
     assert re.search(r"^RUN scripts/build-release\.sh /out$", dockerfile, re.M)
-    assert "--static-swift-stdlib" in open(os.path.join(REPO, "scripts", "build-release.sh")).read()
+    # The release flags have one home, which build-release.sh (and bench.sh) source.
+    build = open(os.path.join(REPO, "scripts", "build-release.sh")).read()
+    assert re.search(r"^source scripts/release-flags\.sh$", build, re.M)
+    assert '"${release_flags[@]}"' in build
+    flags = open(os.path.join(REPO, "scripts", "release-flags.sh")).read()
+    assert "--static-swift-stdlib" in flags and "-c release" in flags
     assert "scripts/build-release.sh" in open(os.path.join(REPO, "scripts", "test.sh")).read()
 
 
