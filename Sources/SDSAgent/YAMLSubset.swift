@@ -242,37 +242,43 @@ private struct YAMLParser {
         while cursor < text.endIndex, text[cursor] == " " { cursor = text.index(after: cursor) }
     }
 
+    /// A flow collection from its opening bracket (at `cursor`) to `close`: `item` parses each
+    /// element, and elements are separated by commas.
+    static func flowCollection(
+        _ text: Substring, at cursor: inout Substring.Index, line: Int, close: Character,
+        _ item: (inout Substring.Index) throws(YAMLError) -> Void
+    ) throws(YAMLError) {
+        let open = text[cursor]
+        cursor = text.index(after: cursor)
+        while true {
+            skipSpaces(text, &cursor)
+            guard cursor < text.endIndex else { throw YAMLError(line: line, message: "unclosed '\(open)'") }
+            if text[cursor] == close {
+                cursor = text.index(after: cursor)
+                return
+            }
+            try item(&cursor)
+            skipSpaces(text, &cursor)
+            guard cursor < text.endIndex else { throw YAMLError(line: line, message: "unclosed '\(open)'") }
+            if text[cursor] == "," { cursor = text.index(after: cursor) } else if text[cursor] != close {
+                throw YAMLError(line: line, message: "expected ',' or '\(close)'")
+            }
+        }
+    }
+
     static func flowNode(_ text: Substring, at cursor: inout Substring.Index, line: Int, inFlow: Bool) throws(YAMLError) -> YAMLNode {
         skipSpaces(text, &cursor)
         guard cursor < text.endIndex else { return .empty }
         switch text[cursor] {
         case "[":
-            cursor = text.index(after: cursor)
             var items: [YAMLNode] = []
-            while true {
-                skipSpaces(text, &cursor)
-                guard cursor < text.endIndex else { throw YAMLError(line: line, message: "unclosed '['") }
-                if text[cursor] == "]" {
-                    cursor = text.index(after: cursor)
-                    return .sequence(items)
-                }
+            try flowCollection(text, at: &cursor, line: line, close: "]") { (cursor: inout Substring.Index) throws(YAMLError) in
                 items.append(try flowNode(text, at: &cursor, line: line, inFlow: true))
-                skipSpaces(text, &cursor)
-                guard cursor < text.endIndex else { throw YAMLError(line: line, message: "unclosed '['") }
-                if text[cursor] == "," { cursor = text.index(after: cursor) } else if text[cursor] != "]" {
-                    throw YAMLError(line: line, message: "expected ',' or ']'")
-                }
             }
+            return .sequence(items)
         case "{":
-            cursor = text.index(after: cursor)
             var entries: [YAMLNode.Entry] = []
-            while true {
-                skipSpaces(text, &cursor)
-                guard cursor < text.endIndex else { throw YAMLError(line: line, message: "unclosed '{'") }
-                if text[cursor] == "}" {
-                    cursor = text.index(after: cursor)
-                    return .mapping(entries)
-                }
+            try flowCollection(text, at: &cursor, line: line, close: "}") { (cursor: inout Substring.Index) throws(YAMLError) in
                 guard case .scalar(let key) = try flowNode(text, at: &cursor, line: line, inFlow: true) else {
                     throw YAMLError(line: line, message: "a key in '{…}' is not a scalar")
                 }
@@ -282,12 +288,8 @@ private struct YAMLParser {
                 let value = try flowNode(text, at: &cursor, line: line, inFlow: true)
                 if entries.contains(where: { $0.key == key }) { throw YAMLError(line: line, message: "key '\(key)' appears twice") }
                 entries.append(.init(key: key, value: value))
-                skipSpaces(text, &cursor)
-                guard cursor < text.endIndex else { throw YAMLError(line: line, message: "unclosed '{'") }
-                if text[cursor] == "," { cursor = text.index(after: cursor) } else if text[cursor] != "}" {
-                    throw YAMLError(line: line, message: "expected ',' or '}'")
-                }
             }
+            return .mapping(entries)
         case "\"", "'":
             return .scalar(try quoted(text, at: &cursor, line: line))
         case "&", "*", "!":
