@@ -89,7 +89,7 @@ public struct IssuanceError: Error, Hashable, Sendable, CustomStringConvertible 
 extension TrustBundle {
     /// The bundle of `roots` (PEM, in order), versioned by a digest of that PEM.
     public init(roots: [Certificate], trustDomain: String) {
-        let pem = roots.compactMap { try? $0.serializeAsPEM().pemString }.joined(separator: "\n") + "\n"
+        let pem = roots.compactMap { try? $0.pem() }.joined()
         let digest = SHA256.hash(data: Data(pem.utf8)).prefix(8).hexString
         self.init(trustDomain: trustDomain, rootsPEM: roots.isEmpty ? "" : pem, version: digest)
     }

@@ -55,14 +55,16 @@ public enum KeyFactory {
     /// ECDSA signature and one verification), which tripled the cost of every workload key for a
     /// check that FIPS mode asks for and this agent does not claim (Go's `ecdsa.GenerateKey`, which
     /// istio-agent uses, does neither outside FIPS mode). A scalar of 0 or not below the group
-    /// order (a chance of about 2^-32) is refused by BoringSSL and drawn again.
+    /// order (a chance of about 2^-32) is refused by BoringSSL and drawn again; should BoringSSL
+    /// keep refusing (never seen), its own generator is the fallback rather than a loop without end.
     public static func p256() -> P256.Signing.PrivateKey {
-        while true {
+        for _ in 0..<8 {
             let scalar = SymmetricKey(size: .bits256)
             if let key = scalar.withUnsafeBytes({ try? P256.Signing.PrivateKey(rawRepresentation: $0) }) {
                 return key
             }
         }
+        return P256.Signing.PrivateKey()
     }
 
     /// The key as PEM for Envoy (PKCS#8 for EC keys, PKCS#1 for RSA keys; BoringSSL reads both).

@@ -48,8 +48,8 @@ public enum RootCAStore {
         }
         do {
             try makeDirectory(directory.path, mode: 0o700)
-            let keyPEM = try authority.privateKey.serializeAsPEM().pemString + "\n"
-            let certPEM = try authority.certificate.serializeAsPEM().pemString + "\n"
+            let keyPEM = try KeyFactory.pem(of: authority.privateKey)
+            let certPEM = try authority.certificate.pem()
             // The key is written to a 0600 temporary file and renamed, so it is never readable by others.
             try writeAtomically(keyPEM, to: keyPath, mode: 0o600)
             try writeAtomically(certPEM, to: certPath, mode: 0o644)
@@ -72,9 +72,9 @@ public enum RootCAStore {
     public static func persist(active: SigningAuthority, roots: [Certificate], stateDirectory: String) throws(CAStoreError) {
         let directory = URL(fileURLWithPath: stateDirectory).appendingPathComponent("ca")
         do {
-            let keyPEM = try active.privateKey.serializeAsPEM().pemString + "\n"
-            let certPEM = try active.certificate.serializeAsPEM().pemString + "\n"
-            let bundlePEM = try roots.map { try $0.serializeAsPEM().pemString }.joined(separator: "\n") + "\n"
+            let keyPEM = try KeyFactory.pem(of: active.privateKey)
+            let certPEM = try active.certificate.pem()
+            let bundlePEM = try roots.map { try $0.pem() }.joined()
             try writeAtomically(bundlePEM, to: directory.appendingPathComponent("trust-bundle.pem").path, mode: 0o644)
             try writeAtomically(keyPEM, to: directory.appendingPathComponent("root-key.pem").path, mode: 0o600)
             try writeAtomically(certPEM, to: directory.appendingPathComponent("root-cert.pem").path, mode: 0o644)

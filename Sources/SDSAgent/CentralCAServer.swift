@@ -128,8 +128,8 @@ public struct CentralCAServer: Service {
         } else {
             let (chain, key) = try authority.issueServingCertificate(
                 names: configuration.serverNames, ttl: configuration.caTTL, now: now())
-            tlsChainPEM = try chain.map { try $0.serializeAsPEM().pemString + "\n" }.joined()
-            tlsKeyPEM = try key.serializeAsPEM().pemString + "\n"
+            tlsChainPEM = try chain.map { try $0.pem() }.joined()
+            tlsKeyPEM = try KeyFactory.pem(of: key)
         }
 
         let needsAPI = !configuration.trustedNodeAccounts.isEmpty
