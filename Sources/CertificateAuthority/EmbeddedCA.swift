@@ -201,15 +201,15 @@ public final class EmbeddedCA: CertificateIssuer {
             throw IssuanceError(
                 code: .unavailable, message: "the CA certificate expired at \(authority.certificate.notValidAfter)")
         }
-        // Backdate a little for peers whose clocks lag; never outlive the signing certificate.
+        // Backdate a little for peers whose clocks lag; never outlive any certificate of the chain.
         let notBefore = now.addingTimeInterval(-60)
-        let notAfter = min(now.addingTimeInterval(ttl.timeInterval), authority.certificate.notValidAfter)
+        let notAfter = min(now.addingTimeInterval(ttl.timeInterval), CertificateProfile.latestNotAfter(under: authority))
 
         let leaf: Certificate
         do {
             let extensions = try Certificate.Extensions {
                 Critical(BasicConstraints.notCertificateAuthority)
-                Critical(KeyUsage(digitalSignature: true, keyEncipherment: true))
+                Critical(CertificateProfile.leafKeyUsage(for: csr.publicKey))
                 try ExtendedKeyUsage([.serverAuth, .clientAuth])
                 // The subject is empty, so the SAN must be critical (RFC 5280 4.2.1.6, SPIFFE X509-SVID).
                 Critical(SubjectAlternativeNames([.uniformResourceIdentifier(identity.description)]))
@@ -219,7 +219,7 @@ public final class EmbeddedCA: CertificateIssuer {
                 }
             }
             leaf = try Certificate(
-                version: .v3, serialNumber: Certificate.SerialNumber(), publicKey: csr.publicKey,
+                version: .v3, serialNumber: CertificateProfile.serialNumber(), publicKey: csr.publicKey,
                 notValidBefore: notBefore, notValidAfter: notAfter, issuer: authority.certificate.subject,
                 subject: DistinguishedName(), extensions: extensions, issuerPrivateKey: authority.privateKey)
         } catch {
@@ -251,6 +251,7 @@ public final class EmbeddedCA: CertificateIssuer {
         var verifier = Verifier(rootCertificates: CertificateStore(roots)) {
             RFC5280Policy(fixedValidationTime: time)
             SPIFFELeafPolicy(expected: identity)
+            LeafProfilePolicy()
         }
         let result = await verifier.validate(leaf: chain[0], intermediates: CertificateStore(chain.dropFirst()))
         if case .couldNotValidate(let failures) = result {

@@ -24,7 +24,7 @@ extension SigningAuthority {
         }
         let extensions = try Certificate.Extensions {
             Critical(BasicConstraints.notCertificateAuthority)
-            Critical(KeyUsage(digitalSignature: true, keyEncipherment: true))
+            Critical(CertificateProfile.leafKeyUsage(for: key.publicKey))
             try ExtendedKeyUsage([.serverAuth])
             SubjectAlternativeNames(sans)
             SubjectKeyIdentifier(hash: key.publicKey)
@@ -34,9 +34,9 @@ extension SigningAuthority {
         }
         let subject = try DistinguishedName { CommonName(names.first ?? "sds-agent-ca") }
         let leaf = try Certificate(
-            version: .v3, serialNumber: Certificate.SerialNumber(), publicKey: key.publicKey,
+            version: .v3, serialNumber: CertificateProfile.serialNumber(), publicKey: key.publicKey,
             notValidBefore: now.addingTimeInterval(-60),
-            notValidAfter: min(now.addingTimeInterval(ttl.timeInterval), certificate.notValidAfter),
+            notValidAfter: min(now.addingTimeInterval(ttl.timeInterval), CertificateProfile.latestNotAfter(under: self)),
             issuer: certificate.subject, subject: subject, extensions: extensions, issuerPrivateKey: privateKey)
         return ([leaf] + chainAboveLeaf, key)
     }

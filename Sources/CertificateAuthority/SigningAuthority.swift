@@ -52,7 +52,7 @@ public struct SigningAuthority: Sendable {
             SubjectAlternativeNames([.uniformResourceIdentifier("spiffe://\(trustDomain)")])
         }
         let certificate = try Certificate(
-            version: .v3, serialNumber: Certificate.SerialNumber(), publicKey: key.publicKey,
+            version: .v3, serialNumber: CertificateProfile.serialNumber(), publicKey: key.publicKey,
             notValidBefore: now.addingTimeInterval(-60), notValidAfter: now.addingTimeInterval(ttl.timeInterval),
             issuer: name, subject: name, extensions: extensions,
             issuerPrivateKey: key)

@@ -121,6 +121,9 @@ public struct Agent: Service {
                 logger.info("CA certificate", metadata: [
                     "not_after": "\(notAfter.formatted(.iso8601))", "subject": "\(authority.certificate.subject)",
                 ])
+                if let reason = CertificateProfile.outlivesRoot(authority) {
+                    logger.warning("CA certificate outlives its root", metadata: ["reason": "\(reason)"])
+                }
                 if configuration.attestation.workloadSocketPath != nil {
                     jwtAuthority = try JWTAuthority.loadOrCreate(
                         stateDirectory: configuration.stateDirectory, trustDomain: configuration.trustDomain)

@@ -32,7 +32,7 @@ import X509
         #expect(Array(san) == [.uniformResourceIdentifier("spiffe://cluster.local/ns/demo/sa/frontend")])
         #expect(leaf.extensions[oid: .X509ExtensionID.subjectAlternativeName]?.critical == true)
         let usage = try #require(try leaf.extensions.keyUsage)
-        #expect(usage.digitalSignature && usage.keyEncipherment && !usage.keyCertSign)
+        #expect(usage.digitalSignature && !usage.keyEncipherment && !usage.keyCertSign)
         let eku = try #require(try leaf.extensions.extendedKeyUsage)
         #expect(Set(eku) == [.serverAuth, .clientAuth])
         #expect(try leaf.extensions.basicConstraints == .notCertificateAuthority)

@@ -27,7 +27,7 @@ public enum TestPKI {
             SubjectKeyIdentifier(hash: key.publicKey)
         }
         let certificate = try! Certificate(
-            version: .v3, serialNumber: Certificate.SerialNumber(), publicKey: key.publicKey,
+            version: .v3, serialNumber: CertificateProfile.serialNumber(), publicKey: key.publicKey,
             notValidBefore: now.addingTimeInterval(-60), notValidAfter: now.addingTimeInterval(30 * 86400),
             issuer: root.certificate.subject, subject: name, extensions: extensions, issuerPrivateKey: root.privateKey)
         return SigningAuthority(certificate: certificate, privateKey: key, roots: root.roots)
