@@ -151,6 +151,9 @@ let package = Package(
                 .product(name: "GRPCCore", package: "grpc-swift-2"),
                 .product(name: "SwiftProtobuf", package: "swift-protobuf"),
                 .product(name: "GRPCNIOTransportHTTP2", package: "grpc-swift-nio-transport"),
+                // The CA's TLS certificate is verified by our own callback (RFC 6125 names).
+                .product(name: "NIOSSL", package: "swift-nio-ssl"),
+                .product(name: "NIOCore", package: "swift-nio"),
                 .product(name: "X509", package: "swift-certificates"),
                 .product(name: "SwiftASN1", package: "swift-asn1"),
                 .product(name: "CoreMetrics", package: "swift-metrics"),
@@ -249,6 +252,7 @@ let package = Package(
             name: "SDSAgentTests",
             dependencies: [
                 "SDSAgent", "SDSModel", "SDSServer", "SecretCache", "WorkloadAuthentication", "EnvoyAPI", "TestSupport",
+                "CertificateAuthority", .product(name: "X509", package: "swift-certificates"),
                 .product(name: "GRPCCore", package: "grpc-swift-2"),
                 .product(name: "GRPCNIOTransportHTTP2", package: "grpc-swift-nio-transport"),
                 .product(name: "Prometheus", package: "swift-prometheus"),

@@ -113,6 +113,7 @@ public final class UpstreamCA: CertificateIssuer {
     private let onChange: @Sendable (IssuerChange) -> Void
     private let state: Mutex<State>
     private let metrics: Metrics
+    private let serverVerifier: UpstreamServerVerifier
 
     private struct Metrics: Sendable {
         let up: Gauge
@@ -153,12 +154,24 @@ public final class UpstreamCA: CertificateIssuer {
         }
         let bundle = configuration.serverBundleFile
         let serverName = configuration.serverName
+        let serverRoots: [Certificate]
+        do {
+            serverRoots = try Self.certificates(inPEM: String(contentsOfFile: bundle, encoding: .utf8))
+        } catch {
+            throw UpstreamCAError("--upstream-ca-bundle \(bundle) holds no PEM certificates")
+        }
+        guard !serverRoots.isEmpty else { throw UpstreamCAError("--upstream-ca-bundle \(bundle) holds no PEM certificates") }
+        let serverVerifier = UpstreamServerVerifier(
+            roots: serverRoots, referenceName: serverName ?? configuration.host, now: now)
+        self.serverVerifier = serverVerifier
         do {
             let transport = try HTTP2ClientTransport.Posix(
                 target: target,
                 transportSecurity: .tls { tls in
                     tls.trustRoots = .certificates([.file(path: bundle, format: .pem)])
                     tls.serverCertificateVerification = .fullVerification
+                    // Our own check replaces BoringSSL's: the configured name is the only identity.
+                    tls.customVerificationCallback = serverVerifier.callback
                 },
                 config: .defaults { config in
                     // Back soon after an outage: the default backoff grows to two minutes.
@@ -215,7 +228,7 @@ public final class UpstreamCA: CertificateIssuer {
             _ = try await ca.createCertificate(Istio_V1_Auth_IstioCertificateRequest(), metadata: metadata, options: options)
             markReachable(true, error: nil)
         } catch let error as RPCError where [.unavailable, .deadlineExceeded, .cancelled, .unknown].contains(error.code) {
-            markReachable(false, error: IssuanceError(code: .unavailable, message: "\(error.code): \(error.message)"))
+            markReachable(false, error: unreachable(error))
         } catch is RPCError {
             markReachable(true, error: nil)
         } catch {
@@ -344,7 +357,7 @@ public final class UpstreamCA: CertificateIssuer {
             case .unauthenticated, .permissionDenied, .invalidArgument, .failedPrecondition:
                 throw IssuanceError(code: .callerRefused, message: "the upstream CA refused: \(error.code): \(error.message)")
             default:
-                throw IssuanceError(code: .unavailable, message: "\(error.code): \(error.message)")
+                throw unreachable(error)
             }
         } catch {
             throw IssuanceError(code: .unavailable, message: "\(error)")
@@ -375,6 +388,8 @@ public final class UpstreamCA: CertificateIssuer {
         var verifier = Verifier(rootCertificates: CertificateStore(roots)) {
             RFC5280Policy(fixedValidationTime: now().addingTimeInterval(1))
             SPIFFELeafPolicy(expected: identity)
+            // As strict as our own CA's output, but for keyEncipherment, which istiod sets on every leaf.
+            LeafProfilePolicy(refusesKeyEnciphermentOnEC: false)
         }
         let result = await verifier.validate(leaf: leaf, intermediates: CertificateStore(intermediates))
         if case .couldNotValidate(let failures) = result {
@@ -419,7 +434,20 @@ public final class UpstreamCA: CertificateIssuer {
         onChange(.bundleChanged)
     }
 
+    static let tlsRefusedPrefix = "TLS refused: "
+
+    /// The CA could not be reached: a refused TLS handshake (which gRPC reports as a closed
+    /// connection) says why it was refused.
+    private func unreachable(_ error: RPCError) -> IssuanceError {
+        if let refusal = serverVerifier.takeFailure() {
+            return IssuanceError(code: .unavailable, message: Self.tlsRefusedPrefix + refusal)
+        }
+        return IssuanceError(code: .unavailable, message: "\(error.code): \(error.message)")
+    }
+
     private func markReachable(_ reachable: Bool, error: IssuanceError?) {
+        // A refused TLS handshake looks like a closed connection to gRPC: say why it was refused.
+        let tlsRefusal = error?.message.hasPrefix(Self.tlsRefusedPrefix) == true
         let previous = state.withLock { state -> Bool? in
             defer { state.reachable = reachable }
             return state.reachable
@@ -431,7 +459,9 @@ public final class UpstreamCA: CertificateIssuer {
                 "upstream CA reachable", metadata: ["ca": "\(configuration.host):\(configuration.port)"])
         } else {
             logger.error(
-                "UPSTREAM CA UNREACHABLE: current certificates are served until they expire; new identities get unavailable",
+                tlsRefusal
+                    ? "UPSTREAM CA REFUSED AT TLS: its certificate does not pass --upstream-ca-bundle/--upstream-ca-server-name; current certificates are served until they expire; new identities get unavailable"
+                    : "UPSTREAM CA UNREACHABLE: current certificates are served until they expire; new identities get unavailable",
                 metadata: ["ca": "\(configuration.host):\(configuration.port)", "error": "\(error?.message ?? "-")"])
         }
     }

@@ -42,6 +42,7 @@ import X509
     func withCentralCA<Result: Sendable>(
         ca: EmbeddedCA = TestPKI.ca(), mode: UpstreamCA.CredentialMode = .forward, tokenFile: String? = nil,
         trusted: Set<String> = [], maxTTL: Duration = .seconds(7200), changes: Changes = Changes(),
+        servingNames: [String] = ["127.0.0.1"], serverName: String? = nil, clientRoots: [Certificate]? = nil,
         _ body: @Sendable @escaping (UpstreamCA) async throws -> Result
     ) async throws -> Result {
         let keys = try await VerificationKeySet(jwksJSON: tokens.jwksJSON())
@@ -52,7 +53,7 @@ import X509
             configuration: .init(
                 trustDomain: "cluster.local", defaultTTL: .seconds(3600), maxTTL: maxTTL, trustedNodeAccounts: trusted),
             authenticator: authenticator, ca: ca, nodes: Nodes(allowed: ["demo/backend"]), logger: TestPKI.quietLogger)
-        let (chain, key) = try ca.activeAuthority.issueServingCertificate(names: ["127.0.0.1"], ttl: .seconds(3600), now: Date())
+        let (chain, key) = try ca.activeAuthority.issueServingCertificate(names: servingNames, ttl: .seconds(3600), now: Date())
         let transport = HTTP2ServerTransport.Posix(
             address: .ipv4(host: "127.0.0.1", port: 0),
             transportSecurity: .tls(
@@ -61,13 +62,13 @@ import X509
         let directory = TestPKI.temporaryDirectory()
         defer { try? FileManager.default.removeItem(atPath: directory) }
         let bundle = directory + "/root.pem"
-        try ca.roots.map { try $0.serializeAsPEM().pemString }.joined(separator: "\n").write(toFile: bundle, atomically: true, encoding: .utf8)
+        try (clientRoots ?? ca.roots).map { try $0.serializeAsPEM().pemString }.joined(separator: "\n").write(toFile: bundle, atomically: true, encoding: .utf8)
 
         return try await withGRPCServer(transport: transport, services: [service]) { _ in
             let address = try #require(try await transport.listeningAddress.ipv4)
             let upstream = try UpstreamCA(
                 configuration: .init(
-                    host: "127.0.0.1", port: address.port, serverBundleFile: bundle, credentialMode: mode, tokenFile: tokenFile,
+                    host: "127.0.0.1", port: address.port, serverBundleFile: bundle, serverName: serverName, credentialMode: mode, tokenFile: tokenFile,
                     trustDomain: "cluster.local", issueDeadline: .seconds(3), bundleCacheFile: directory + "/kept.pem"),
                 logger: TestPKI.quietLogger, onChange: changes.record)
             return try await withThrowingTaskGroup(of: Void.self) { group in
@@ -182,7 +183,56 @@ import X509
         }
     }
 
+    /// swift-nio-ssl alone accepted any SAN, the dialled IP included: a configured name must be
+    /// the only reference identity, and a refusal says why in words.
+    @Test func theConfiguredServerNameIsTheOnlyIdentityAccepted() async throws {
+        let identity = TestPKI.identity()
+        let csr = try SecretCache.makeCSR(for: identity, key: P256.Signing.PrivateKey())
+        // The CA's certificate names the address it is dialled at, but not the configured name.
+        try await withCentralCA(servingNames: ["127.0.0.1"], serverName: "wrong.example") { upstream in
+            do throws(IssuanceError) {
+                _ = try await upstream.issue(csr: csr, for: identity, ttl: .seconds(600), credential: credential())
+                Issue.record("connected to a CA whose certificate does not name wrong.example")
+            } catch {
+                #expect(error.code == .unavailable)
+                #expect(error.message.contains("name does not match") && error.message.contains("wrong.example"), "\(error.message)")
+            }
+        }
+        // The same certificate with the name in it: accepted.
+        try await withCentralCA(servingNames: ["127.0.0.1", "ca.example"], serverName: "ca.example") { upstream in
+            _ = try await upstream.issue(csr: csr, for: identity, ttl: .seconds(600), credential: credential())
+        }
+        // No name configured: the dialled address is the identity, as before.
+        try await withCentralCA(servingNames: ["127.0.0.1"]) { upstream in
+            _ = try await upstream.issue(csr: csr, for: identity, ttl: .seconds(600), credential: credential())
+        }
+        // A bundle that does not hold the CA's root: "not trusted", not "unreachable".
+        try await withCentralCA(clientRoots: [TestPKI.authority().certificate]) { upstream in
+            do throws(IssuanceError) {
+                _ = try await upstream.issue(csr: csr, for: identity, ttl: .seconds(600), credential: credential())
+                Issue.record("trusted a CA outside --upstream-ca-bundle")
+            } catch {
+                #expect(error.code == .unavailable)
+                #expect(error.message.contains("certificate not trusted"), "\(error.message)")
+            }
+        }
+    }
+
     // MARK: - What a CA answers
+
+    /// A leaf for `identity` and `key`, signed by `issuer`, with the extensions a careless or
+    /// hostile CA might give it.
+    func leaf(
+        for identity: SPIFFEID, key: P256.Signing.PrivateKey, issuer: SigningAuthority, notAfter: Date? = nil,
+        @ExtensionsBuilder extensions: () throws -> Result<Certificate.Extensions, any Error>
+    ) throws -> Certificate {
+        var all = try Certificate.Extensions(builder: extensions)
+        try all.append(Critical(SubjectAlternativeNames([.uniformResourceIdentifier(identity.description)])).makeCertificateExtension())
+        return try Certificate(
+            version: .v3, serialNumber: CertificateProfile.serialNumber(), publicKey: Certificate.PublicKey(key.publicKey),
+            notValidBefore: Date().addingTimeInterval(-60), notValidAfter: notAfter ?? Date().addingTimeInterval(600),
+            issuer: issuer.certificate.subject, subject: DistinguishedName(), extensions: all, issuerPrivateKey: issuer.privateKey)
+    }
 
     func answer(_ certificates: [[Certificate]]) throws -> [String] {
         try certificates.map { try $0.map { try $0.serializeAsPEM().pemString + "\n" }.joined() }
@@ -219,6 +269,42 @@ import X509
             ("the intermediate missing", try answer([[chain[0]], [root.certificate]]), identity, publicKey),
             ("not PEM", ["garbage", "more garbage"], identity, publicKey),
         ]
+        // The leaf profile, checked as strictly as our own CA's output (ztunnel's third line of
+        // defence against a confused deputy).
+        let badLeaves: [(String, Certificate)] = [
+            ("a CA:TRUE leaf", try leaf(for: identity, key: key, issuer: intermediate) {
+                Critical(BasicConstraints.isCertificateAuthority(maxPathLength: nil))
+                Critical(KeyUsage(digitalSignature: true, keyCertSign: true))
+            }),
+            ("a leaf that may sign certificates", try leaf(for: identity, key: key, issuer: intermediate) {
+                Critical(KeyUsage(digitalSignature: true, keyCertSign: true))
+            }),
+            ("a leaf that may sign CRLs", try leaf(for: identity, key: key, issuer: intermediate) {
+                Critical(KeyUsage(digitalSignature: true, cRLSign: true))
+            }),
+            ("a leaf for code signing", try leaf(for: identity, key: key, issuer: intermediate) {
+                try ExtendedKeyUsage([.serverAuth, .clientAuth, .codeSigning])
+            }),
+            ("a leaf outliving its intermediate", try leaf(for: identity, key: key, issuer: intermediate, notAfter: intermediate.certificate.notValidAfter.addingTimeInterval(3600)) {
+                Critical(KeyUsage(digitalSignature: true))
+            }),
+        ]
+        for (what, bad) in badLeaves {
+            let text = try answer([[bad], [intermediate.certificate], [root.certificate]])
+            do throws(IssuanceError) {
+                _ = try await upstream.verify(answer: text, for: identity, key: publicKey)
+                Issue.record("accepted \(what)")
+            } catch {
+                #expect(error.code == .verificationFailed, "\(what)")
+            }
+        }
+        // istiod's own profile (keyEncipherment on an EC key) is accepted from upstream.
+        let istiodLike = try leaf(for: identity, key: key, issuer: intermediate) {
+            Critical(KeyUsage(digitalSignature: true, keyEncipherment: true))
+            try ExtendedKeyUsage([.serverAuth, .clientAuth])
+            Critical(BasicConstraints.notCertificateAuthority)
+        }
+        _ = try await upstream.verify(answer: try answer([[istiodLike], [intermediate.certificate], [root.certificate]]), for: identity, key: publicKey)
         for (what, text, asked, key) in refused {
             do throws(IssuanceError) {
                 _ = try await upstream.verify(answer: text, for: asked, key: key)
