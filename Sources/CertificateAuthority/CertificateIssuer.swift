@@ -87,9 +87,11 @@ public struct IssuanceError: Error, Hashable, Sendable, CustomStringConvertible 
 }
 
 extension TrustBundle {
-    /// The bundle of `roots` (PEM, in order), versioned by a digest of that PEM.
+    /// The bundle of `roots`, versioned by a digest of its PEM. A set, not a list: each root once,
+    /// in the order of its PEM, so the same roots in another order or with duplicates are the same
+    /// version (a new version is pushed to every stream and costs each Envoy work per cluster).
     public init(roots: [Certificate], trustDomain: String) {
-        let pem = roots.compactMap { try? $0.pem() }.joined()
+        let pem = Set(roots.compactMap { try? $0.pem() }).sorted().joined()
         let digest = SHA256.hash(data: Data(pem.utf8)).prefix(8).hexString
         self.init(trustDomain: trustDomain, rootsPEM: roots.isEmpty ? "" : pem, version: digest)
     }

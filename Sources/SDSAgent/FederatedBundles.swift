@@ -130,6 +130,16 @@ public final class FederatedBundles: FederatedBundleSource {
                 throw ReadError(message: "not PEM certificates: \(error)")
             }
         }
+        // Only CA certificates are roots: a leaf served as a trust anchor would let anyone holding
+        // its key pass as that domain's peer in some verifiers, and means the file is not a bundle.
+        let notCA = roots.filter { certificate in
+            if case .isCertificateAuthority = try? certificate.extensions.basicConstraints { return false }
+            return true
+        }
+        guard notCA.isEmpty else {
+            throw ReadError(
+                message: "holds \(notCA.count) certificate(s) that are not CAs (basicConstraints CA:TRUE missing), e.g. \(notCA[0].subject); only CA certificates are roots")
+        }
         guard !roots.isEmpty else { throw ReadError(message: "holds no root certificate") }
         return TrustBundle(roots: roots, trustDomain: source.trustDomain)
     }
