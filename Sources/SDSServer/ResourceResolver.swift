@@ -22,6 +22,14 @@ struct ResourceResolver: Sendable {
     /// Every name this caller may ask for: what a wildcard subscription means for SDS.
     var allNames: [String] { configuration.servedNames }
 
+    /// The names a SotW or Fetch request means: `*` anywhere in the list (or no name at all, the
+    /// legacy wildcard) is every name in ``allNames``; `*` is never a resource of its own.
+    func expand(_ names: [String]) -> [String] {
+        guard names.isEmpty || names.contains("*") else { return names }
+        var seen = Set<String>()
+        return (allNames + names.filter { $0 != "*" }).filter { seen.insert($0).inserted }
+    }
+
     /// Names that are neither the workload secret nor a validation context.
     func unknown(_ names: some Sequence<String>) -> [String] {
         let federated = configuration.federatedNames

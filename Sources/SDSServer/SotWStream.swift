@@ -36,7 +36,6 @@ struct SotWStream: Sendable {
                     "nacks": "\(machine.rejections)", "duration": "\(ContinuousClock.now - opened)",
                 ])
         }
-        func expand(_ names: [String]) -> [String] { names.isEmpty || names == ["*"] ? resolver.allNames : names }
         func send(_ response: Envoy_Service_Discovery_V3_DiscoveryResponse, nonce: String) async throws {
             var response = response
             response.nonce = nonce
@@ -58,7 +57,7 @@ struct SotWStream: Sendable {
                             errorMessage: message.hasErrorDetail ? message.errorDetail.message : nil))
                     switch action {
                     case .respond(let names, let nonce):
-                        try await send(resolver.sotwResponse(for: expand(names)), nonce: nonce)
+                        try await send(resolver.sotwResponse(for: resolver.expand(names)), nonce: nonce)
                     case .acknowledged(let version):
                         logger.debug("Envoy accepted secrets", metadata: ["version": "\(version)"])
                     case .rejected(let nonce, let message):
@@ -76,7 +75,7 @@ struct SotWStream: Sendable {
                     // Nothing to push before the first response; nothing if the content is what was sent
                     // (which also keeps a NACKed version from being resent).
                     guard lastSentVersion != nil else { continue }
-                    let response = try await resolver.sotwResponse(for: expand(machine.subscribed))
+                    let response = try await resolver.sotwResponse(for: resolver.expand(machine.subscribed))
                     guard response.versionInfo != lastSentVersion, case .respond(_, let nonce)? = machine.push() else { continue }
                     try await send(response, nonce: nonce)
                     logger.info("pushed new secrets", metadata: ["names": "\(machine.subscribed)", "version": "\(response.versionInfo)"])
