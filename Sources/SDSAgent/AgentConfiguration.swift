@@ -213,6 +213,7 @@ public struct AgentConfiguration: Sendable {
         guard limits.connections.maxConnections > 0 else { throw fail("--max-connections must be positive") }
         guard limits.listenBacklog > 0 else { throw fail("--listen-backlog must be positive") }
         guard limits.streams.maxStreams > 0 else { throw fail("--max-streams must be positive") }
+        guard limits.streams.maxStreamsPerCaller > 0 else { throw fail("--max-streams-per-caller must be positive") }
         guard limits.maxRequestBytes >= 64 * 1024 else {
             throw fail("--max-request-bytes must be at least 65536: Envoy's first request carries its whole Node (about 61 KB)")
         }

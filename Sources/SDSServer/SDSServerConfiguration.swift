@@ -58,15 +58,21 @@ public struct StreamLimits: Sendable, Hashable {
     /// `resource_exhausted`. About 66 KiB each (docs/BENCHMARKS.md): 2048 fit the DaemonSet's
     /// memory limit with room, and a node of 110 pods opens about 220.
     public var maxStreams: Int
+    /// Most streams one caller holds at once: its pod's, where the token is bound to a pod, else
+    /// its identity's. One more gets `resource_exhausted`, and no other caller notices. A pod's
+    /// Envoy holds 2–3 (one per secret name); 110 pods of one service account on a node without
+    /// pod-bound tokens hold about 330.
+    public var maxStreamsPerCaller: Int
     /// A stream must send its first request this soon after opening, or it ends with
     /// `deadline_exceeded` (Envoy sends its first request at once).
     public var firstRequestTimeout: Duration
 
-    /// 2048 streams, 10 s to the first request.
-    public static let defaults = StreamLimits(maxStreams: 2048, firstRequestTimeout: .seconds(10))
+    /// 2048 streams, 512 per caller, 10 s to the first request.
+    public static let defaults = StreamLimits(maxStreams: 2048, maxStreamsPerCaller: 512, firstRequestTimeout: .seconds(10))
 
-    public init(maxStreams: Int, firstRequestTimeout: Duration) {
+    public init(maxStreams: Int, maxStreamsPerCaller: Int = 512, firstRequestTimeout: Duration) {
         self.maxStreams = maxStreams
+        self.maxStreamsPerCaller = maxStreamsPerCaller
         self.firstRequestTimeout = firstRequestTimeout
     }
 }

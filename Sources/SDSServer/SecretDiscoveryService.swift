@@ -59,7 +59,7 @@ public struct SecretDiscoveryService: Envoy_Service_Secret_V3_SecretDiscoverySer
         self.secrets = secrets
         self.logger = logger
         self.now = now
-        self.streams = StreamSlots(limit: configuration.limits.maxStreams)
+        self.streams = StreamSlots(limit: configuration.limits.maxStreams, perCallerLimit: configuration.limits.maxStreamsPerCaller)
     }
 
     // MARK: StreamSecrets (state of the world)
@@ -105,7 +105,7 @@ public struct SecretDiscoveryService: Envoy_Service_Secret_V3_SecretDiscoverySer
             let caller = try await authenticate(request.metadata, context: context)
             let resolver = resolver(for: caller, context: context)
             try validate(typeURL: request.message.typeURL, names: request.message.resourceNames, resolver: resolver)
-            let names = request.message.resourceNames.isEmpty ? resolver.allNames : request.message.resourceNames
+            let names = resolver.expand(request.message.resourceNames)
             return ServerResponse(message: try await resolver.sotwResponse(for: names))
         }
     }
@@ -113,26 +113,31 @@ public struct SecretDiscoveryService: Envoy_Service_Secret_V3_SecretDiscoverySer
     // MARK: Shared steps
 
     /// Runs `body` (a stream) in one of the ``StreamLimits/maxStreams`` slots, freed when it ends;
-    /// with none free the stream gets `resource_exhausted`, counted and logged (throttled).
+    /// with none free, or the caller holding ``StreamLimits/maxStreamsPerCaller``, the stream gets
+    /// `resource_exhausted`, counted and logged (throttled per caller).
     private func withStreamSlot(
         _ caller: AuthenticatedCaller, context: ServerContext, _ body: () async throws -> Void
     ) async throws {
         try await escapingErrors {
-            guard streams.acquire() else {
-                metrics.refused(.resourceExhausted, reason: "stream_limit")
-                if let held = refusalThrottle.admit("stream_limit") {
-                    logger.warning(
-                        "refused SDS stream: the agent holds its maximum of open streams",
-                        metadata: [
-                            "limit": "\(configuration.limits.maxStreams)", "spiffe_id": "\(caller.spiffeID)",
-                            "method": "\(context.descriptor.method)", "suppressed_since_last": "\(held)",
-                        ])
+            let key = caller.podUID.map { "pod:\($0)" } ?? "id:\(caller.spiffeID)"
+            if let refusal = streams.acquire(for: key) {
+                let limits = configuration.limits
+                let (reason, limit, words) = refusal == .agentFull
+                    ? ("stream_limit", limits.maxStreams, "the agent holds its maximum of \(limits.maxStreams) open streams")
+                    : ("caller_stream_limit", limits.maxStreamsPerCaller,
+                        "this caller holds its maximum of \(limits.maxStreamsPerCaller) open streams (--max-streams-per-caller)")
+                metrics.refused(.resourceExhausted, reason: reason)
+                if let held = refusalThrottle.admit(refusal == .agentFull ? reason : "\(reason) \(key)") {
+                    var metadata: Logger.Metadata = [
+                        "limit": "\(limit)", "spiffe_id": "\(caller.spiffeID)",
+                        "method": "\(context.descriptor.method)", "suppressed_since_last": "\(held)",
+                    ]
+                    if let pod = caller.podName { metadata["pod"] = "\(caller.namespace)/\(pod)" }
+                    logger.warning("refused SDS stream: \(words)", metadata: metadata)
                 }
-                throw RPCError(
-                    code: .resourceExhausted,
-                    message: "the agent holds its maximum of \(configuration.limits.maxStreams) open streams; retry later")
+                throw RPCError(code: .resourceExhausted, message: "\(words); retry later")
             }
-            defer { streams.release() }
+            defer { streams.release(for: key) }
             openStreams.opened(by: caller)
             defer { openStreams.closed(by: caller) }
             try await body()

@@ -1,27 +1,49 @@
 import Synchronization
 
-/// Counts the streams open now against a limit; shared by every stream of one server.
+/// Counts the streams open now against two limits, shared by every stream of one server: all
+/// streams together, and the streams of one caller (its pod where the token names one, else its
+/// identity), so that one caller holding its maximum leaves room for everyone else.
 final class StreamSlots: Sendable {
-    private let limit: Int
-    private let used = Atomic<Int>(0)
-
-    init(limit: Int) { self.limit = limit }
-
-    /// Takes a slot; false when all are taken.
-    func acquire() -> Bool {
-        var current = used.load(ordering: .relaxed)
-        while current < limit {
-            let (exchanged, original) = used.compareExchange(
-                expected: current, desired: current + 1, ordering: .acquiringAndReleasing)
-            if exchanged { return true }
-            current = original
-        }
-        return false
+    /// Why a slot was not given.
+    enum Refusal: Equatable {
+        /// Every slot of the agent is taken.
+        case agentFull
+        /// This caller holds its share.
+        case callerFull
     }
 
-    /// Gives back a slot taken with ``acquire()``.
-    func release() { used.subtract(1, ordering: .acquiringAndReleasing) }
+    private struct State {
+        var total = 0
+        var perCaller: [String: Int] = [:]
+    }
 
-    /// Slots taken now.
-    var inUse: Int { used.load(ordering: .relaxed) }
+    private let limit: Int
+    private let perCallerLimit: Int
+    private let state = Mutex(State())
+
+    init(limit: Int, perCallerLimit: Int) {
+        self.limit = limit
+        self.perCallerLimit = perCallerLimit
+    }
+
+    /// Takes a slot for `caller`; the refusal when none may be taken.
+    func acquire(for caller: String) -> Refusal? {
+        state.withLock { state in
+            guard state.total < limit else { return .agentFull }
+            let held = state.perCaller[caller, default: 0]
+            guard held < perCallerLimit else { return .callerFull }
+            state.total += 1
+            state.perCaller[caller] = held + 1
+            return nil
+        }
+    }
+
+    /// Gives back a slot taken with ``acquire(for:)``.
+    func release(for caller: String) {
+        state.withLock { state in
+            state.total -= 1
+            let held = state.perCaller[caller, default: 1] - 1
+            state.perCaller[caller] = held > 0 ? held : nil
+        }
+    }
 }

@@ -129,6 +129,9 @@ struct Serve: AsyncParsableCommand {
     @Option(help: "Most SDS streams open at once; one more gets resource_exhausted.")
     var maxStreams = AgentConfiguration.Limits.defaults.streams.maxStreams
 
+    @Option(help: "Most SDS streams one caller holds at once (its pod, else its identity); one more gets resource_exhausted for that caller only.")
+    var maxStreamsPerCaller = AgentConfiguration.Limits.defaults.streams.maxStreamsPerCaller
+
     @Option(help: "Connections the kernel queues for the agent to accept (a node restart connects every sidecar at once; capped by net.core.somaxconn).")
     var listenBacklog = AgentConfiguration.Limits.defaults.listenBacklog
 
@@ -208,6 +211,7 @@ struct Serve: AsyncParsableCommand {
         configuration.limits.connections.firstStreamTimeout = firstRequestTimeout
         configuration.limits.connections.idleTimeout = idleConnectionTimeout
         configuration.limits.streams.maxStreams = maxStreams
+        configuration.limits.streams.maxStreamsPerCaller = maxStreamsPerCaller
         configuration.limits.streams.firstRequestTimeout = firstRequestTimeout
         configuration.limits.maxRequestBytes = maxRequestBytes
         configuration.limits.listenBacklog = listenBacklog

@@ -436,6 +436,23 @@ import X509
         }
     }
 
+    /// `*` means every name the caller may have, never a resource called `*` (it was answered as
+    /// a validation context of that name).
+    @Test(arguments: [["*"], ["*", "default"], ["default", "*", "ROOTCA"]])
+    func aWildcardIsEveryNameAndNeverAResource(_ names: [String]) async throws {
+        let metadata = SDSTestClient.metadata(token: tokens.token())
+        let served = ["ALL", "ROOTCA", "default", "spiffe://cluster.local"]
+        try await withClient { client, _ in
+            let fetched = try await client.fetchSecrets(SDSTestClient.request(names), metadata: metadata)
+            #expect(try SDSTestClient.secrets(in: fetched).map(\.name).sorted() == served)
+            try await SDSTestClient.withStream(client, metadata: metadata) { session in
+                session.send(SDSTestClient.request(names, node: true))
+                let first = try #require(try await session.next())
+                #expect(try SDSTestClient.secrets(in: first).map(\.name).sorted() == served)
+            }
+        }
+    }
+
     @Test func deltaServesSubscriptionsAndSkipsWhatEnvoyAlreadyHas() async throws {
         let metadata = SDSTestClient.metadata(token: tokens.token())
         try await withClient { client, _ in
@@ -506,6 +523,51 @@ import X509
         }
         let refused = try metrics.expectCounter(
             SecretDiscoveryService.refusedCallsMetric, [("code", "resource_exhausted"), ("reason", "stream_limit")])
+        #expect(refused.totalValue == 1)
+    }
+
+    /// One identity holding its maximum must not lock anyone else out (it could take every
+    /// stream of the agent before): the next stream of that caller is refused, another
+    /// identity's first secret still arrives, and a pod is its own caller.
+    @Test func oneCallerAtItsMaximumLeavesRoomForEveryoneElse() async throws {
+        let metrics = TestMetrics()
+        let limits = StreamLimits(maxStreams: 10, maxStreamsPerCaller: 2, firstRequestTimeout: .seconds(10))
+        let tokens = self.tokens
+        try await withClient(metrics: metrics, limits: limits) { client, _ in
+            let greedy = SDSTestClient.metadata(token: tokens.token(serviceAccount: "greedy"))
+            try await SDSTestClient.withStream(client, metadata: greedy) { first in
+                first.send(SDSTestClient.request(["default"]))
+                _ = try #require(try await first.next())
+                try await SDSTestClient.withStream(client, metadata: greedy) { second in
+                    second.send(SDSTestClient.request(["ROOTCA"]))
+                    _ = try #require(try await second.next())
+                    await #expect {
+                        try await SDSTestClient.withStream(client, metadata: greedy) { third in
+                            third.send(SDSTestClient.request(["default"]))
+                            _ = try await third.next()
+                        }
+                    } throws: { error in
+                        (error as? RPCError)?.code == .resourceExhausted
+                            && (error as? RPCError)?.message.contains("this caller holds its maximum of 2") == true
+                    }
+                    // Another identity: served at once.
+                    try await SDSTestClient.withStream(client, metadata: SDSTestClient.metadata(token: tokens.token(serviceAccount: "other"))) {
+                        other in
+                        other.send(SDSTestClient.request(["default"]))
+                        let secret = try #require(try await other.next())
+                        #expect(secret.resources.count == 1)
+                    }
+                    // The same service account from another pod (bound token): its own share.
+                    let pod = SDSTestClient.metadata(token: tokens.token(serviceAccount: "greedy", podUID: "uid-2"))
+                    try await SDSTestClient.withStream(client, metadata: pod) { replica in
+                        replica.send(SDSTestClient.request(["default"]))
+                        _ = try #require(try await replica.next())
+                    }
+                }
+            }
+        }
+        let refused = try metrics.expectCounter(
+            SecretDiscoveryService.refusedCallsMetric, [("code", "resource_exhausted"), ("reason", "caller_stream_limit")])
         #expect(refused.totalValue == 1)
     }
 
