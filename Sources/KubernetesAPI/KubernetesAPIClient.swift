@@ -45,6 +45,9 @@ public final class KubernetesAPIClient: Sendable {
             self.maxResponseBytes = maxResponseBytes
         }
 
+        /// ``serverURL`` as it may be logged: credentials in it redacted.
+        public var displayURL: String { URLText.redactingUserinfo(serverURL) }
+
         /// The API server URL the pod environment names, if any.
         public static func inClusterServerURL(environment: [String: String] = ProcessInfo.processInfo.environment) -> String? {
             guard let host = environment["KUBERNETES_SERVICE_HOST"], !host.isEmpty else { return nil }
@@ -61,7 +64,7 @@ public final class KubernetesAPIClient: Sendable {
     /// Loads the CA file; fails with a message naming it.
     public init(configuration: Configuration) throws(KubernetesAPIError) {
         guard configuration.serverURL.hasPrefix("https://") else {
-            throw KubernetesAPIError(message: "API server URL '\(configuration.serverURL)' is not https://", isTransient: false)
+            throw KubernetesAPIError(message: "API server URL '\(configuration.displayURL)' is not https://", isTransient: false)
         }
         let roots: [NIOSSLCertificate]
         do {
@@ -103,7 +106,7 @@ public final class KubernetesAPIClient: Sendable {
     public func streamLines(
         _ path: String, deadline: Duration, onLine: (Data) async -> Void
     ) async throws(KubernetesAPIError) {
-        let what = "GET \(configuration.serverURL)\(path)"
+        let what = "GET \(configuration.displayURL)\(path)"
         do {
             let request = try makeRequest(method: .GET, path: path, json: nil)
             let response = try await streamingHTTP.execute(request, timeout: .seconds(deadline.components.seconds))
@@ -159,7 +162,7 @@ public final class KubernetesAPIClient: Sendable {
 
     private func send(method: HTTPMethod, path: String, json: Data?) async throws(KubernetesAPIError) -> Data {
         let request = try makeRequest(method: method, path: path, json: json)
-        let what = "\(method) \(configuration.serverURL)\(path)"
+        let what = "\(method) \(configuration.displayURL)\(path)"
         do {
             let response = try await http.execute(request, timeout: .seconds(configuration.timeout.components.seconds))
             let body = try await response.body.collect(upTo: configuration.maxResponseBytes)

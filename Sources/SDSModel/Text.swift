@@ -116,3 +116,15 @@ enum Base64Encoding {
         if lineLength != nil, quads > 0 { out.append(UInt8(ascii: "\n")) }
     }
 }
+
+/// URLs as they may be logged.
+public enum URLText {
+    /// `https://user:secret@host/path` → `https://REDACTED@host/path`: credentials in a URL never
+    /// reach a log line or an error message; anything else is returned as it is.
+    public static func redactingUserinfo(_ value: String) -> String {
+        guard let scheme = value.firstRange(of: "://"), let at = value[scheme.upperBound...].firstIndex(of: "@"),
+            !value[scheme.upperBound..<at].contains("/")
+        else { return value }
+        return value[..<scheme.upperBound] + "REDACTED" + value[at...]
+    }
+}

@@ -46,8 +46,24 @@ public actor OIDCDiscoveryKeySource: VerificationKeySource {
         return keys
     }
 
+    /// A caller waits for a refresh at most this long: a hanging API server must not hold every
+    /// token with a new `kid` for the whole fetch timeout (the fetch goes on for the next caller).
+    public static let unknownKeyWait: Duration = .seconds(2)
+
     public func keys(afterUnknownKeyID keyID: String) async -> VerificationKeySet? {
-        await refreshIfAllowed(reason: "a token names unknown key ID '\(keyID)'")
+        // The fetch runs on (a task group would wait for it); a stream that ends with it can be
+        // given up on, since iterating a stream stops when its task is cancelled.
+        let (done, finished) = AsyncStream.makeStream(of: Void.self)
+        Task {
+            await self.refreshIfAllowed(reason: "a token names unknown key ID '\(keyID)'")
+            finished.finish()
+        }
+        await withTaskGroup(of: Void.self) { group in
+            group.addTask { for await _ in done {} }
+            group.addTask { try? await Task.sleep(for: Self.unknownKeyWait) }
+            await group.next()
+            group.cancelAll()
+        }
         return keys
     }
 
@@ -56,7 +72,7 @@ public actor OIDCDiscoveryKeySource: VerificationKeySource {
     public func run() async {
         var failures = 0
         while !Task.isCancelled {
-            await refresh(reason: keys == nil ? "start" : "schedule")
+            await refresh(reason: keys == nil ? "start" : "schedule", cancelsFetch: true)
             failures = keys == nil ? failures + 1 : 0
             let wait = keys == nil ? min(minimumRefreshInterval, .seconds(1 << min(failures - 1, 5))) : refreshInterval
             try? await Task.sleep(for: wait)
@@ -71,13 +87,27 @@ public actor OIDCDiscoveryKeySource: VerificationKeySource {
         await refresh(reason: reason)
     }
 
-    /// One fetch; concurrent callers share it.
+    /// One fetch; concurrent callers share it. Cancelling the refresh loop (the agent shutting
+    /// down) cancels the fetch, so a hanging API server cannot hold the shutdown for its timeout;
+    /// a caller that goes away does not cancel a fetch others wait for.
     public func refresh(reason: String) async {
-        if let inFlight { return await inFlight.value }
-        let task = Task { await self.fetch(reason: reason) }
-        inFlight = task
-        await task.value
-        inFlight = nil
+        await refresh(reason: reason, cancelsFetch: false)
+    }
+
+    private func refresh(reason: String, cancelsFetch: Bool) async {
+        let task: Task<Void, Never>
+        if let inFlight {
+            task = inFlight
+        } else {
+            task = Task { await self.fetch(reason: reason) }
+            inFlight = task
+        }
+        if cancelsFetch {
+            await withTaskCancellationHandler { await task.value } onCancel: { task.cancel() }
+        } else {
+            await task.value
+        }
+        if inFlight == task { inFlight = nil }
     }
 
     private func fetch(reason: String) async {
@@ -101,7 +131,7 @@ public actor OIDCDiscoveryKeySource: VerificationKeySource {
         } catch {
             logger.error(
                 "OIDC discovery failed; \(keys == nil ? "no keys yet: tokens cannot be verified" : "keeping the cached keys")",
-                metadata: ["error": "\(error)", "reason": "\(reason)", "server": "\(api.configuration.serverURL)"])
+                metadata: ["error": "\(error)", "reason": "\(reason)", "server": "\(api.configuration.displayURL)"])
         }
     }
 

@@ -103,12 +103,7 @@ struct ConfigSources {
         }
 
         /// `https://user:secret@host` → `https://REDACTED@host`.
-        static func redacted(_ value: String) -> String {
-            guard let scheme = value.firstRange(of: "://"), let at = value[scheme.upperBound...].firstIndex(of: "@"),
-                !value[scheme.upperBound..<at].contains("/")
-            else { return value }
-            return value[..<scheme.upperBound] + "REDACTED" + value[at...]
-        }
+        static func redacted(_ value: String) -> String { URLText.redactingUserinfo(value) }
     }
 
     private static let effectiveState = Mutex(Effective())

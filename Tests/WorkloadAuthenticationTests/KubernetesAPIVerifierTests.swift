@@ -81,6 +81,57 @@ import WorkloadAuthentication
 
     // MARK: OIDC discovery
 
+    /// `--kube-api-server https://user:s3cret@…` was redacted in the configuration line but
+    /// printed in clear in the OIDC discovery error line.
+    @Test func credentialsInTheAPIServerURLReachNoErrorOrLogLine() async throws {
+        let dir = TestPKI.temporaryDirectory()
+        defer { try? FileManager.default.removeItem(atPath: dir) }
+        try TestPKI.authority().certificate.pem().write(toFile: dir + "/ca.pem", atomically: true, encoding: .utf8)
+        let api = try KubernetesAPIClient(
+            configuration: .init(serverURL: "https://user:s3cret@127.0.0.1:9", caFile: dir + "/ca.pem", tokenFile: nil, timeout: .seconds(2)))
+        #expect(api.configuration.displayURL == "https://REDACTED@127.0.0.1:9")
+        do throws(KubernetesAPIError) {
+            _ = try await api.get("/.well-known/openid-configuration")
+            Issue.record("nothing listens on port 9")
+        } catch {
+            #expect(error.message.contains("REDACTED@127.0.0.1:9") && !error.message.contains("s3cret"), "\(error.message)")
+        }
+        await api.shutdown()
+        #expect(URLText.redactingUserinfo("https://a:b@h/x@y") == "https://REDACTED@h/x@y")
+        #expect(URLText.redactingUserinfo("https://h/x@y") == "https://h/x@y")
+    }
+
+    /// A refresh that hangs at the API server: a token with an unknown `kid` waits about
+    /// ``OIDCDiscoveryKeySource/unknownKeyWait``, not the fetch timeout, and cancelling the
+    /// refresh loop (shutdown) ends it at once.
+    @Test func aHangingRefreshHoldsNeitherCallersNorShutdown() async throws {
+        let hanging = try HangingListener()
+        let dir = TestPKI.temporaryDirectory()
+        defer { try? FileManager.default.removeItem(atPath: dir) }
+        try Self.agentToken.write(toFile: dir + "/token", atomically: true, encoding: .utf8)
+        try TestPKI.authority().certificate.pem().write(toFile: dir + "/ca.pem", atomically: true, encoding: .utf8)
+        let api = try KubernetesAPIClient(
+            configuration: .init(serverURL: "https://127.0.0.1:\(hanging.port)", caFile: dir + "/ca.pem", tokenFile: dir + "/token", timeout: .seconds(6)))
+        let source = OIDCDiscoveryKeySource(api: api, minimumRefreshInterval: .zero, logger: TestPKI.quietLogger)
+
+        let asked = ContinuousClock.now
+        #expect(await source.keys(afterUnknownKeyID: "k9") == nil)
+        #expect(asked.duration(to: .now) < OIDCDiscoveryKeySource.unknownKeyWait + .seconds(2), "held for the fetch timeout")
+
+        // The refresh loop of a fresh source, its first fetch hanging; then shutdown.
+        let looping = OIDCDiscoveryKeySource(api: api, minimumRefreshInterval: .zero, logger: TestPKI.quietLogger)
+        let started = ContinuousClock.now
+        await withTaskGroup(of: Void.self) { group in
+            group.addTask { await looping.run() }
+            let deadline = ContinuousClock.now + .seconds(5)
+            while await looping.fetchAttempts < 1, ContinuousClock.now < deadline { await Task.yield() }
+            #expect(await looping.fetchAttempts == 1)
+            group.cancelAll()
+        }
+        #expect(started.duration(to: .now) < .seconds(8), "shutdown waited for the hanging fetch")
+        await api.shutdown()
+    }
+
     @Test func discoveryFetchesTheKeysWithTheAgentsTokenAndFollowsAKeyRotation() async throws {
         let discovery = Discovery([k1])
         try await withAPI(discovery.answer) { server, api in
@@ -271,4 +322,30 @@ import WorkloadAuthentication
             }
         }
     }
+}
+
+/// A TCP port that accepts connections (the kernel's backlog) and never answers: an API server
+/// that hangs mid-handshake.
+final class HangingListener {
+    let fd: Int32
+    let port: Int
+    init() throws {
+        let fd = socket(AF_INET, Int32(SOCK_STREAM.rawValue), 0)
+        var address = sockaddr_in()
+        address.sin_family = sa_family_t(AF_INET)
+        address.sin_addr.s_addr = inet_addr("127.0.0.1")
+        var length = socklen_t(MemoryLayout<sockaddr_in>.size)
+        let bound = withUnsafeMutablePointer(to: &address) {
+            $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { pointer in
+                bind(fd, pointer, length) == 0 && listen(fd, 16) == 0 && getsockname(fd, pointer, &length) == 0
+            }
+        }
+        guard bound else {
+            close(fd)
+            throw POSIXError(.EADDRNOTAVAIL)
+        }
+        self.fd = fd
+        port = Int(UInt16(bigEndian: address.sin_port))
+    }
+    deinit { close(fd) }
 }
