@@ -118,12 +118,14 @@ public struct AttestationPolicy: Sendable, Hashable, Codable {
                 return "image: container \(container.name) runs \(container.image)\(resolved), not one of \(images)"
             }
         }
+        // Label values can be secrets (SPIRE removed selector values from its logs as a security
+        // fix): a refusal names the key and whether it was missing or different, never a value.
         for (key, value) in (rule.labels ?? [:]).sorted(by: { $0.key < $1.key }) where pod.labels[key] != value {
-            return "label \(key)=\(value): pod \(pod.namespace)/\(pod.name) has \(pod.labels[key].map { "\(key)=\($0)" } ?? "no \(key)")"
+            return "label \(key): pod \(pod.namespace)/\(pod.name) \(pod.labels[key] == nil ? "has no such label" : "has another value")"
         }
         for (key, value) in (rule.nodeLabels ?? [:]).sorted(by: { $0.key < $1.key }) where pod.nodeLabels[key] != value {
             let node = pod.nodeName.isEmpty ? "the pod's node" : "node \(pod.nodeName)"
-            return "node label \(key)=\(value): \(node) has \(pod.nodeLabels[key].map { "\(key)=\($0)" } ?? "no \(key)")"
+            return "node label \(key): \(node) \(pod.nodeLabels[key] == nil ? "has no such label" : "has another value")"
         }
         return nil
     }
