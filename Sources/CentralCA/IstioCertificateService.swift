@@ -75,6 +75,9 @@ public struct IstioCertificateService: Istio_V1_Auth_IstioCertificateService.Ser
             })
     }
 
+    /// Metadata that marks an agent's reachability probe (the same key as the SDS socket's).
+    public static let probeHeader = "x-sds-agent-probe"
+
     public func createCertificate(
         request: ServerRequest<Istio_V1_Auth_IstioCertificateRequest>, context: ServerContext
     ) async throws -> ServerResponse<Istio_V1_Auth_IstioCertificateResponse> {
@@ -102,6 +105,12 @@ public struct IstioCertificateService: Istio_V1_Auth_IstioCertificateService.Ser
         }
 
         guard let token = Self.bearerToken(in: request.metadata) else {
+            // An agent's reachability probe (the probe header, no token) expects this refusal:
+            // logged at debug level, not counted as a refused CSR. A call with a token is never one.
+            if request.metadata[stringValues: Self.probeHeader].contains(where: { _ in true }) {
+                logger.debug("reachability probe answered", metadata: log)
+                throw RPCError(code: .unauthenticated, message: Self.refusal)
+            }
             throw refuse("token", "refused CSR: no bearer token", detail: "no 'authorization: Bearer' metadata")
         }
         let caller: AuthenticatedCaller
@@ -159,7 +168,7 @@ public struct IstioCertificateService: Istio_V1_Auth_IstioCertificateService.Ser
         logger.info(
             "issued certificate over the CSR API",
             metadata: log.merging([
-                "serial": "\(chain[0].serialNumber.hexString)", "ttl": "\(ttl)",
+                "serial": "\(chain[0].serialNumber.hexString)", "ttl": "\(ttl.components.seconds)s",
                 "not_after": "\(chain[0].notValidAfter.formatted(.iso8601))",
             ]) { $1 })
         return ServerResponse(message: response)

@@ -25,7 +25,11 @@ public enum RootCAStore {
 
         if fm.fileExists(atPath: certPath) || fm.fileExists(atPath: keyPath) {
             // Checked here, not by the loader: an expired root of our own is replaced, not refused.
-            let authority = try load(certificateFile: certPath, keyFile: keyPath, bundleFile: nil, roots: nil, now: nil)
+            var authority = try load(certificateFile: certPath, keyFile: keyPath, bundleFile: nil, roots: nil, now: nil)
+            // The file's first root signs; the others (a rotation not finished) come back through
+            // `additionalRoots`, to be retired when their last leaf expires.
+            authority.roots = [authority.certificate]
+            authority.intermediates = []
             if authority.certificate.notValidAfter > now {
                 logger.info(
                     "loaded embedded CA root",
@@ -67,13 +71,16 @@ public enum RootCAStore {
         return authority
     }
 
-    /// Persists a rotated root: the active root and key replace `root-*.pem`, and every trusted
-    /// root goes to `trust-bundle.pem`, so a restart signs with the new root and still trusts the old.
+    /// Persists the roots after a rotation step: `root-key.pem` is the active root's key;
+    /// `root-cert.pem` holds the active root first, then every other root trusted now (what a
+    /// client of `ca serve` takes as its trust bundle: it verifies the CA's TLS certificate
+    /// before and after the new root signs); `trust-bundle.pem` holds every trusted root, so a
+    /// restart signs with the active root and still trusts the others until they retire.
     public static func persist(active: SigningAuthority, roots: [Certificate], stateDirectory: String) throws(CAStoreError) {
         let directory = URL(fileURLWithPath: stateDirectory).appendingPathComponent("ca")
         do {
             let keyPEM = try KeyFactory.pem(of: active.privateKey)
-            let certPEM = try active.certificate.pem()
+            let certPEM = try ([active.certificate] + roots.filter { $0 != active.certificate }).map { try $0.pem() }.joined()
             let bundlePEM = try roots.map { try $0.pem() }.joined()
             try writeAtomically(bundlePEM, to: directory.appendingPathComponent("trust-bundle.pem").path, mode: 0o644)
             try writeAtomically(keyPEM, to: directory.appendingPathComponent("root-key.pem").path, mode: 0o600)

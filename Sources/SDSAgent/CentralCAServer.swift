@@ -15,6 +15,7 @@ import ServiceLifecycle
 import UnixSignals
 import WorkloadAuthentication
 import SwiftASN1
+import Synchronization
 import X509
 
 /// Everything `sds-agent ca serve` needs, validated before it listens.
@@ -88,18 +89,63 @@ public struct CentralCAServer: Service {
     private let ca: EmbeddedCA
     private let caChanges: AsyncStream<IssuerChange>
     private let canRotate: Bool
-    private let tlsChainPEM: String
-    private let tlsKeyPEM: String
+    /// The TLS certificate presented: the operator's (`--tls-cert`), or one the CA issues itself
+    /// and issues again under a new root.
+    private let servingTLS: ServingTLS
+    private let issuesOwnTLS: Bool
     private let keySource: OIDCDiscoveryKeySource?
     private let api: KubernetesAPIClient?
     private let logger: Logger
     private let now: @Sendable () -> Date
+    private let listener: ListeningSocket
+    /// Keys from `--jwks`, reloaded on SIGHUP.
+    private let fileKeys: JWKSFileKeySource?
+    private let stateLock: StateDirectoryLock?
+    /// Ready once the port listens and the verifier has keys: what `/readyz` reports.
+    public let readiness = AgentReadiness()
 
-    /// Loads or creates the root, issues the TLS certificate, loads the verifiers.
+    /// Checks every input first, then takes the port and the state directory, loads the
+    /// verifiers, and only then loads or creates the root (a refused start writes nothing) and
+    /// issues the TLS certificate.
     public static func make(
         configuration: CentralCAConfiguration, logger: Logger, now: @escaping @Sendable () -> Date = { Date() }
     ) async throws -> CentralCAServer {
         try configuration.validate()
+        let needsAPI = !configuration.trustedNodeAccounts.isEmpty
+        if needsAPI && configuration.tokens.kubernetesAPI == nil {
+            throw ConfigurationError(
+                message: "--trusted-node-account needs the API server (--kube-api-server) to find the pods on the caller's node")
+        }
+        // The port first: one in use is one line at start, not a server that never listens.
+        let listener = try ListeningSocket(fd: TCPListener.bind(host: configuration.listenHost, port: configuration.listenPort))
+        // One CA per generated root: a second process on the same directory would rotate and
+        // persist the same root behind the first one's back.
+        let stateLock = configuration.caCertificateFile == nil
+            ? try StateDirectoryLock(directory: configuration.stateDirectory) : nil
+        let verifiers = try await configuration.tokens.makeAuthenticator(logger: logger, now: now, needsAPI: needsAPI)
+        do {
+            return try make(
+                configuration: configuration, listener: listener, stateLock: stateLock, verifiers: verifiers, logger: logger, now: now)
+        } catch {
+            await verifiers.api?.shutdown()
+            throw error
+        }
+    }
+
+    private static func make(
+        configuration: CentralCAConfiguration, listener: ListeningSocket, stateLock: StateDirectoryLock?,
+        verifiers: TokenVerification.Verifiers, logger: Logger, now: @escaping @Sendable () -> Date
+    ) throws -> CentralCAServer {
+        // An operator's TLS files are read before any root is generated: a refused start writes nothing.
+        var servingTLS: ServingTLS?
+        if let certFile = configuration.tlsCertificateFile, let keyFile = configuration.tlsKeyFile {
+            do {
+                servingTLS = try ServingTLS(
+                    chainPEM: String(contentsOfFile: certFile, encoding: .utf8), keyPEM: String(contentsOfFile: keyFile, encoding: .utf8))
+            } catch {
+                throw ConfigurationError(message: "--tls-cert/--tls-key: cannot read a PEM certificate chain and key from \(certFile) and \(keyFile)")
+            }
+        }
         let authority: SigningAuthority
         if let certFile = configuration.caCertificateFile, let keyFile = configuration.caKeyFile {
             authority = try RootCAStore.load(certificateFile: certFile, keyFile: keyFile)
@@ -108,6 +154,9 @@ public struct CentralCAServer: Service {
                 stateDirectory: configuration.stateDirectory, trustDomain: configuration.tokens.trustDomain,
                 ttl: configuration.caTTL, now: now(), logger: logger, keyType: configuration.caKeyType)
         }
+        if let reason = CertificateProfile.outlivesRoot(authority) {
+            logger.warning("CA certificate outlives its root", metadata: ["reason": "\(reason)"])
+        }
         let (caChanges, changeSink) = AsyncStream.makeStream(of: IssuerChange.self)
         let ca = EmbeddedCA(
             authority: authority, trustDomain: configuration.tokens.trustDomain, logger: logger,
@@ -115,29 +164,9 @@ public struct CentralCAServer: Service {
                 ? RootCAStore.additionalRoots(stateDirectory: configuration.stateDirectory, now: now()) : [],
             retireAfter: now().addingTimeInterval(configuration.maxCertificateTTL.timeInterval),
             now: now, rootKeyType: configuration.caKeyType, onChange: { change, _ in changeSink.yield(change) })
+        let issuesOwnTLS = servingTLS == nil
+        let tls = try servingTLS ?? issueServingTLS(authority: authority, configuration: configuration, now: now())
 
-        let tlsChainPEM: String
-        let tlsKeyPEM: String
-        if let certFile = configuration.tlsCertificateFile, let keyFile = configuration.tlsKeyFile {
-            do {
-                tlsChainPEM = try String(contentsOfFile: certFile, encoding: .utf8)
-                tlsKeyPEM = try String(contentsOfFile: keyFile, encoding: .utf8)
-            } catch {
-                throw ConfigurationError(message: "--tls-cert/--tls-key: cannot read \(certFile) or \(keyFile)")
-            }
-        } else {
-            let (chain, key) = try authority.issueServingCertificate(
-                names: configuration.serverNames, ttl: configuration.caTTL, now: now())
-            tlsChainPEM = try chain.map { try $0.pem() }.joined()
-            tlsKeyPEM = try KeyFactory.pem(of: key)
-        }
-
-        let needsAPI = !configuration.trustedNodeAccounts.isEmpty
-        if needsAPI && configuration.tokens.kubernetesAPI == nil {
-            throw ConfigurationError(
-                message: "--trusted-node-account needs the API server (--kube-api-server) to find the pods on the caller's node")
-        }
-        let verifiers = try await configuration.tokens.makeAuthenticator(logger: logger, now: now, needsAPI: needsAPI)
         let (authenticator, keySource, api) = (verifiers.authenticator, verifiers.keySource, verifiers.api)
         let service = IstioCertificateService(
             configuration: .init(
@@ -146,22 +175,30 @@ public struct CentralCAServer: Service {
             authenticator: authenticator, ca: ca, nodes: api.map { KubernetesNodeAuthorizer(api: $0) }, logger: logger)
         return CentralCAServer(
             configuration: configuration, service: service, ca: ca, caChanges: caChanges,
-            canRotate: configuration.caCertificateFile == nil, tlsChainPEM: tlsChainPEM, tlsKeyPEM: tlsKeyPEM,
-            keySource: keySource, api: api, logger: logger, now: now)
+            canRotate: configuration.caCertificateFile == nil, servingTLS: tls, issuesOwnTLS: issuesOwnTLS,
+            keySource: keySource, fileKeys: verifiers.fileKeys, api: api, listener: listener, stateLock: stateLock, logger: logger,
+            now: now)
     }
 
     private init(
         configuration: CentralCAConfiguration, service: IstioCertificateService, ca: EmbeddedCA,
-        caChanges: AsyncStream<IssuerChange>, canRotate: Bool, tlsChainPEM: String, tlsKeyPEM: String,
-        keySource: OIDCDiscoveryKeySource?, api: KubernetesAPIClient?, logger: Logger, now: @escaping @Sendable () -> Date
+        caChanges: AsyncStream<IssuerChange>, canRotate: Bool, servingTLS: ServingTLS, issuesOwnTLS: Bool,
+        keySource: OIDCDiscoveryKeySource?, fileKeys: JWKSFileKeySource?, api: KubernetesAPIClient?, listener: ListeningSocket,
+        stateLock: StateDirectoryLock?, logger: Logger, now: @escaping @Sendable () -> Date
     ) {
+        self.fileKeys = fileKeys
+        self.listener = listener
+        self.stateLock = stateLock
+        if let keySource {
+            readiness.add { keySource.hasKeys ? nil : "no token verification keys yet: OIDC discovery has not answered" }
+        }
         self.configuration = configuration
         self.service = service
         self.ca = ca
         self.caChanges = caChanges
         self.canRotate = canRotate
-        self.tlsChainPEM = tlsChainPEM
-        self.tlsKeyPEM = tlsKeyPEM
+        self.servingTLS = servingTLS
+        self.issuesOwnTLS = issuesOwnTLS
         self.keySource = keySource
         self.api = api
         self.logger = logger
@@ -170,15 +207,9 @@ public struct CentralCAServer: Service {
 
     public func run() async throws {
         defer { Task { [api] in await api?.shutdown() } }
-        let address: GRPCNIOTransportCore.SocketAddress =
-            configuration.listenHost.contains(":")
-            ? .ipv6(host: configuration.listenHost, port: configuration.listenPort)
-            : .ipv4(host: configuration.listenHost, port: configuration.listenPort)
         let transport = HTTP2ServerTransport.Posix(
-            address: address,
-            transportSecurity: .tls(
-                certificateChain: PEMDocument.parseMultipleQuietly(tlsChainPEM).map { .bytes(Array($0.utf8), format: .pem) },
-                privateKey: .bytes(Array(tlsKeyPEM.utf8), format: .pem)))
+            listeningSocketDescriptor: Int(listener.take()),
+            transportSecurity: try .tls(certificateReloader: servingTLS))
         let server = GRPCServer(transport: transport, services: [service])
         let (triggers, trigger) = AsyncStream.makeStream(of: Void.self, bufferingPolicy: .bufferingNewest(1))
         let rotator = CARotator(
@@ -198,8 +229,9 @@ public struct CentralCAServer: Service {
                         if !Task.isCancelled { throw error }
                     }
                 }
-                group.addTask {
+                group.addTask { [readiness] in
                     if let bound = try? await transport.listeningAddress {
+                        readiness.markListening()
                         logger.notice(
                             "sds-agent ca serving Istio's CSR API",
                             metadata: [
@@ -212,13 +244,23 @@ public struct CentralCAServer: Service {
                 }
                 if canRotate { group.addTask { try await rotator.run() } }
                 if let keySource { group.addTask { await keySource.run() } }
-                group.addTask {
-                    for await change in caChanges where change == .signerChanged && canRotate {
+                group.addTask { [servingTLS, issuesOwnTLS, now] in
+                    for await change in caChanges where canRotate {
+                        // root-cert.pem holds every root trusted now, the active one first, so it
+                        // verifies the TLS chain served before and after the new root signs.
                         do {
                             try RootCAStore.persist(
                                 active: ca.activeAuthority, roots: ca.roots, stateDirectory: configuration.stateDirectory)
                         } catch {
-                            logger.error("CA rotation: cannot persist the new root", metadata: ["error": "\(error)"])
+                            logger.error("CA rotation: cannot persist the roots", metadata: ["error": "\(error)"])
+                        }
+                        guard change == .signerChanged, issuesOwnTLS else { continue }
+                        do {
+                            let fresh = try Self.issueServingTLS(authority: ca.activeAuthority, configuration: configuration, now: now())
+                            servingTLS.replace(with: fresh)
+                            logger.notice("CA rotation: TLS certificate issued again under the new root")
+                        } catch {
+                            logger.error("CA rotation: cannot issue the TLS certificate under the new root", metadata: ["error": "\(error)"])
                         }
                     }
                 }
@@ -232,9 +274,14 @@ public struct CentralCAServer: Service {
                         trigger.yield()
                     }
                 }
-                group.addTask {
+                group.addTask { [fileKeys] in
                     for await signal in await UnixSignalsSequence(trapping: .sighup, .sigusr2, .sigalrm) {
-                        logger.notice("\(signal): nothing to do; the CA carries on")
+                        guard signal == .sighup, let fileKeys else {
+                            logger.notice("\(signal): nothing to do; the CA carries on")
+                            continue
+                        }
+                        logger.notice("SIGHUP: reloading the JWKS file")
+                        _ = await fileKeys.reload(logger: logger)
                     }
                 }
                 try await gracefulShutdown()
@@ -247,13 +294,24 @@ public struct CentralCAServer: Service {
     }
 }
 
-extension PEMDocument {
-    /// The PEM blocks of `text`, each as its own PEM string (what gRPC's TLS configuration takes).
-    static func parseMultipleQuietly(_ text: String) -> [String] {
-        ((try? PEMDocument.parseMultiple(pemString: text)) ?? []).map(\.pemString)
+extension CentralCAServer {
+    /// A TLS certificate for ``CentralCAConfiguration/serverNames`` issued by `authority`.
+    static func issueServingTLS(authority: SigningAuthority, configuration: CentralCAConfiguration, now: Date) throws -> ServingTLS {
+        let (chain, key) = try authority.issueServingCertificate(names: configuration.serverNames, ttl: configuration.caTTL, now: now)
+        return try ServingTLS(chainPEM: chain.map { try $0.pem() }.joined(), keyPEM: KeyFactory.pem(of: key))
     }
 }
 
 extension CentralCAServer: CustomStringConvertible {
     public var description: String { "CentralCAServer(listen: \(configuration.listenHost):\(configuration.listenPort))" }
+}
+
+/// A listening descriptor made at start, handed to the gRPC transport once (which then owns it);
+/// closed here if the server never runs.
+final class ListeningSocket: Sendable {
+    private let fd: Mutex<Int32?>
+    init(fd: Int32) { self.fd = Mutex(fd) }
+    /// The descriptor, now owned by the caller.
+    func take() -> Int32 { fd.withLock { value in defer { value = nil }; return value ?? -1 } }
+    deinit { if let fd = fd.withLock({ $0 }) { close(fd) } }
 }

@@ -221,6 +221,8 @@ public final class UpstreamCA: CertificateIssuer {
     func probe() async {
         var metadata = Metadata()
         metadata.addString(configuration.clusterID, forKey: "ClusterID")
+        // `ca serve` answers it without counting a refused CSR; istiod ignores the key.
+        metadata.addString("1", forKey: "x-sds-agent-probe")
         var options = CallOptions.defaults
         options.timeout = configuration.callTimeout
         let ca = Istio_V1_Auth_IstioCertificateService.Client(wrapping: client)
@@ -439,7 +441,7 @@ public final class UpstreamCA: CertificateIssuer {
     /// The CA could not be reached: a refused TLS handshake (which gRPC reports as a closed
     /// connection) says why it was refused.
     private func unreachable(_ error: RPCError) -> IssuanceError {
-        if let refusal = serverVerifier.takeFailure() {
+        if let refusal = serverVerifier.failure {
             return IssuanceError(code: .unavailable, message: Self.tlsRefusedPrefix + refusal)
         }
         return IssuanceError(code: .unavailable, message: "\(error.code): \(error.message)")

@@ -34,8 +34,9 @@ final class UpstreamServerVerifier: Sendable {
         self.now = now
     }
 
-    /// The last TLS verification failure, cleared by reading it.
-    func takeFailure() -> String? { lastFailure.withLock { value in defer { value = nil }; return value } }
+    /// Why the last TLS verification failed; nil once one succeeds. Calls on a channel in
+    /// transient failure make no new handshake, so the reason is kept until one passes.
+    var failure: String? { lastFailure.withLock { $0 } }
 
     /// NIOSSL's custom verification callback.
     @Sendable func callback(_ presented: [NIOSSLCertificate], _ promise: EventLoopPromise<NIOSSLVerificationResultWithMetadata>) {
@@ -55,6 +56,7 @@ final class UpstreamServerVerifier: Sendable {
                     return try? NIOSSLCertificate(bytes: serializer.serializedBytes, format: .der)
                 }
                 guard validated.count == chain.count, !validated.isEmpty else { return .failed }
+                self.lastFailure.withLock { $0 = nil }
                 return .certificateVerified(VerificationMetadata(ValidatedCertificateChain(validated)))
             case .failure(let reason):
                 self.record(reason.message)

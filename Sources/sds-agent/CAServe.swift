@@ -85,15 +85,17 @@ struct CAServe: AsyncParsableCommand {
 
     func run() async throws {
         let logger = bootstrapLogging(level: SharedLogLevel(logLevel), format: logFormat, label: "sds-agent-ca")
-        var services: [ServiceGroupConfiguration.ServiceConfiguration] = []
+        var metrics: (address: MetricsEndpoint.Address, registry: PrometheusCollectorRegistry)?
         if let metricsAddress {
             guard let address = MetricsEndpoint.Address(metricsAddress) else {
                 throw ValidationError("--metrics-address '\(metricsAddress)' is not HOST:PORT such as 0.0.0.0:9102")
             }
             let registry = PrometheusCollectorRegistry()
             MetricsSystem.bootstrap(PrometheusMetricsFactory(registry: registry))
-            services.append(.init(service: MetricsEndpoint(address: address, registry: registry, logger: logger)))
+            metrics = (address, registry)
         }
+        // `:PORT` is every address, as for `serve --metrics-address`.
+        let listen = self.listen.hasPrefix(":") ? "0.0.0.0" + self.listen : self.listen
         guard let (host, port) = UpstreamCA.Configuration.parseAddress(listen) else {
             throw ValidationError("--listen '\(listen.callerText(limit: 128))' is not HOST:PORT such as 0.0.0.0:15012")
         }
@@ -112,9 +114,16 @@ struct CAServe: AsyncParsableCommand {
         configuration.trustedNodeAccounts = trustedNodeAccount
         do {
             let server = try await CentralCAServer.make(configuration: configuration, logger: logger)
+            var services: [ServiceGroupConfiguration.ServiceConfiguration] = [.init(service: server)]
+            if let metrics {
+                // Ready only once the CA's port listens (and its verifier has keys).
+                services.append(.init(service: MetricsEndpoint(
+                    address: metrics.address, registry: metrics.registry, logger: logger,
+                    readiness: { server.readiness.notReadyReason })))
+            }
             let group = ServiceGroup(
                 configuration: .init(
-                    services: [.init(service: server)] + services,
+                    services: services,
                     gracefulShutdownSignals: [.sigterm, .sigint, .sigquit], cancellationSignals: [], logger: logger))
             try await group.run()
         } catch {

@@ -147,3 +147,105 @@ def test_three_nodes_share_trust_through_one_central_ca_and_survive_its_root_rot
         for node in nodes:
             node.stop_all()
         ca.stop()
+
+
+def test_ca_serve_refuses_a_port_in_use_or_a_state_dir_in_use_at_start_and_writes_nothing(workdir):
+    """`ca serve` on a busy port stayed up, reported ready and said nothing until SIGTERM; on a
+    state directory in use it ran twice; a refused start had already generated a root."""
+    import socket
+    import subprocess
+    jwks = TokenSigner().write_jwks(os.path.join(workdir, "jwks.json"))
+    busy = socket.socket()
+    busy.bind(("127.0.0.1", 0))
+    busy.listen(1)
+    try:
+        state = os.path.join(workdir, "busy-port-state")
+        result = subprocess.run(
+            [AGENT_BIN, "ca", "serve", "--listen", f"127.0.0.1:{busy.getsockname()[1]}", "--trust-domain", "cluster.local",
+             "--jwks", jwks, "--state-dir", state], capture_output=True, text=True, timeout=30)
+        output = result.stdout + result.stderr
+        assert result.returncode == 1, output
+        assert "Address already in use" in output and f"127.0.0.1:{busy.getsockname()[1]}" in output, output
+        assert not os.path.exists(os.path.join(state, "ca", "root-cert.pem")), "a refused start wrote a root"
+    finally:
+        busy.close()
+
+    ca, _, _ = start_ca(workdir, jwks)
+    try:
+        result = subprocess.run(
+            [AGENT_BIN, "ca", "serve", "--listen", f"127.0.0.1:{free_port()}", "--trust-domain", "cluster.local",
+             "--jwks", jwks, "--state-dir", os.path.join(workdir, "ca-state")], capture_output=True, text=True, timeout=30)
+        assert result.returncode == 1, result.stdout + result.stderr
+        assert "is in use by another sds-agent" in result.stdout + result.stderr
+        # `:PORT` listens on every address, as `serve --metrics-address` does.
+        any_address = Process("ca-any", [AGENT_BIN, "ca", "serve", "--listen", f":{free_port()}", "--trust-domain", "cluster.local",
+                                         "--jwks", jwks, "--state-dir", os.path.join(workdir, "any-state")],
+                              os.path.join(workdir, "ca-any.log"))
+        try:
+            wait_until(lambda: "serving Istio's CSR API" in any_address.output() or not any_address.alive(), 30, "listening")
+            assert any_address.alive(), any_address.output()
+        finally:
+            any_address.stop()
+    finally:
+        ca.stop()
+
+
+def test_ca_serve_reloads_its_jwks_file_on_sighup(workdir):
+    """`ca serve --help` said --jwks is reloaded on SIGHUP; it answered 'nothing to do'."""
+    pb2, pb2_grpc = stubs(workdir)
+    old, new = TokenSigner(), TokenSigner()
+    jwks = old.write_jwks(os.path.join(workdir, "jwks.json"))
+    ca, address, root = start_ca(workdir, jwks)
+    try:
+        token = new.token("demo", "frontend", audience="istio-ca")
+        with pytest.raises(grpc.RpcError) as refused:
+            client_call(pb2, pb2_grpc, address, root, token, make_csr()[1])
+        assert refused.value.code() == grpc.StatusCode.UNAUTHENTICATED
+        new.write_jwks(jwks, extra_keys=[old])
+        os.kill(ca.pid, signal.SIGHUP)
+        wait_until(lambda: "JWKS reloaded" in ca.output(), 10, "the reload")
+        chain = client_call(pb2, pb2_grpc, address, root, token, make_csr()[1])
+        assert leaf_uris(chain[0]) == [f"{TD}/ns/demo/sa/frontend"]
+    finally:
+        ca.stop()
+
+
+def test_root_cert_pem_keeps_verifying_the_cas_tls_through_a_root_rotation(workdir):
+    """After SIGUSR1, root-cert.pem held only the new root while the TLS certificate still chained
+    to the old one: an agent given that file was never ready. Now the file holds every trusted
+    root (active first) and the TLS certificate is issued again under the new root."""
+    pb2, pb2_grpc = stubs(workdir)
+    signer = TokenSigner()
+    jwks = signer.write_jwks(os.path.join(workdir, "jwks.json"))
+    ca, address, root = start_ca(workdir, jwks, "--ca-activation-delay", "2s")
+    token = signer.token("demo", "frontend", audience="istio-ca")
+
+    def pems(path):
+        return re.findall(r"-----BEGIN CERTIFICATE-----.+?-----END CERTIFICATE-----\n", open(path).read(), re.S)
+
+    try:
+        old = pems(root)
+        assert len(old) == 1
+        client_call(pb2, pb2_grpc, address, root, token, make_csr()[1])
+        os.kill(ca.pid, signal.SIGUSR1)
+        wait_until(lambda: "TLS certificate issued again under the new root" in ca.output(), 30, "the new root to sign")
+        wait_until(lambda: len(pems(root)) == 2, 10, "root-cert.pem with old and new roots")
+        assert pems(root)[1] == old[0] and pems(root)[0] != old[0], "the active (new) root first, the old one after"
+        # The whole file (what agents are given) and the new root alone both verify the CA now.
+        chain = client_call(pb2, pb2_grpc, address, root, token, make_csr()[1])
+        assert leaf_uris(chain[0]) == [f"{TD}/ns/demo/sa/frontend"]
+        new_only = os.path.join(workdir, "new-root.pem")
+        with open(new_only, "w") as f:
+            f.write(pems(root)[0])
+        client_call(pb2, pb2_grpc, address, new_only, token, make_csr()[1])
+        # And an agent started now, given root-cert.pem, becomes ready.
+        node = Node(os.path.join(workdir, "late"), AGENT_BIN, ENVOY_BIN)
+        node.signer = signer
+        node.jwks = jwks
+        try:
+            node.start_agent("--upstream-ca", address, "--upstream-ca-bundle", root, "--audience", "istio-ca")
+            wait_until(lambda: "upstream CA reachable" in node.agent.output(), 30, "the late agent to reach the CA")
+        finally:
+            node.stop_all()
+    finally:
+        ca.stop()

@@ -47,11 +47,14 @@ def test_served_certificate_verifies_with_openssl(node, tmp_path):
                           capture_output=True, text=True, check=True, timeout=30).stdout
     assert "URI:spiffe://cluster.local/ns/demo/sa/checker" in text
     assert "DNS:" not in text and "IP Address:" not in text and "email:" not in text
-    assert "Digital Signature, Key Encipherment" in text
+    # An EC key enciphers no keys (RFC 5280 4.2.1.3): keyEncipherment only for RSA keys.
+    assert "Digital Signature" in text and "Key Encipherment" not in text
     assert "TLS Web Server Authentication, TLS Web Client Authentication" in text
     assert "CA:FALSE" in text
 
     cert = x509.load_pem_x509_certificate(chain)
+    # RFC 5280 4.1.2.2: positive and at most 20 octets (a 159-bit number at most).
+    assert 0 < cert.serial_number < 2 ** 159
     private_key = serialization.load_pem_private_key(key, password=None)
     assert private_key.public_key().public_numbers() == cert.public_key().public_numbers()
     assert cert.not_valid_after_utc - cert.not_valid_before_utc <= __import__("datetime").timedelta(hours=24, minutes=2)

@@ -5,6 +5,7 @@ import Foundation
 import GRPCCore
 import GRPCNIOTransportHTTP2
 import IstioAPI
+import MetricsTestKit
 import SDSModel
 import SecretCache
 import Synchronization
@@ -318,6 +319,39 @@ import X509
 
 /// `ca serve` answers a caller's bad CSR with a status message whose caller text is escaped.
 @Suite struct CentralCAStatusTests {
+    /// The agent's reachability probe was counted at the CA as a refused CSR
+    /// (`refused_requests_total{reason="token"}`); a call with no token and no probe header still is.
+    @Test func anAgentsProbeIsNotARefusedCSR() async throws {
+        let metrics = TestMetrics()
+        let service = IstioCertificateService(
+            configuration: .init(trustDomain: "cluster.local", defaultTTL: .seconds(600), maxTTL: .seconds(600)),
+            authenticator: KubernetesTokenVerifier(
+                configuration: .init(trustDomain: "cluster.local", issuers: [TokenFactory.issuer], audiences: [TokenFactory.audience]),
+                keys: try await VerificationKeySet(jwksJSON: TokenFactory().jwksJSON())),
+            ca: TestPKI.ca(), nodes: nil, logger: TestPKI.quietLogger, metrics: metrics)
+        func call(_ metadata: Metadata) async -> RPCError.Code? {
+            do {
+                _ = try await service.createCertificate(
+                    request: ServerRequest(metadata: metadata, message: Istio_V1_Auth_IstioCertificateRequest()),
+                    context: ServerContext(
+                        descriptor: Istio_V1_Auth_IstioCertificateService.Method.CreateCertificate.descriptor,
+                        remotePeer: "in-process:test", localPeer: "in-process:test", cancellation: .init()))
+                return nil
+            } catch let error as RPCError {
+                return error.code
+            } catch {
+                return .unknown
+            }
+        }
+        var probe = Metadata()
+        probe.addString("1", forKey: IstioCertificateService.probeHeader)
+        #expect(await call(probe) == .unauthenticated)
+        let refused = try metrics.expectCounter("sds_agent_ca_refused_requests_total", [("reason", "token")])
+        #expect(refused.totalValue == 0)
+        #expect(await call(Metadata()) == .unauthenticated)
+        #expect(refused.totalValue == 1)
+    }
+
     @Test func aCSRLabelWithControlCharactersComesBackEscaped() async throws {
         let tokens = TokenFactory()
         let keys = try await VerificationKeySet(jwksJSON: tokens.jwksJSON())
