@@ -114,3 +114,18 @@ extension CertificateSigningRequest {
         return PEM.encode(serializer.serializedBytes, label: "CERTIFICATE REQUEST")
     }
 }
+
+/// The one reader of PEM certificate files and answers (CA files, bundles, an upstream CA's chain).
+public enum PEMCertificates {
+    /// The certificates in `text`, in order; nil when a block is not a certificate or the PEM is
+    /// truncated or malformed (an error from SwiftASN1 prints a dump of its input, not a reason).
+    public static func parse(_ text: String) -> [Certificate]? {
+        guard let documents = try? PEMDocument.parseMultiple(pemString: text) else { return nil }
+        var certificates: [Certificate] = []
+        for document in documents {
+            guard let certificate = try? Certificate(pemDocument: document) else { return nil }
+            certificates.append(certificate)
+        }
+        return certificates
+    }
+}

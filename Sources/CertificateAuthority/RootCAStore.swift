@@ -5,6 +5,7 @@ import Glibc
 import Foundation
 #endif
 import Logging
+import SDSModel
 import SwiftASN1
 import X509
 
@@ -144,11 +145,17 @@ public enum RootCAStore {
         }
         let certificates = try readCertificates(certificateFile)
         guard let signing = certificates.first else { throw CAStoreError("\(certificateFile) holds no certificate") }
+        let keyPEM: String
+        do {
+            keyPEM = try InputFile.text(keyFile)
+        } catch {
+            throw CAStoreError("cannot read the CA private key \(keyFile): \(error.reason)")
+        }
         let key: Certificate.PrivateKey
         do {
-            key = try Certificate.PrivateKey(pemEncoded: try String(contentsOfFile: keyFile, encoding: .utf8))
+            key = try Certificate.PrivateKey(pemEncoded: keyPEM)
         } catch {
-            throw CAStoreError("cannot read the CA private key \(keyFile): \(error)")
+            throw CAStoreError("\(keyFile) holds no PEM private key this CA signs with (truncated, encrypted, or another type)")
         }
         guard key.publicKey == signing.publicKey else {
             throw CAStoreError("the key in \(keyFile) does not match the certificate in \(certificateFile)")
@@ -222,40 +229,24 @@ public enum RootCAStore {
     }
 
     private static func readCertificates(_ path: String) throws(CAStoreError) -> [Certificate] {
+        let text: String
         do {
-            let text = try String(contentsOfFile: path, encoding: .utf8)
-            return try PEMDocument.parseMultiple(pemString: text).map { try Certificate(pemDocument: $0) }
+            text = try InputFile.text(path)
         } catch {
-            throw CAStoreError("cannot read certificates from \(path): \(error)")
+            throw CAStoreError("cannot read certificates from \(path): \(error.reason)")
         }
+        guard let certificates = PEMCertificates.parse(text) else {
+            throw CAStoreError("\(path) is not PEM certificates (truncated or malformed)")
+        }
+        return certificates
     }
 
-    /// Writes through a temporary file created with `mode` (so a key is never readable by others,
-    /// even for a moment), then renames it into place.
+    /// Writes through ``AtomicFile`` (a temporary file created with `mode`, synced, renamed).
     static func writeAtomically(_ text: String, to path: String, mode: mode_t) throws(CAStoreError) {
-        let temporary = path + ".tmp"
-        unlink(temporary)
-        let fd = open(temporary, O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC, mode)
-        guard fd >= 0 else { throw CAStoreError("cannot create \(temporary): \(String(cString: strerror(errno)))") }
-        defer { close(fd) }
-        fchmod(fd, mode)  // the umask may have narrowed it; make it exactly `mode`
-        let bytes = Array(text.utf8)
-        let written = bytes.withUnsafeBytes { write(fd, $0.baseAddress, $0.count) }
-        guard written == bytes.count, fsync(fd) == 0 else {
-            let reason = written >= 0 && written < bytes.count ? "short write" : String(cString: strerror(errno))
-            unlink(temporary)  // a half-written file must not stay behind (a full disk, say)
-            throw CAStoreError("cannot write \(temporary): \(reason)")
-        }
-        guard rename(temporary, path) == 0 else {
-            let reason = String(cString: strerror(errno))
-            unlink(temporary)
-            throw CAStoreError("cannot rename \(temporary) to \(path): \(reason)")
-        }
-        // The rename itself survives a crash only once the directory is on disk.
-        let directory = open(URL(fileURLWithPath: path).deletingLastPathComponent().path, O_RDONLY | O_DIRECTORY | O_CLOEXEC)
-        if directory >= 0 {
-            fsync(directory)
-            close(directory)
+        do {
+            try AtomicFile.write(text, to: path, mode: mode)
+        } catch {
+            throw CAStoreError("cannot write \(path): \(error.reason)")
         }
     }
 

@@ -33,7 +33,12 @@ public enum AttestationPolicyFile {
         func fail(_ message: String) -> ConfigurationError {
             ConfigurationError(message: "--attestation-policy \(path): \(message)")
         }
-        guard let text = try? String(contentsOfFile: path, encoding: .utf8) else { throw fail("cannot read the file") }
+        let text: String
+        do {
+            text = try InputFile.text(path)
+        } catch {
+            throw fail("cannot read it: \(error.reason)")
+        }
         let document: YAMLNode?
         do {
             document = try YAMLNode.parse(text)

@@ -102,8 +102,11 @@ public final class FederatedBundles: FederatedBundleSource {
 
     /// The roots in `source.file`: PEM, or a SPIFFE bundle (JWKS with `x5c`).
     static func read(_ source: Source) throws(ReadError) -> TrustBundle {
-        guard let data = FileManager.default.contents(atPath: source.file) else {
-            throw ReadError(message: "cannot read the file")
+        let data: Data
+        do {
+            data = Data(try InputFile.bytes(source.file))
+        } catch {
+            throw ReadError(message: "cannot read it: \(error.reason)")
         }
         let text = String(decoding: data, as: UTF8.self)
         var roots: [Certificate] = []
@@ -124,11 +127,10 @@ public final class FederatedBundles: FederatedBundleSource {
                 roots.append(certificate)
             }
         } else {
-            do {
-                roots = try PEMDocument.parseMultiple(pemString: text).map { try Certificate(pemDocument: $0) }
-            } catch {
-                throw ReadError(message: "not PEM certificates: \(error)")
+            guard let certificates = PEMCertificates.parse(text) else {
+                throw ReadError(message: "not PEM certificates (truncated or malformed)")
             }
+            roots = certificates
         }
         // Only CA certificates are roots: a leaf served as a trust anchor would let anyone holding
         // its key pass as that domain's peer in some verifiers, and means the file is not a bundle.

@@ -5,6 +5,7 @@ import Glibc
 import Foundation
 #endif
 import JWTKit
+import SDSModel
 
 /// The public keys tokens are verified with, loaded from a JWKS document.
 ///
@@ -45,9 +46,9 @@ public struct VerificationKeySet: Sendable {
     public init(jwksFile path: String) async throws(KeySetError) {
         let data: Data
         do {
-            data = try Data(contentsOf: URL(fileURLWithPath: path))
+            data = Data(try InputFile.bytes(path))
         } catch {
-            throw KeySetError(message: "cannot read JWKS file \(path): \(error)")
+            throw KeySetError(message: "cannot read --jwks \(path): \(error.reason)")
         }
         do {
             try await self.init(jwksJSON: data)

@@ -6,6 +6,7 @@ import Glibc
 import Foundation
 #endif
 import SDSAgent
+import SDSModel
 
 /// `sds-agent bootstrap`: renders the Envoy sidecar bootstrap template.
 struct Bootstrap: AsyncParsableCommand {
@@ -74,11 +75,17 @@ struct Bootstrap: AsyncParsableCommand {
         bootstrap.initialFetchTimeout = initialFetchTimeout
         bootstrap.upstreamMaxRequestsPerConnection = upstreamMaxRequestsPerConnection
         bootstrap.sdsAPIType = sdsApiType
+        // A value the bootstrap cannot take is a usage error (exit 2, as for every command); a
+        // file that cannot be read or written is one line and exit 1.
+        func fail(_ message: String) -> ExitCode {
+            printToStandardError("sds-agent bootstrap: \(message)")
+            return ExitCode.failure
+        }
         let text: String
         do {
-            text = try String(contentsOfFile: template, encoding: .utf8)
+            text = try InputFile.text(template)
         } catch {
-            throw ValidationError("cannot read template \(template): \(error)")
+            throw fail("cannot read --template \(template): \(error.reason)")
         }
         let rendered: String
         do {
@@ -89,7 +96,11 @@ struct Bootstrap: AsyncParsableCommand {
         if output == "-" {
             print(rendered, terminator: "")
         } else {
-            try rendered.write(toFile: output, atomically: true, encoding: .utf8)
+            do {
+                try AtomicFile.write(rendered, to: output, mode: 0o644)
+            } catch {
+                throw fail("cannot write --output \(output): \(error.reason)")
+            }
         }
     }
 }
