@@ -178,7 +178,7 @@ let package = Package(
             ]
         ),
         // Small shared value types.
-        .target(name: "SDSModel"),
+        .target(name: "SDSModel", dependencies: [.product(name: "Logging", package: "swift-log")]),
         // Generated from Protos/ by scripts/generate-protos.sh. Do not edit.
         .target(
             name: "EnvoyAPI",

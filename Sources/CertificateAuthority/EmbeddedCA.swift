@@ -120,7 +120,7 @@ public final class EmbeddedCA: CertificateIssuer {
         state.withLock { $0.prepared = authority }
         logger.notice(
             "CA files changed: the new root is in the trust bundle next to the old one; it signs after the activation delay",
-            metadata: ["serial": "\(authority.certificate.serialNumber.hexString)", "roots": "\(authority.roots.count)"])
+            metadata: ["serial": "\(authority.certificate.serialNumber.hexString)", "roots": .number(authority.roots.count)])
         onChange(.bundleChanged, self)
     }
 
@@ -157,7 +157,7 @@ public final class EmbeddedCA: CertificateIssuer {
         guard !retired.isEmpty else { return false }
         logger.notice(
             "CA rotation: retired old root(s); every leaf they signed has expired",
-            metadata: ["serials": "\(retired.map { $0.serialNumber.hexString })"])
+            metadata: ["serials": .list(retired.map { $0.serialNumber.hexString })])
         onChange(.bundleChanged, self)
         return true
     }

@@ -63,7 +63,9 @@ public struct EscapingLogHandler<Wrapped: LogHandler>: LogHandler {
     private static func escape(_ value: Logger.Metadata.Value, limit: Int) -> Logger.Metadata.Value {
         switch value {
         case .string(let text): .string(CallerText(text, limit: limit).description)
-        case .stringConvertible(let convertible): .string(CallerText(convertible.description, limit: limit).description)
+        case .stringConvertible(let convertible):
+            // A number stays one (a JSON number in JSON logs); anything else is escaped text.
+            value.plainScalar != nil ? value : .string(CallerText(convertible.description, limit: limit).description)
         case .array(let values): .array(values.prefix(64).map { escape($0, limit: limit) })
         case .dictionary(let values): .dictionary(escape(values, limit: limit))
         }

@@ -5,6 +5,7 @@ import Glibc
 import Foundation
 #endif
 import Logging
+import SDSModel
 import Synchronization
 
 /// One JSON object per line on standard error: `time`, `level`, `message`, `label`, `source`,
@@ -51,7 +52,7 @@ public struct JSONLogHandler: LogHandler {
     static func json(_ value: Logger.Metadata.Value) -> String {
         switch value {
         case .string(let text): quoted(text)
-        case .stringConvertible(let convertible): quoted(convertible.description)
+        case .stringConvertible(let convertible): value.plainScalar ?? quoted(convertible.description)
         case .array(let values): "[" + values.map(json).joined(separator: ",") + "]"
         case .dictionary(let values):
             "{" + values.sorted(by: { $0.key < $1.key }).map { quoted($0.key) + ":" + json($0.value) }.joined(separator: ",") + "}"

@@ -43,6 +43,9 @@ public struct TokenVerification: Sendable {
         self.clockSkew = clockSkew
     }
 
+    /// The largest `--clock-skew` accepted (Kubernetes' own token leeway is 60 s).
+    public static let maxClockSkew: Duration = .seconds(600)
+
     /// Checks the settings; the error names the flag.
     public func validate() throws(ConfigurationError) {
         func fail(_ message: String) -> ConfigurationError { ConfigurationError(message: message) }
@@ -69,6 +72,10 @@ public struct TokenVerification: Sendable {
             throw fail("--audience must not be empty (an empty ConfigMap key gives an empty value): every token would be refused")
         }
         if let maxTokenAge, maxTokenAge <= .zero { throw fail("--max-token-age must be positive") }
+        // A token expired a year ago must not pass: the tolerance is for clocks, not calendars.
+        guard clockSkew >= .zero, clockSkew <= Self.maxClockSkew else {
+            throw fail("--clock-skew must be between 0s and \(DurationText.format(Self.maxClockSkew))")
+        }
     }
 
     /// The token verifiers the configuration asks for, cheapest first: local keys (a JWKS file or
@@ -80,7 +87,7 @@ public struct TokenVerification: Sendable {
         var fileKeys: JWKSFileKeySource?
         if let jwksFile = configuration.jwksFile {
             let loaded = try await JWKSFileKeySource(path: jwksFile)
-            logger.info("JWKS loaded", metadata: ["jwks": "\(jwksFile)", "key_ids": "\(loaded.keyIDs.sorted())"])
+            logger.info("JWKS loaded", metadata: ["jwks": "\(jwksFile)", "key_ids": .list(loaded.keyIDs.sorted())])
             fileKeys = loaded
         }
         // The HTTPS client is created last: once it exists, nothing here throws.

@@ -31,8 +31,8 @@ struct DeltaStream: Sendable {
             logger.info(
                 "SDS delta stream ended",
                 metadata: [
-                    "node": "\(node?.description ?? "?")", "names": "\(machine.subscribed.sorted())", "reason": "\(reason)",
-                    "nacks": "\(machine.rejections)", "duration": "\(ContinuousClock.now - opened)",
+                    "node": "\(node?.description ?? "?")", "names": .list(machine.subscribed.sorted()), "reason": "\(reason)",
+                    "nacks": .number(machine.rejections), "duration": "\(ContinuousClock.now - opened)",
                 ])
         }
         /// Sends the resources among `names` whose current version Envoy does not have.
@@ -53,7 +53,7 @@ struct DeltaStream: Sendable {
             response.systemVersionInfo = resolved.map(\.version).joined(separator: ".")
             response.nonce = machine.didSend(versions.filter { changed.contains($0.key) })
             try await writer.write(response)
-            logger.debug("sent secrets (delta)", metadata: ["names": "\(changed.sorted())", "nonce": "\(response.nonce)"])
+            logger.debug("sent secrets (delta)", metadata: ["names": .list(changed.sorted()), "nonce": "\(response.nonce)"])
             return true
         }
         do {
@@ -78,13 +78,13 @@ struct DeltaStream: Sendable {
                         metrics.rejections.increment()
                         logger.warning(
                             "Envoy rejected secrets (delta NACK); not resending that version",
-                            metadata: ["names": "\(machine.subscribed.sorted())", "nonce": "\(nonce)", "envoy_error": "\(message)"])
+                            metadata: ["names": .list(machine.subscribed.sorted()), "nonce": "\(nonce)", "envoy_error": "\(message)"])
                     case .none:
                         break
                     }
                 case .updated:
                     if case .evaluate(let names) = machine.push(), try await sendChanged(names) {
-                        logger.info("pushed new secrets (delta)", metadata: ["names": "\(names)"])
+                        logger.info("pushed new secrets (delta)", metadata: ["names": .list(names)])
                     }
                 case .credentialExpiring:
                     throw StreamEvents.credentialExpiring(resolver.caller.credentialExpiry)

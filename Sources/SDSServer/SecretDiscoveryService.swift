@@ -129,8 +129,8 @@ public struct SecretDiscoveryService: Envoy_Service_Secret_V3_SecretDiscoverySer
                 metrics.refused(.resourceExhausted, reason: reason)
                 if let held = refusalThrottle.admit(refusal == .agentFull ? reason : "\(reason) \(key)") {
                     var metadata: Logger.Metadata = [
-                        "limit": "\(limit)", "spiffe_id": "\(caller.spiffeID)",
-                        "method": "\(context.descriptor.method)", "suppressed_since_last": "\(held)",
+                        "limit": .number(limit), "spiffe_id": "\(caller.spiffeID)",
+                        "method": "\(context.descriptor.method)", "suppressed_since_last": .number(held),
                     ]
                     if let pod = caller.podName { metadata["pod"] = "\(caller.namespace)/\(pod)" }
                     logger.warning("refused SDS stream: \(words)", metadata: metadata)

@@ -32,8 +32,8 @@ struct SotWStream: Sendable {
             logger.info(
                 "SDS stream ended",
                 metadata: [
-                    "node": "\(node?.description ?? "?")", "names": "\(machine.subscribed)", "reason": "\(reason)",
-                    "nacks": "\(machine.rejections)", "duration": "\(ContinuousClock.now - opened)",
+                    "node": "\(node?.description ?? "?")", "names": .list(machine.subscribed), "reason": "\(reason)",
+                    "nacks": .number(machine.rejections), "duration": "\(ContinuousClock.now - opened)",
                 ])
         }
         func send(_ response: Envoy_Service_Discovery_V3_DiscoveryResponse, nonce: String) async throws {
@@ -41,7 +41,7 @@ struct SotWStream: Sendable {
             response.nonce = nonce
             try await writer.write(response)
             lastSentVersion = response.versionInfo
-            logger.debug("sent secrets", metadata: ["names": "\(machine.subscribed)", "version": "\(response.versionInfo)", "nonce": "\(nonce)"])
+            logger.debug("sent secrets", metadata: ["names": .list(machine.subscribed), "version": "\(response.versionInfo)", "nonce": "\(nonce)"])
         }
         do {
             loop: for try await event in events {
@@ -65,7 +65,7 @@ struct SotWStream: Sendable {
                         logger.warning(
                             "Envoy rejected secrets (NACK); not resending that version",
                             metadata: [
-                                "names": "\(machine.subscribed)", "nonce": "\(nonce)", "envoy_error": "\(message)",
+                                "names": .list(machine.subscribed), "nonce": "\(nonce)", "envoy_error": "\(message)",
                                 "node": "\(node?.description ?? "?")",
                             ])
                     case .stale(let nonce):
@@ -78,7 +78,7 @@ struct SotWStream: Sendable {
                     let response = try await resolver.sotwResponse(for: resolver.expand(machine.subscribed))
                     guard response.versionInfo != lastSentVersion, case .respond(_, let nonce)? = machine.push() else { continue }
                     try await send(response, nonce: nonce)
-                    logger.info("pushed new secrets", metadata: ["names": "\(machine.subscribed)", "version": "\(response.versionInfo)"])
+                    logger.info("pushed new secrets", metadata: ["names": .list(machine.subscribed), "version": "\(response.versionInfo)"])
                 case .credentialExpiring:
                     throw StreamEvents.credentialExpiring(resolver.caller.credentialExpiry)
                 case .requestsEnded:

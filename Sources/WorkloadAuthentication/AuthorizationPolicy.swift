@@ -65,3 +65,15 @@ public struct AuthorizationPolicy: Sendable, Equatable {
         rule.hasSuffix("*") ? value.hasPrefix(rule.dropLast()) : rule == value
     }
 }
+
+extension AuthorizationPolicy: CustomStringConvertible {
+    /// The rules as the flags spell them (`allow-namespace=[demo] deny-service-account=[demo/legacy]`),
+    /// or `allow all`: what a log line shows, not a struct dump.
+    public var description: String {
+        let rules = [
+            ("allow-namespace", allowNamespaces), ("deny-namespace", denyNamespaces),
+            ("allow-service-account", allowServiceAccounts), ("deny-service-account", denyServiceAccounts),
+        ].filter { !$0.1.isEmpty }
+        return rules.isEmpty ? "allow all" : rules.map { "\($0.0)=[\($0.1.joined(separator: ", "))]" }.joined(separator: " ")
+    }
+}

@@ -1,4 +1,5 @@
 import Logging
+import SDSModel
 import Synchronization
 
 /// The keys of a JWKS file, reloadable (SIGHUP): a file that no longer reads or parses keeps the
@@ -29,7 +30,7 @@ public final class JWKSFileKeySource: VerificationKeySource {
                 return state.keyIDs
             }
             logger.notice(
-                "JWKS reloaded", metadata: ["jwks": "\(path)", "key_ids": "\(fresh.keyIDs.sorted())", "changed": "\(before != fresh.keyIDs)"])
+                "JWKS reloaded", metadata: ["jwks": "\(path)", "key_ids": .list(fresh.keyIDs.sorted()), "changed": "\(before != fresh.keyIDs)"])
             return true
         } catch {
             logger.error("JWKS reload failed; keeping the keys in use", metadata: ["jwks": "\(path)", "error": "\(error.message)"])

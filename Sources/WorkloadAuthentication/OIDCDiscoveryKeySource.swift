@@ -6,6 +6,7 @@ import Foundation
 #endif
 import KubernetesAPI
 import Logging
+import SDSModel
 import Synchronization
 
 /// Verification keys from the Kubernetes API server's OIDC discovery: the issuer's
@@ -127,7 +128,7 @@ public actor OIDCDiscoveryKeySource: VerificationKeySource {
             discoveredIssuer = discovery.issuer
             logger.log(
                 level: changed ? .notice : .debug, "verification keys fetched by OIDC discovery",
-                metadata: ["issuer": "\(discovery.issuer)", "key_ids": "\(fetched.keyIDs.sorted())", "reason": "\(reason)"])
+                metadata: ["issuer": "\(discovery.issuer)", "key_ids": .list(fetched.keyIDs.sorted()), "reason": "\(reason)"])
         } catch {
             logger.error(
                 "OIDC discovery failed; \(keys == nil ? "no keys yet: tokens cannot be verified" : "keeping the cached keys")",
