@@ -60,6 +60,7 @@ public struct Agent: Service {
         reloadSettings: @escaping @Sendable () async -> AgentConfiguration? = { nil }, now: @escaping @Sendable () -> Date = { Date() }
     ) async throws -> Agent {
         try configuration.validate()
+        try await configuration.checkInputs()
         let stateLock = try StateDirectoryLock(directory: configuration.stateDirectory)
 
         let federation = configuration.federatedBundles.isEmpty
@@ -96,6 +97,13 @@ public struct Agent: Service {
                     ])
                 upstream = client
                 issuer = client
+                // istiod and `ca serve` accept tokens for `istio-ca` unless told otherwise: a
+                // forwarded token for another audience alone is refused at every CSR.
+                if upstreamConfiguration.credentialMode == .forward, !configuration.tokens.audiences.contains("istio-ca") {
+                    logger.warning(
+                        "upstream CA in forward mode: the callers' tokens go to the CA, which accepts audience istio-ca by default, and --audience does not include it; every CSR may be refused (readiness says so)",
+                        metadata: ["audiences": .list(configuration.tokens.audiences)])
+                }
             } else {
                 let authority: SigningAuthority
                 var additionalRoots: [Certificate] = []
@@ -162,7 +170,7 @@ public struct Agent: Service {
             }
         }
         if let upstream, let address = configuration.upstreamCA.map({ "\($0.host):\($0.port)" }) {
-            readiness.add { upstream.isReachable == false ? "the upstream CA \(address) does not answer" : nil }
+            readiness.add { upstream.isReachable == false ? "the upstream CA \(address) does not answer" : upstream.refusesForwardedTokens }
         }
         var podWatcher: KubernetesPodWatcher?
         if configuration.attestation.needsPods, let api, let node = configuration.attestation.nodeName {
@@ -192,7 +200,7 @@ public struct Agent: Service {
                 jwtTTL: configuration.attestation.jwtSVIDTTL, logger: logger, now: now)
         if !attestationPolicy.rules.isEmpty {
             logger.info("attestation policy loaded", metadata: [
-                "file": "\(configuration.attestation.policyFile ?? "-")", "rules": "\(attestationPolicy.rules.count)",
+                "file": "\(configuration.attestation.policyFile ?? "-")", "rules": .number(attestationPolicy.rules.count),
             ])
         }
         logger.info(
@@ -294,8 +302,8 @@ public struct Agent: Service {
             metadata: [
                 "socket": "\(path)", "mode": "\(String(configuration.socketMode, radix: 8))",
                 "workload_secret": "\(configuration.workloadSecretName)",
-                "validation_contexts": "\(configuration.effectiveValidationContextNames.sorted())",
-                "cert_ttl": "\(DurationText.format(configuration.certificateTTL))", "pid": "\(getpid())",
+                "validation_contexts": .list(configuration.effectiveValidationContextNames.sorted()),
+                "cert_ttl": "\(DurationText.format(configuration.certificateTTL))", "pid": .number(Int(getpid())),
                 "version": "\(BuildInfo.version)",
             ])
         let (triggers, trigger) = AsyncStream.makeStream(of: Void.self, bufferingPolicy: .bufferingNewest(1))
@@ -455,7 +463,7 @@ public struct Agent: Service {
             let fresh = try file.map { path throws(ConfigurationError) in try AttestationPolicyFile.load(path) } ?? .none
             if fresh != attestor.policy {
                 attestor.replacePolicy(with: fresh)
-                logger.notice("attestation policy reloaded", metadata: ["rules": "\(fresh.rules.count)"])
+                logger.notice("attestation policy reloaded", metadata: ["rules": .number(fresh.rules.count)])
             }
         } catch {
             logger.error("reload refused for the attestation policy; the rules in force stay", metadata: ["error": "\(error)"])

@@ -190,6 +190,10 @@ public struct AgentConfiguration: Sendable {
         guard certificateTTL >= .seconds(10) else { throw fail("--cert-ttl must be at least 10s") }
         guard caTTL > certificateTTL else { throw fail("--ca-ttl must be longer than --cert-ttl") }
         guard socketMode <= 0o777 else { throw fail("--socket-mode must be an octal mode such as 0660") }
+        // Connecting needs write permission: without it for the owner, no sidecar could connect.
+        guard socketMode & 0o600 == 0o600 else {
+            throw fail("--socket-mode \(String(socketMode, radix: 8)) lets not even the owner connect: it needs at least 0600 (usually 0660)")
+        }
         guard !workloadSecretName.isEmpty, !effectiveValidationContextNames.contains(workloadSecretName) else {
             throw fail("--workload-secret-name must be non-empty and differ from every --validation-context-name")
         }
@@ -256,6 +260,66 @@ public struct AgentConfiguration: Sendable {
         _ = try loadAttestationPolicy()
         if let rule = authorization.malformedRule() {
             throw fail("authorization rule '\(rule)' is malformed: namespaces are NAME or PREFIX*, service accounts NAMESPACE/NAME")
+        }
+    }
+}
+
+extension AgentConfiguration {
+    /// The longest Unix socket path (`sun_path` less its terminating zero).
+    public static let maxSocketPathBytes = MemoryLayout.size(ofValue: sockaddr_un().sun_path) - 1
+
+    /// What ``validate()`` cannot see: the files and directories named exist, can be read and
+    /// hold what they should (a JWKS with keys, a CA whose key matches, PEM bundles), and every
+    /// socket path fits. `serve` and `config check` both run it, so `config check` says ok
+    /// exactly when `serve` would start. It writes nothing.
+    public func checkInputs() async throws(ConfigurationError) {
+        func readable(_ path: String?, _ flag: String) throws(ConfigurationError) {
+            guard let path else { return }
+            do {
+                _ = try InputFile.bytes(path)
+            } catch {
+                throw ConfigurationError(message: "cannot read \(flag) \(path): \(error.reason)")
+            }
+        }
+        try readable(tokens.jwksFile, "--jwks")
+        try readable(caCertificateFile, "--ca-cert")
+        try readable(caKeyFile, "--ca-key")
+        try readable(caBundleFile, "--ca-bundle")
+        try readable(upstreamCA?.serverBundleFile, "--upstream-ca-bundle")
+        for source in federatedBundles { try readable(source.file, "--federated-bundle \(source.trustDomain)=") }
+        if let caDirectory, let problem = InputFile.directoryProblem(caDirectory) {
+            throw ConfigurationError(message: "cannot read --ca-dir \(caDirectory): \(problem)")
+        }
+        if let jwks = tokens.jwksFile {
+            do {
+                _ = try await VerificationKeySet(jwksFile: jwks)
+            } catch {
+                throw ConfigurationError(message: error.message)
+            }
+        }
+        do {
+            if let caDirectory {
+                _ = try RootCAStore.load(caDirectory: caDirectory)
+            } else if let certificate = caCertificateFile, let key = caKeyFile {
+                _ = try RootCAStore.load(certificateFile: certificate, keyFile: key, bundleFile: caBundleFile)
+            }
+        } catch {
+            throw ConfigurationError(message: error.message)
+        }
+        for source in federatedBundles {
+            do {
+                _ = try FederatedBundles.read(source)
+            } catch {
+                throw ConfigurationError(message: "--federated-bundle \(source.trustDomain)=\(source.file): \(error.message)")
+            }
+        }
+        if let bundle = upstreamCA?.serverBundleFile, (try? InputFile.text(bundle)).flatMap(PEMCertificates.parse)?.isEmpty != false {
+            throw ConfigurationError(message: "--upstream-ca-bundle \(bundle) holds no PEM certificates (truncated or malformed?)")
+        }
+        let sockets = [("--socket", socketPath), ("--workload-socket", attestation.workloadSocketPath), ("--admin-socket", effectiveAdminSocketPath)]
+        for case let (flag, path?) in sockets where path.utf8.count > Self.maxSocketPathBytes {
+            throw ConfigurationError(
+                message: "\(flag) \(path) is \(path.utf8.count) bytes; a Unix socket path has at most \(Self.maxSocketPathBytes)")
         }
     }
 }

@@ -139,11 +139,22 @@ public struct CentralCAServer: Service {
         // An operator's TLS files are read before any root is generated: a refused start writes nothing.
         var servingTLS: ServingTLS?
         if let certFile = configuration.tlsCertificateFile, let keyFile = configuration.tlsKeyFile {
-            do {
-                servingTLS = try ServingTLS(
-                    chainPEM: String(contentsOfFile: certFile, encoding: .utf8), keyPEM: String(contentsOfFile: keyFile, encoding: .utf8))
+            let chainPEM: String
+            let keyPEM: String
+            do throws(InputFileError) {
+                chainPEM = try InputFile.text(certFile)
             } catch {
-                throw ConfigurationError(message: "--tls-cert/--tls-key: cannot read a PEM certificate chain and key from \(certFile) and \(keyFile)")
+                throw ConfigurationError(message: "cannot read --tls-cert \(certFile): \(error.reason)")
+            }
+            do throws(InputFileError) {
+                keyPEM = try InputFile.text(keyFile)
+            } catch {
+                throw ConfigurationError(message: "cannot read --tls-key \(keyFile): \(error.reason)")
+            }
+            do {
+                servingTLS = try ServingTLS(chainPEM: chainPEM, keyPEM: keyPEM)
+            } catch {
+                throw ConfigurationError(message: "--tls-cert/--tls-key: \(certFile) and \(keyFile) are not a PEM certificate chain and its key")
             }
         }
         let authority: SigningAuthority
@@ -236,7 +247,7 @@ public struct CentralCAServer: Service {
                             "sds-agent ca serving Istio's CSR API",
                             metadata: [
                                 "address": "\(bound)", "trust_domain": "\(configuration.tokens.trustDomain)",
-                                "server_names": "\(configuration.serverNames)", "pid": "\(getpid())",
+                                "server_names": .list(configuration.serverNames), "pid": .number(Int(getpid())),
                                 "root_not_after": "\(ca.activeCertificate.notValidAfter.formatted(.iso8601))",
                                 "trusted_node_accounts": "\(configuration.trustedNodeAccounts)",
                             ])

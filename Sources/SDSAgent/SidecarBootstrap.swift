@@ -1,4 +1,5 @@
 import CertificateAuthority
+import SDSModel
 #if canImport(FoundationEssentials)
 import FoundationEssentials
 import Glibc
@@ -104,6 +105,29 @@ public struct SidecarBootstrap: Sendable {
         guard SigningAuthority.addressBytes(upstreamAddress) != nil || isName else {
             throw ConfigurationError(message: "--upstream-address '\(upstreamAddress)' is neither an IP address nor a DNS name")
         }
+        // Values Envoy accepts but that can never work: refused here, with the reason.
+        let maxSocketPath = MemoryLayout.size(ofValue: sockaddr_un().sun_path) - 1
+        guard sdsSocket.utf8.count <= maxSocketPath else {
+            throw ConfigurationError(message: "--socket is \(sdsSocket.utf8.count) bytes; a Unix socket path has at most \(maxSocketPath)")
+        }
+        guard tokenHeader.allSatisfy({ $0.isASCII && ($0.isLetter || $0.isNumber || "-_.".contains($0)) }) else {
+            throw ConfigurationError(message: "--token-header '\(tokenHeader)' is not a gRPC metadata key (letters, digits, '-', '_', '.')")
+        }
+        if validationContextName.hasPrefix("spiffe://") {
+            guard (try? SPIFFEID(parsing: validationContextName))?.path.isEmpty == true else {
+                throw ConfigurationError(
+                    message: "--validation-context-name '\(validationContextName)' is not spiffe://<trust-domain> (lowercase letters, digits, '.', '-', '_')")
+            }
+        }
+        guard workloadSecretName != validationContextName, workloadSecretName != "*", validationContextName != "*" else {
+            throw ConfigurationError(message: "--workload-secret-name and --validation-context-name must be two names, neither '*'")
+        }
+        let listening = [("--admin-port", adminPort), ("--inbound-port", inboundPort), ("--outbound-port", outboundPort), ("--app-port", appPort)]
+        for (index, (flag, port)) in listening.enumerated() {
+            if let other = listening[..<index].first(where: { $0.1 == port }) {
+                throw ConfigurationError(message: "\(flag) and \(other.0) are both \(port): each listener needs its own port")
+            }
+        }
         guard let timeout = DurationText.parse(initialFetchTimeout) else {
             throw ConfigurationError(message: "--initial-fetch-timeout '\(initialFetchTimeout)' is not \(DurationText.expected)")
         }
@@ -142,8 +166,12 @@ public struct SidecarBootstrap: Sendable {
     /// A YAML flow list of URI SAN matchers.
     static func sanMatchers(_ ids: [String]) throws(ConfigurationError) -> String {
         let matchers = try ids.map { id throws(ConfigurationError) -> String in
-            guard id.hasPrefix("spiffe://"), !id.contains(where: { $0 == "\"" || $0 == "\\" || $0.isWhitespace }) else {
-                throw ConfigurationError(message: "'\(id)' is not a SPIFFE ID (spiffe://...)")
+            // A SPIFFE ID, or one followed by `/*` (a prefix): `*` nowhere else, a lowercase trust
+            // domain, a path (a bare `spiffe://td` matches no workload).
+            let exact = id.hasSuffix("/*") ? String(id.dropLast(2)) : id
+            guard let parsed = try? SPIFFEID(parsing: exact), !parsed.path.isEmpty else {
+                throw ConfigurationError(
+                    message: "'\(id)' is not a SPIFFE ID such as spiffe://cluster.local/ns/NS/sa/SA (lowercase trust domain; '/*' only at the end)")
             }
             if id.hasSuffix("/*") {
                 return "{san_type: URI, matcher: {prefix: \"\(id.dropLast())\"}}"

@@ -81,9 +81,12 @@ private struct YAMLParser {
 
     init(_ text: String) throws(YAMLError) {
         var sawDocumentStart = false
-        for (offset, raw) in text.split(separator: "\n", omittingEmptySubsequences: false).enumerated() {
+        // "\r\n" is one Character in Swift, never equal to "\n": a CRLF file split on "\n" was
+        // one line, and the whole file became the first key's value.
+        let rawLines = text.split(omittingEmptySubsequences: false, whereSeparator: { $0 == "\n" || $0 == "\r\n" || $0 == "\r" })
+        for (offset, raw) in rawLines.enumerated() {
             let number = offset + 1
-            var line = raw.hasSuffix("\r") ? raw.dropLast() : raw
+            var line = raw
             line = Self.withoutComment(line)
             while line.last == " " || line.last == "\t" { line = line.dropLast() }
             let indent = line.prefix(while: { $0 == " " }).count

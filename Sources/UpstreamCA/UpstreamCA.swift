@@ -98,6 +98,9 @@ public final class UpstreamCA: CertificateIssuer {
     private struct State {
         var roots: [Certificate] = []
         var reachable: Bool?
+        /// Certificates issued since start, and the last refusal of a forwarded token before any.
+        var issued = 0
+        var refusalBeforeAnyIssue: String?
         /// Calls waiting for the first roots, by id.
         var waiters: [Int: CheckedContinuation<Void, Never>] = [:]
         var expiredWaiters: Set<Int> = []
@@ -140,9 +143,6 @@ public final class UpstreamCA: CertificateIssuer {
         configuration: Configuration, logger: Logger, metrics: any MetricsFactory = MetricsSystem.factory,
         now: @escaping @Sendable () -> Date = { Date() }, onChange: @escaping @Sendable (IssuerChange) -> Void = { _ in }
     ) throws(UpstreamCAError) {
-        guard FileManager.default.isReadableFile(atPath: configuration.serverBundleFile) else {
-            throw UpstreamCAError("--upstream-ca-bundle \(configuration.serverBundleFile) cannot be read")
-        }
         let target: any ResolvableTarget
         let isAddress = Self.isIPAddress(configuration.host)
         if configuration.host.contains(":") {
@@ -154,13 +154,15 @@ public final class UpstreamCA: CertificateIssuer {
         }
         let bundle = configuration.serverBundleFile
         let serverName = configuration.serverName
-        let serverRoots: [Certificate]
+        let bundleText: String
         do {
-            serverRoots = try Self.certificates(inPEM: String(contentsOfFile: bundle, encoding: .utf8))
+            bundleText = try InputFile.text(bundle)
         } catch {
-            throw UpstreamCAError("--upstream-ca-bundle \(bundle) holds no PEM certificates")
+            throw UpstreamCAError("cannot read --upstream-ca-bundle \(bundle): \(error.reason)")
         }
-        guard !serverRoots.isEmpty else { throw UpstreamCAError("--upstream-ca-bundle \(bundle) holds no PEM certificates") }
+        guard let serverRoots = PEMCertificates.parse(bundleText), !serverRoots.isEmpty else {
+            throw UpstreamCAError("--upstream-ca-bundle \(bundle) holds no PEM certificates (truncated or malformed?)")
+        }
         let serverVerifier = UpstreamServerVerifier(
             roots: serverRoots, referenceName: serverName ?? configuration.host, now: now)
         self.serverVerifier = serverVerifier
@@ -191,12 +193,12 @@ public final class UpstreamCA: CertificateIssuer {
         self.metrics = Metrics(factory: metrics)
         var initial = State()
         if let file = configuration.bundleCacheFile, let pem = try? String(contentsOfFile: file, encoding: .utf8),
-            let roots = try? Self.certificates(inPEM: pem), !roots.isEmpty
+            let roots = PEMCertificates.parse(pem), !roots.isEmpty
         {
             initial.roots = roots
             logger.info(
                 "upstream CA: serving the trust bundle kept from its last answer until it answers again",
-                metadata: ["path": "\(file)", "roots": "\(roots.count)"])
+                metadata: ["path": "\(file)", "roots": .number(roots.count)])
         }
         state = Mutex(initial)
     }
@@ -244,6 +246,16 @@ public final class UpstreamCA: CertificateIssuer {
     /// When the earliest root from the CA's answers expires (nil before the first answer).
     public var earliestRootNotAfter: Date? { state.withLock { $0.roots.map(\.notValidAfter).min() } }
 
+    /// Why the CA refuses every forwarded token: set when it refused one and has issued none
+    /// since start (an audience it does not accept, typically), for readiness; nil otherwise.
+    public var refusesForwardedTokens: String? {
+        state.withLock { state in
+            state.refusalBeforeAnyIssue.map {
+                "the upstream CA refuses the callers' forwarded tokens and has issued nothing yet (does it accept --audience?): \($0)"
+            }
+        }
+    }
+
     /// Whether the last call reached the CA (nil before the first).
     public var isReachable: Bool? { state.withLock { $0.reachable } }
 
@@ -276,6 +288,10 @@ public final class UpstreamCA: CertificateIssuer {
                 let chainPEM = try await call(request, token: token, timeout: min(configuration.callTimeout, deadline - .now))
                 let (chain, roots) = try await verify(answer: chainPEM, for: identity, key: csr.publicKey)
                 metrics.ok.increment()
+                state.withLock {
+                    $0.issued += 1
+                    $0.refusalBeforeAnyIssue = nil
+                }
                 markReachable(true, error: nil)
                 adopt(roots: roots)
                 return chain
@@ -302,6 +318,9 @@ public final class UpstreamCA: CertificateIssuer {
                     throw error
                 default:
                     metrics.refused.increment()
+                    if error.code == .callerRefused, configuration.credentialMode == .forward {
+                        state.withLock { if $0.issued == 0 { $0.refusalBeforeAnyIssue = error.message } }
+                    }
                     markReachable(true, error: nil)
                     throw error
                 }
@@ -376,12 +395,8 @@ public final class UpstreamCA: CertificateIssuer {
         func invalid(_ message: String) -> IssuanceError { IssuanceError(code: .verificationFailed, message: message) }
         // Istio's client rejects a chain of length <= 1: the root must come with the leaf.
         guard answer.count >= 2 else { throw invalid("the answer holds \(answer.count) element(s); a leaf and a root are needed") }
-        let parsed: [[Certificate]]
-        do {
-            parsed = try answer.map { try Self.certificates(inPEM: $0) }
-        } catch {
-            throw invalid("the answer is not PEM certificates: \(error)")
-        }
+        let parsed = answer.compactMap(PEMCertificates.parse)
+        guard parsed.count == answer.count else { throw invalid("the answer is not PEM certificates") }
         guard let leaf = parsed.first?.first, let roots = parsed.last, !roots.isEmpty else {
             throw invalid("the answer's first or last element holds no certificate")
         }
@@ -402,10 +417,6 @@ public final class UpstreamCA: CertificateIssuer {
         return ([leaf] + intermediates.filter { !roots.contains($0) }, roots)
     }
 
-    static func certificates(inPEM text: String) throws -> [Certificate] {
-        try PEMDocument.parseMultiple(pemString: text).map { try Certificate(pemDocument: $0) }
-    }
-
     // MARK: - Bundle and reachability
 
     private func adopt(roots: [Certificate]) {
@@ -421,14 +432,12 @@ public final class UpstreamCA: CertificateIssuer {
         logger.notice(
             "upstream CA: trust bundle changed; pushing it to every stream",
             metadata: [
-                "roots": "\(roots.count)", "serials": "\(roots.map { $0.serialNumber.hexString })",
+                "roots": .number(roots.count), "serials": .list(roots.map { $0.serialNumber.hexString }),
             ])
         if let file = configuration.bundleCacheFile {
             let pem = TrustBundle(roots: roots, trustDomain: configuration.trustDomain).rootsPEM
             do {
-                let temporary = file + ".tmp"
-                try pem.write(toFile: temporary, atomically: false, encoding: .utf8)
-                guard rename(temporary, file) == 0 else { throw UpstreamCAError("rename: errno \(errno)") }
+                try AtomicFile.write(pem, to: file, mode: 0o644)
             } catch {
                 logger.warning("upstream CA: cannot keep the trust bundle for a restart", metadata: ["path": "\(file)", "error": "\(error)"])
             }

@@ -8,6 +8,7 @@ import Foundation
 #endif
 import GRPCCore
 import GRPCNIOTransportHTTP2
+import SDSModel
 import SDSServer
 
 /// Asks an agent on a socket whether it serves: an unauthenticated FetchSecrets call, to which a
@@ -27,7 +28,11 @@ enum AgentProbe {
         let deadline = clock.now + wait
         var lastError = "no attempt made"
         repeat {
-            if FileManager.default.fileExists(atPath: socket) {
+            if let kind = FileKind.at(socket), kind != .socket {
+                // A regular file or a directory will not become a socket: say so at once.
+                throw NotServing(description: "\(socket) is not a socket (it is a \(kind == .directory ? "directory" : "file")): is --socket right?")
+            }
+            if FileKind.at(socket) == .socket {
                 do {
                     try await probe(socket)
                     return

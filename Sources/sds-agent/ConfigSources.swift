@@ -64,8 +64,8 @@ struct ConfigSources {
         var merged: [String] = []
         var sources: [String: Source] = [:]
 
-        /// `key: value (source)` for every setting not left at its default; URL credentials redacted.
-        func describe() -> Logger.Metadata {
+        /// Every setting not left at its default, with its values (URL credentials redacted).
+        func values() -> [String: [String]] {
             var values: [String: [String]] = [:]
             var index = 0
             while index < merged.count {
@@ -94,12 +94,23 @@ struct ConfigSources {
                     values[key] = [value]
                 }
             }
+            return values
+        }
+
+        /// `key: value (source)` for every setting not left at its default; URL credentials redacted.
+        func describe() -> Logger.Metadata {
             var metadata: Logger.Metadata = [:]
-            for (key, list) in values {
+            for (key, list) in values() {
                 let source = sources[key]?.rawValue ?? "flag"
                 metadata[key] = "\(list.count == 1 ? list[0] : "[\(list.joined(separator: ", "))]") (\(source))"
             }
             return metadata
+        }
+
+        /// The settings whose values differ from `earlier`'s (set, changed or removed).
+        func changedSettings(since earlier: Effective) -> Set<String> {
+            let (now, before) = (values(), earlier.values())
+            return Set(now.keys).union(before.keys).filter { now[$0] != before[$0] }
         }
 
         /// `https://user:secret@host` → `https://REDACTED@host`.
@@ -111,6 +122,42 @@ struct ConfigSources {
     static var effective: Effective {
         get { effectiveState.withLock { $0 } }
         set { effectiveState.withLock { $0 = newValue } }
+    }
+
+    /// Where the value an ArgumentParser error `message` quotes came from, when that was the
+    /// environment (`SDS_AGENT_CERT_TTL`) or the file (`--config FILE: cert-ttl`), with the flag.
+    static func origin(of message: String) -> (origin: String, flag: String)? {
+        let current = effective
+        for (flag, source) in current.sources where source != .flag {
+            guard message.contains("'--\(flag) <") || message.contains("'--\(flag)'") else { continue }
+            switch source {
+            case .environment: return (environmentName(flag), flag)
+            case .file: return ("--config \(value(of: "config", in: current.commandLine) ?? "file"): \(flag)", flag)
+            case .flag: continue
+            }
+        }
+        return nil
+    }
+
+    /// ArgumentParser's message about `--flag` said of a value the flag did not carry:
+    /// `The value 'x' is invalid for '--cert-ttl <duration>'` → `the value 'x' is invalid: it must be a duration …`.
+    static func withoutFlag(_ message: String, flag: String) -> String {
+        var text = message
+        while let start = text.firstRange(of: " for '--\(flag)"),
+            let end = text[start.upperBound...].firstIndex(of: "'")
+        {
+            text.removeSubrange(start.lowerBound...end)
+        }
+        if message.contains("<duration>") { text += ": it must be \(DurationText.expected)" }
+        return text.prefix(1).lowercased() + text.dropFirst()
+    }
+
+    /// `SDS_AGENT_*` variables that name no setting (a typo would otherwise be silently ignored).
+    static func unknownVariables(in environment: [String: String] = ProcessInfo.processInfo.environment, flags: Flags = serveFlags)
+        -> [String]
+    {
+        let known = Set((flags.all.union(["config"])).map(environmentName))
+        return environment.keys.filter { $0.hasPrefix("SDS_AGENT_") && !known.contains($0) }.sorted()
     }
 
     /// The environment variable for `flag`: `trust-domain` → `SDS_AGENT_TRUST_DOMAIN`.
@@ -164,9 +211,9 @@ struct ConfigSources {
     static func read(file path: String, flags: Flags) throws -> [(String, [String])] {
         let text: String
         do {
-            text = try String(contentsOfFile: path, encoding: .utf8)
+            text = try InputFile.text(path)
         } catch {
-            throw Failure(description: "config \(path): cannot read it (\(Self.reason(error)))")
+            throw Failure(description: "cannot read --config \(path): \(error.reason)")
         }
         let node: YAMLNode?
         do {
@@ -187,9 +234,30 @@ struct ConfigSources {
                     description: "config \(path): unknown key '\(key)'; keys are serve's long flag names without dashes"
                         + (hint.isEmpty ? "" : " (did you mean \(hint.joined(separator: ", "))?)"))
             }
-            settings.append((key, try values(of: key, node: valueNode, file: path, flags: flags)))
+            let values = try values(of: key, node: valueNode, file: path, flags: flags)
+            settings.append((key, pathSettings.contains(key) ? values.map { resolve($0, key: key, against: path) } : values))
         }
         return settings
+    }
+
+    /// The settings that name files or directories: relative in a config file, they are taken
+    /// from the file's own directory (as a manifest or a Helm values file is read), not from the
+    /// working directory the agent happened to start in.
+    static let pathSettings: Set<String> = [
+        "socket", "state-dir", "federated-bundle", "ca-dir", "ca-cert", "ca-key", "ca-bundle", "proc-root", "workload-socket",
+        "attestation-policy", "upstream-ca-bundle", "upstream-ca-token-file", "admin-socket", "jwks", "kube-ca-file",
+        "kube-token-file",
+    ]
+
+    /// `value` (a path, or `TD=PATH` for `federated-bundle`) made absolute against `file`'s directory.
+    static func resolve(_ value: String, key: String, against file: String) -> String {
+        if key == "federated-bundle", let equals = value.firstIndex(of: "=") {
+            return String(value[...equals]) + resolve(String(value[value.index(after: equals)...]), key: "", against: file)
+        }
+        guard !value.isEmpty, !value.hasPrefix("/") else { return value }
+        let directory = file.lastIndex(of: "/").map { String(file[..<$0]) } ?? "."
+        let base = file.hasPrefix("/") ? (directory.isEmpty ? "/" : directory) : FileManager.default.currentDirectoryPath + "/" + directory
+        return (base.hasSuffix("/") ? base : base + "/") + (value.hasPrefix("./") ? String(value.dropFirst(2)) : value)
     }
 
     private static func values(of key: String, node: YAMLNode, file: String, flags: Flags) throws -> [String] {
@@ -244,15 +312,6 @@ struct ConfigSources {
         }
         return nil
     }
-
-    private static func reason(_ error: any Error) -> String {
-        switch (error as? CocoaError)?.code {
-        case .fileReadNoSuchFile?: return "no such file"
-        case .fileReadNoPermission?: return "permission denied"
-        case .fileReadInvalidFileName?: return "not a file name"
-        default: return "\(error)"
-        }
-    }
 }
 
 /// `sds-agent config check FILE`: the file's settings checked as `serve` would check them.
@@ -280,6 +339,7 @@ struct ConfigCheck: AsyncParsableCommand {
             }
             let configuration = try serve.makeConfiguration()
             try configuration.validate()
+            try await configuration.checkInputs()
         } catch {
             printToStandardError("sds-agent config check: \(error)")
             throw ExitCode.failure

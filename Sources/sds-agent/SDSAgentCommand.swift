@@ -24,7 +24,7 @@ struct SDSAgentCommand: AsyncParsableCommand {
     /// probes and scripts would read as an unexplained failure.
     static func main() async {
         do {
-            var arguments = Array(CommandLine.arguments.dropFirst())
+            var arguments = joinNegativeValues(Array(CommandLine.arguments.dropFirst()))
             // `serve` takes settings from a file and the environment too, merged under its flags.
             if arguments.first == "serve" {
                 let own = Array(arguments.dropFirst())
@@ -39,6 +39,12 @@ struct SDSAgentCommand: AsyncParsableCommand {
                 try command.run()
             }
         } catch {
+            // A value from the environment or the file that does not parse is a configuration
+            // error (exit 1, as any other), named by where it came from, not by a flag nobody typed.
+            if let (origin, flag) = ConfigSources.origin(of: message(for: error)) {
+                printToStandardError("sds-agent serve: \(origin): \(ConfigSources.withoutFlag(message(for: error), flag: flag))")
+                Glibc.exit(1)
+            }
             let code = exitCode(for: error)
             var message = fullMessage(for: error)
             // A duration that does not parse: say what one looks like (ArgumentParser names only the flag).
@@ -53,6 +59,26 @@ struct SDSAgentCommand: AsyncParsableCommand {
             Glibc.exit(code == .validationFailure ? 2 : code.rawValue)
         }
     }
+}
+
+/// `--cert-ttl -5m` reads as a flag named `-5m` ("Missing value"): a value that starts with a
+/// dash and a digit is joined to its flag (`--cert-ttl=-5m`), so the error says what is wrong.
+func joinNegativeValues(_ arguments: [String]) -> [String] {
+    var joined: [String] = []
+    var index = 0
+    while index < arguments.count {
+        let argument = arguments[index]
+        if argument.hasPrefix("--"), !argument.contains("="), index + 1 < arguments.count,
+            let next = arguments[index + 1].dropFirst().first, arguments[index + 1].hasPrefix("-"), next.isNumber
+        {
+            joined.append(argument + "=" + arguments[index + 1])
+            index += 2
+        } else {
+            joined.append(argument)
+            index += 1
+        }
+    }
+    return joined
 }
 
 /// `sds-agent version`: what `--version` prints.

@@ -180,7 +180,7 @@ struct Serve: AsyncParsableCommand {
     @Option(help: "Log line format: text, or json (one object per line).")
     var logFormat: LogFormat = .text
 
-    @Option(help: "YAML file of settings: keys are these flags' long names (trust-domain: cluster.local); flags and SDS_AGENT_* variables win over it.")
+    @Option(help: "YAML file of settings: keys are these flags' long names (trust-domain: cluster.local); flags and SDS_AGENT_* variables win over it. Relative paths in it are taken from its own directory.")
     var config: String?
 
     /// The agent's configuration from these flags (with the file's and the environment's settings
@@ -244,6 +244,12 @@ struct Serve: AsyncParsableCommand {
         return configuration
     }
 
+    /// The settings a SIGHUP applies (with the JWKS file's and the policy files' contents); a
+    /// change to any other is logged as needing a restart.
+    static let reloadableSettings: Set<String> = [
+        "log-level", "allow-namespace", "deny-namespace", "allow-service-account", "deny-service-account", "attestation-policy",
+    ]
+
     func run() async throws {
         let configuration = try makeConfiguration()
         let sharedLevel = SharedLogLevel(logLevel)
@@ -252,6 +258,12 @@ struct Serve: AsyncParsableCommand {
         logger.info(
             "effective configuration",
             metadata: ["version": "\(BuildInfo.description)"].merging(merged.describe()) { $1 })
+        let unknown = ConfigSources.unknownVariables()
+        if !unknown.isEmpty {
+            logger.warning(
+                "environment variables that name no setting are ignored (a typo?); settings are SDS_AGENT_ and a flag's long name",
+                metadata: ["variables": .list(unknown)])
+        }
         var metricsEndpoint: MetricsEndpoint?
         let readiness = AgentReadiness()
         if let metricsAddress, let address = MetricsEndpoint.Address(metricsAddress) {
@@ -268,9 +280,16 @@ struct Serve: AsyncParsableCommand {
         // change, a file that no longer parses changes nothing.
         let reload: @Sendable () async -> AgentConfiguration? = {
             do {
-                let (arguments, _) = try ConfigSources.merge(arguments: merged.commandLine)
+                let (arguments, sources) = try ConfigSources.merge(arguments: merged.commandLine)
                 let fresh = try Serve.parse(arguments)
                 let configuration = try fresh.makeConfiguration()
+                let changed = ConfigSources.Effective(commandLine: merged.commandLine, merged: arguments, sources: sources)
+                    .changedSettings(since: merged).subtracting(Serve.reloadableSettings)
+                if !changed.isEmpty {
+                    logger.warning(
+                        "SIGHUP: these settings changed but take effect only after a restart",
+                        metadata: ["settings": .list(changed.sorted())])
+                }
                 if fresh.logLevel != sharedLevel.level {
                     logger.notice("log level changed", metadata: ["from": "\(sharedLevel.level)", "to": "\(fresh.logLevel)"])
                     sharedLevel.level = fresh.logLevel

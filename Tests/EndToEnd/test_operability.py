@@ -76,8 +76,9 @@ def test_settings_come_from_flags_then_environment_then_file(workdir):
     ("- a\n- b\n", 1, "the top level must be a mapping"),
 ])
 def test_config_check_names_the_key_and_the_value(workdir, content, code, says):
-    path = write(os.path.join(workdir, "c.yaml"), content + "jwks: " + write(os.path.join(workdir, "j.json"), '{"keys": []}')
-                 + "\n" if not content.startswith("-") else content)
+    # A real JWKS: config check reads the files serve reads (an empty key set is refused).
+    jwks = TokenSigner().write_jwks(os.path.join(workdir, "j.json"))
+    path = write(os.path.join(workdir, "c.yaml"), content + "jwks: " + jwks + "\n" if not content.startswith("-") else content)
     result = run("config", "check", path)
     assert result.returncode == code, result.stdout + result.stderr
     assert says in result.stdout + result.stderr

@@ -47,6 +47,17 @@ import Testing
         #expect(node.mapping?.map(\.key).first == "trust-domain")
     }
 
+    /// A file saved on Windows: "\r\n" is one Character in Swift, so a split on "\n" read the
+    /// whole file as one line and the first key's value.
+    @Test(arguments: ["\r\n", "\r", "\n"]) func anyLineEndingReadsTheSame(_ ending: String) throws {
+        let text = ["trust-domain: cluster.local", "audience:", "  - a", "  - b", "cert-ttl: 2h", ""].joined(separator: ending)
+        let node = try #require(try parse(text))
+        #expect(node["trust-domain"]?.scalar == "cluster.local")
+        #expect(node["audience"] == .sequence([.scalar("a"), .scalar("b")]))
+        #expect(node["cert-ttl"]?.scalar == "2h")
+        #expect(error("a: 1\r\n\tb: 2\r\n") == "line 2: a tab in the indentation (use spaces)")
+    }
+
     @Test func readsTheAttestationPolicysShape() throws {
         let node = try #require(try parse("""
             rules:
