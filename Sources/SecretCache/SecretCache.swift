@@ -78,17 +78,21 @@ public actor SecretCache: SecretSource {
         let failures: Counter
         let identities: Meter
         let issueDuration: CoreMetrics.Timer
-        let earliestExpiry: Meter
+        let factory: any MetricsFactory
 
         init(factory: any MetricsFactory) {
             issued = Counter(label: SecretCache.issuedMetric, dimensions: [("kind", "new")], factory: factory)
             renewed = Counter(label: SecretCache.issuedMetric, dimensions: [("kind", "renewal")], factory: factory)
             failures = Counter(label: "sds_agent_certificate_issue_failures_total", factory: factory)
             identities = Meter(label: "sds_agent_cached_identities", factory: factory)
-            earliestExpiry = Meter(label: "sds_agent_certificate_expiry_seconds", factory: factory)
+            self.factory = factory
             issueDuration = CoreMetrics.Timer(label: "sds_agent_certificate_issue_seconds", factory: factory)
         }
     }
+
+    /// Seconds until the earliest cached certificate expires; present only while one is cached.
+    public static let expiryMetric = "sds_agent_certificate_expiry_seconds"
+    private var earliestExpiry: Meter?
 
     /// Counts certificates issued, by `kind`: `new` (first request) or `renewal`.
     public static let issuedMetric = "sds_agent_certificates_issued_total"
@@ -163,8 +167,15 @@ public actor SecretCache: SecretSource {
     /// Renews what is due, retries what failed, drops what nobody watches. Called every tick.
     public func maintain() async {
         let now = self.now()
+        // Absent until a certificate is cached (a 0 on an idle node would fire "expiring soon"
+        // alerts), and gone again once none is.
         if let earliest = entries.values.compactMap({ $0.secret?.notAfter }).min() {
-            metrics.earliestExpiry.set(earliest.timeIntervalSince(now))
+            let meter = earliestExpiry ?? Meter(label: Self.expiryMetric, factory: metrics.factory)
+            earliestExpiry = meter
+            meter.set(earliest.timeIntervalSince(now))
+        } else if let meter = earliestExpiry {
+            meter.destroy()
+            earliestExpiry = nil
         }
         let watched = updates.watchedIdentities
         for identity in entries.keys {

@@ -130,6 +130,27 @@ final class FlakyIssuer: CertificateIssuer, @unchecked Sendable {
         _ = stream  // the watch lasts while the stream is held
     }
 
+    /// The gauge was 0 before any certificate was cached, so an "expiring soon" alert fired on
+    /// idle nodes: it exists only while a certificate is cached.
+    @Test func theExpiryGaugeExistsOnlyWhileACertificateIsCached() async throws {
+        let clock = ManualClock()
+        let metrics = TestMetrics()
+        let cache = SecretCache(
+            issuer: TestPKI.ca(now: { clock.now }), configuration: .init(certificateTTL: .seconds(1000), idleTTL: .seconds(60)),
+            logger: TestPKI.quietLogger, metrics: metrics, now: { clock.now })
+        await cache.maintain()
+        #expect(throws: (any Error).self) { try metrics.expectMeter(SecretCache.expiryMetric) }
+        _ = try await cache.workloadSecret(for: TestPKI.identity())
+        await cache.maintain()
+        let seconds = try metrics.expectMeter(SecretCache.expiryMetric).lastValue ?? 0
+        #expect(seconds > 990 && seconds <= 1001)
+        clock.advance(120)  // no stream watches it: evicted as idle, then the gauge goes
+        await cache.maintain()
+        await cache.maintain()
+        #expect(await cache.cachedIdentities.isEmpty)
+        #expect(throws: (any Error).self) { try metrics.expectMeter(SecretCache.expiryMetric) }
+    }
+
     @Test func aFailedRenewalKeepsServingTheCurrentCertificateAndRetries() async throws {
         let clock = ManualClock()
         let issuer = FlakyIssuer(ca: TestPKI.ca(now: { clock.now }))
