@@ -1,5 +1,6 @@
 import CentralCA
 import CertificateAuthority
+import CoreMetrics
 #if canImport(FoundationEssentials)
 import FoundationEssentials
 import Glibc
@@ -254,6 +255,14 @@ public struct CentralCAServer: Service {
                     }
                 }
                 if canRotate { group.addTask { try await rotator.run() } }
+                group.addTask { [now] in
+                    // Seconds until the CA certificate that signs expires, for alerts (as `serve`'s).
+                    let gauge = Meter(label: "sds_agent_ca_expiry_seconds")
+                    while !Task.isCancelled {
+                        gauge.set(ca.activeCertificate.notValidAfter.timeIntervalSince(now()))
+                        try? await Task.sleep(for: .seconds(10))
+                    }
+                }
                 if let keySource { group.addTask { await keySource.run() } }
                 group.addTask { [servingTLS, issuesOwnTLS, now] in
                     for await change in caChanges where canRotate {

@@ -83,8 +83,21 @@ struct CAServe: AsyncParsableCommand {
     @Option(help: "Log line format: text, or json (one object per line).")
     var logFormat: LogFormat = .text
 
+    @Option(help: "YAML file of settings, as for serve: keys are these flags' long names; flags and SDS_AGENT_* variables win over it. Relative paths in it are taken from its own directory.")
+    var config: String?
+
     func run() async throws {
         let logger = bootstrapLogging(level: SharedLogLevel(logLevel), format: logFormat, label: "sds-agent-ca")
+        let effective = ConfigSources.effective
+        logger.info(
+            "effective configuration",
+            metadata: ["version": "\(BuildInfo.description)"].merging(effective.describe()) { $1 })
+        let unknown = ConfigSources.unknownVariables(flags: ConfigSources.caServeFlags)
+        if !unknown.isEmpty {
+            logger.warning(
+                "environment variables that name no setting are ignored (a typo?); settings are SDS_AGENT_ and a flag's long name",
+                metadata: ["variables": .list(unknown)])
+        }
         var metrics: (address: MetricsEndpoint.Address, registry: PrometheusCollectorRegistry)?
         if let metricsAddress {
             guard let address = MetricsEndpoint.Address(metricsAddress) else {
@@ -92,6 +105,10 @@ struct CAServe: AsyncParsableCommand {
             }
             let registry = PrometheusCollectorRegistry()
             MetricsSystem.bootstrap(PrometheusMetricsFactory(registry: registry))
+            Gauge(
+                label: "sds_agent_build_info",
+                dimensions: [("version", BuildInfo.version), ("commit", BuildInfo.commit), ("swift", BuildInfo.swiftVersion)]
+            ).record(1)
             metrics = (address, registry)
         }
         // `:PORT` is every address, as for `serve --metrics-address`.

@@ -35,23 +35,43 @@ struct ConfigSources {
     }
 
     /// Read from `Serve`'s own definition, so a new flag is a config key and a variable at once.
-    static let serveFlags: Flags = {
-        let repeatable: Set<String> = [
-            "issuer", "audience", "validation-context-name", "allow-namespace", "deny-namespace",
-            "allow-service-account", "deny-service-account", "peer-allowed-uid", "federated-bundle",
-        ]
-        let switches: Set<String> = ["oidc-discovery", "token-review", "peer-pod-binding", "allow-legacy-tokens"]
-        let help = Serve.helpMessage(columns: 100_000)
-        var names = Set<String>()
-        for line in help.split(separator: "\n") {
-            let trimmed = line.drop(while: { $0 == " " })
-            guard trimmed.hasPrefix("--") else { continue }
-            let name = trimmed.dropFirst(2).prefix(while: { $0.isLetter || $0.isNumber || $0 == "-" })
-            names.insert(String(name))
+    static let serveFlags = flags(of: Serve.self)
+    /// `ca serve`'s, the same way: its `--config` and `SDS_AGENT_*` follow `serve`'s conventions.
+    static let caServeFlags = flags(of: CAServe.self)
+
+    /// The long options and switches of `command`, from ArgumentParser's own model of it (the
+    /// JSON of `--experimental-dump-help`: each argument's kind and whether it repeats), not its
+    /// help text. The library's `ToolInfoV0` types are not a product, so the few fields used are
+    /// decoded here.
+    static func flags(of command: any ParsableCommand.Type) -> Flags {
+        struct ToolInfo: Decodable {
+            struct Command: Decodable { var arguments: [Argument]? }
+            struct Argument: Decodable {
+                struct Name: Decodable {
+                    var kind: String
+                    var name: String
+                }
+                var kind: String
+                var isRepeating: Bool
+                var preferredName: Name?
+            }
+            var command: Command
         }
-        names.subtract(["help", "version", "config"])
-        return Flags(single: names.subtracting(repeatable).subtracting(switches), repeatable: repeatable, switches: switches)
-    }()
+        var flags = Flags(single: [], repeatable: [], switches: [])
+        guard let info = try? JSONDecoder().decode(ToolInfo.self, from: Data(command._dumpHelp().utf8)) else { return flags }
+        for argument in info.command.arguments ?? [] {
+            guard let name = argument.preferredName, name.kind == "long",
+                !["help", "version", "config", "experimental-dump-help", "generate-completion-script"].contains(name.name)
+            else { continue }
+            switch argument.kind {
+            case "flag": flags.switches.insert(name.name)
+            case "option" where argument.isRepeating: flags.repeatable.insert(name.name)
+            case "option": flags.single.insert(name.name)
+            default: continue
+            }
+        }
+        return flags
+    }
 
     /// A setting that cannot be read; the message names the source, the key and the value.
     struct Failure: Error, CustomStringConvertible {
@@ -63,6 +83,10 @@ struct ConfigSources {
         var commandLine: [String] = []
         var merged: [String] = []
         var sources: [String: Source] = [:]
+        /// The command's flags (`serve`'s or `ca serve`'s).
+        var flags = ConfigSources.serveFlags
+        /// The command whose settings were merged (`serve` or `ca serve`), for messages.
+        var command = "serve"
 
         /// Every setting not left at its default, with its values (URL credentials redacted).
         func values() -> [String: [String]] {
@@ -80,7 +104,7 @@ struct ConfigSources {
                     value = String(body[body.index(after: equals)...])
                 } else {
                     key = String(body)
-                    if ConfigSources.serveFlags.switches.contains(key) || index >= merged.count || merged[index].hasPrefix("--") {
+                    if flags.switches.contains(key) || index >= merged.count || merged[index].hasPrefix("--") {
                         value = "true"
                     } else {
                         value = merged[index]
@@ -88,7 +112,7 @@ struct ConfigSources {
                     }
                 }
                 value = Self.redacted(value)
-                if ConfigSources.serveFlags.repeatable.contains(key) {
+                if flags.repeatable.contains(key) {
                     values[key, default: []].append(value)
                 } else {
                     values[key] = [value]

@@ -25,12 +25,15 @@ struct SDSAgentCommand: AsyncParsableCommand {
     static func main() async {
         do {
             var arguments = joinNegativeValues(Array(CommandLine.arguments.dropFirst()))
-            // `serve` takes settings from a file and the environment too, merged under its flags.
-            if arguments.first == "serve" {
-                let own = Array(arguments.dropFirst())
-                let (merged, sources) = try ConfigSources.merge(arguments: own)
-                ConfigSources.effective = .init(commandLine: own, merged: merged, sources: sources)
-                arguments = ["serve"] + merged
+            // `serve` and `ca serve` take settings from a file and the environment too, merged
+            // under their flags.
+            for (command, flags) in [(["serve"], ConfigSources.serveFlags), (["ca", "serve"], ConfigSources.caServeFlags)]
+            where arguments.starts(with: command) {
+                let own = Array(arguments.dropFirst(command.count))
+                let (merged, sources) = try ConfigSources.merge(arguments: own, flags: flags)
+                ConfigSources.effective = .init(
+                    commandLine: own, merged: merged, sources: sources, flags: flags, command: command.joined(separator: " "))
+                arguments = command + merged
             }
             var command = try parseAsRoot(arguments)
             if var asyncCommand = command as? any AsyncParsableCommand {
@@ -42,7 +45,7 @@ struct SDSAgentCommand: AsyncParsableCommand {
             // A value from the environment or the file that does not parse is a configuration
             // error (exit 1, as any other), named by where it came from, not by a flag nobody typed.
             if let (origin, flag) = ConfigSources.origin(of: message(for: error)) {
-                printToStandardError("sds-agent serve: \(origin): \(ConfigSources.withoutFlag(message(for: error), flag: flag))")
+                printToStandardError("sds-agent \(ConfigSources.effective.command): \(origin): \(ConfigSources.withoutFlag(message(for: error), flag: flag))")
                 Glibc.exit(1)
             }
             let code = exitCode(for: error)

@@ -249,3 +249,31 @@ def test_root_cert_pem_keeps_verifying_the_cas_tls_through_a_root_rotation(workd
             node.stop_all()
     finally:
         ca.stop()
+
+
+def test_ca_serve_takes_a_config_file_and_the_environment_and_reports_metrics_like_serve(workdir):
+    """`ca serve` had no --config or SDS_AGENT_*, no build-info or CA-expiry metric."""
+    import json
+    from sdsdemo.node import http_get
+    directory = os.path.join(workdir, "etc")
+    os.makedirs(directory)
+    signer = TokenSigner()
+    signer.write_jwks(os.path.join(directory, "keys.json"))
+    config = os.path.join(directory, "ca.yaml")
+    with open(config, "w") as f:
+        f.write(f"trust-domain: cluster.local\njwks: keys.json\nlisten: 127.0.0.1:{free_port()}\n")
+    env = {**os.environ, "SDS_AGENT_CERT_TTL": "2h"}
+    ca = Process("ca", [AGENT_BIN, "ca", "serve", "--config", config, "--state-dir", os.path.join(workdir, "state"),
+                        "--metrics-address", "127.0.0.1:0", "--log-format", "json"], os.path.join(workdir, "ca.log"), env=env)
+    try:
+        wait_until(lambda: "serving Istio's CSR API" in ca.output() or not ca.alive(), 30, "ca serve listening")
+        records = [json.loads(line) for line in ca.output().splitlines()]
+        effective = next(r for r in records if r["message"] == "effective configuration")
+        assert effective["cert-ttl"] == "2h (environment)" and effective["jwks"] == f"{directory}/keys.json (file)", effective
+        address = next(r["address"] for r in records if r["message"] == "metrics endpoint listening")
+        wait_until(lambda: http_get(f"http://{address}/readyz")[0] == 200, 10, "ready")
+        body = http_get(f"http://{address}/metrics")[1]
+        assert "sds_agent_build_info{" in body
+        wait_until(lambda: "sds_agent_ca_expiry_seconds " in http_get(f"http://{address}/metrics")[1], 15, "the CA expiry gauge")
+    finally:
+        ca.stop()
