@@ -137,9 +137,15 @@ public final class KubernetesAPIClient: Sendable {
     }
 
     /// Closes the connection pools.
+    /// Closes the clients, waiting at most a second: AsyncHTTPClient's shutdown waits for a
+    /// connection still being set up (a TLS handshake with an API server that hangs, up to the
+    /// request timeout), which would hold the agent's SIGTERM past its grace period.
     public func shutdown() async {
-        try? await http.shutdown()
-        try? await streamingHTTP.shutdown()
+        let (http, streamingHTTP) = (self.http, self.streamingHTTP)
+        await waitAtMost(.seconds(1)) {
+            try? await http.shutdown()
+            try? await streamingHTTP.shutdown()
+        }
     }
 
     private func makeRequest(method: HTTPMethod, path: String, json: Data?) throws(KubernetesAPIError) -> HTTPClientRequest {

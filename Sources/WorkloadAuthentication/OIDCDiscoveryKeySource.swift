@@ -52,18 +52,8 @@ public actor OIDCDiscoveryKeySource: VerificationKeySource {
     public static let unknownKeyWait: Duration = .seconds(2)
 
     public func keys(afterUnknownKeyID keyID: String) async -> VerificationKeySet? {
-        // The fetch runs on (a task group would wait for it); a stream that ends with it can be
-        // given up on, since iterating a stream stops when its task is cancelled.
-        let (done, finished) = AsyncStream.makeStream(of: Void.self)
-        Task {
+        await waitAtMost(Self.unknownKeyWait) {
             await self.refreshIfAllowed(reason: "a token names unknown key ID '\(keyID)'")
-            finished.finish()
-        }
-        await withTaskGroup(of: Void.self) { group in
-            group.addTask { for await _ in done {} }
-            group.addTask { try? await Task.sleep(for: Self.unknownKeyWait) }
-            await group.next()
-            group.cancelAll()
         }
         return keys
     }

@@ -158,3 +158,39 @@ def test_a_root_rotation_onto_a_state_directory_that_cannot_be_written_keeps_ser
     response = fetch(node, "after")
     assert response is not None
     print(f"{fault} state directory at rotation: logged, still serving")
+
+
+def test_sigterm_is_not_held_by_an_oidc_refresh_hanging_at_the_api_server(tmp_path):
+    """SIGTERM took ~15 s while an OIDC key refresh hung at the issuer (the fetch ran outside the
+    task group that shutdown cancels); the README promises at most 8 s, inside the DaemonSet's
+    10 s grace period. The API server here accepts TCP and never answers."""
+    import socket
+    from fake_apiserver import FakeAPIServer
+    from sdsdemo.devtokens import TokenSigner
+    hanging = socket.socket()
+    hanging.bind(("127.0.0.1", 0))
+    hanging.listen(16)
+    try:
+        api_dir = tmp_path / "api"
+        api_dir.mkdir()
+        # Only its CA and token files: nothing serves on `hanging`'s port.
+        files = FakeAPIServer(str(api_dir), TokenSigner(), port=0)
+        files.httpd.server_close()
+        node = Node(str(tmp_path / "node"), AGENT_BIN, ENVOY_BIN)
+        node.agent = node.start("sds-agent", [
+            AGENT_BIN, "serve", "--socket", node.socket, "--state-dir", str(tmp_path / "node" / "state"), "--oidc-discovery",
+            "--kube-api-server", f"https://127.0.0.1:{hanging.getsockname()[1]}", "--kube-ca-file", files.ca_file,
+            "--kube-token-file", files.token_file])
+        try:
+            wait_until(lambda: os.path.exists(node.socket), 30, "the socket")
+            # A connection waits in the listener's backlog: the refresh is under way and hangs.
+            wait_until(lambda: "sds-agent serving" in node.agent.output(), 30, "serving")
+            started = time.monotonic()
+            os.kill(node.agent.pid, signal.SIGTERM)
+            node.agent.popen.wait(timeout=30)
+            took = time.monotonic() - started
+            assert took < 8, f"SIGTERM took {took:.1f} s"
+        finally:
+            node.stop_all()
+    finally:
+        hanging.close()
