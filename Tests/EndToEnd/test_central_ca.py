@@ -277,3 +277,27 @@ def test_ca_serve_takes_a_config_file_and_the_environment_and_reports_metrics_li
         wait_until(lambda: "sds_agent_ca_expiry_seconds " in http_get(f"http://{address}/metrics")[1], 15, "the CA expiry gauge")
     finally:
         ca.stop()
+
+
+def test_forwarding_tokens_for_an_audience_the_ca_refuses_is_warned_at_start_and_said_in_readiness(workdir):
+    """With the README's --audience sds-agent in forward mode every CSR was refused while the
+    agent said ready."""
+    import subprocess
+    signer = TokenSigner()
+    jwks = signer.write_jwks(os.path.join(workdir, "jwks.json"))
+    ca, address, root = start_ca(workdir, jwks)
+    node = Node(os.path.join(workdir, "node"), AGENT_BIN, ENVOY_BIN)
+    node.signer = signer
+    node.jwks = jwks
+    try:
+        node.start_agent("--upstream-ca", address, "--upstream-ca-bundle", root, "--audience", "sds-agent")
+        assert "does not include it; every CSR may be refused" in node.agent.output()
+        from test_served_secrets import fetch
+        with pytest.raises(grpc.RpcError) as refused:
+            fetch(node, signer.token("demo", "frontend", audience="sds-agent"), ["default"])
+        assert refused.value.code() == grpc.StatusCode.PERMISSION_DENIED
+        check = subprocess.run([AGENT_BIN, "check", "--socket", node.socket], capture_output=True, text=True, timeout=30)
+        assert check.returncode == 1 and "refuses the callers' forwarded tokens" in check.stderr, check.stderr
+    finally:
+        node.stop_all()
+        ca.stop()
