@@ -22,7 +22,8 @@ public struct VerificationKeySet: Sendable {
         do {
             jwks = try JSONDecoder().decode(JWKS.self, from: jwksJSON)
         } catch {
-            throw KeySetError(message: "not a JWKS document: \(error)")
+            // The decoder's own description is a dump of its coding path: say what was expected.
+            throw KeySetError(message: "not a JWKS document (JSON with a \"keys\" list of JWKs)")
         }
         guard !jwks.keys.isEmpty else { throw KeySetError(message: "the JWKS has no keys") }
         let collection = JWTKeyCollection()

@@ -217,11 +217,14 @@ def test_the_shipped_attestation_policy_and_its_commented_example_pass_config_ch
     shipped = configmap["data"]["policy.yaml"]
     example = "rules:\n" + "\n".join(line.replace("# ", "", 1) for line in shipped.splitlines()
                                       if line.startswith("# ") or line.startswith("#   "))
+    # config check reads the files serve reads: the JWKS must be one.
+    from sdsdemo.devtokens import TokenSigner
+    jwks = TokenSigner().write_jwks(str(tmp_path / "jwks.json"))
     for name, text in (("shipped", shipped), ("example", example)):
         path = tmp_path / f"{name}.yaml"
         path.write_text(text)
         config = tmp_path / f"{name}-config.yaml"
-        config.write_text(yaml.safe_dump({"jwks": "/dev/null", "attestation-policy": str(path), "node-name": "node-a",
+        config.write_text(yaml.safe_dump({"jwks": jwks, "attestation-policy": str(path), "node-name": "node-a",
                                           "kube-api-server": "https://127.0.0.1:6443"}))
         result = subprocess.run([AGENT_BIN, "config", "check", str(config)], capture_output=True, text=True, timeout=30)
         assert result.returncode == 0, (name, text, result.stdout, result.stderr)
