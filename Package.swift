@@ -1,9 +1,10 @@
 // swift-tools-version:6.1
 import PackageDescription
 
+// Linux only: the agent runs on Kubernetes nodes and uses Glibc, SO_PEERCRED and /proc; nothing
+// here builds or tests another platform, so no platform is claimed.
 let package = Package(
     name: "sds-agent",
-    platforms: [.macOS(.v15)],
     products: [
         .executable(name: "sds-agent", targets: ["sds-agent"])
     ],

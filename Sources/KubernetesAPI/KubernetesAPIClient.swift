@@ -1,10 +1,6 @@
 import AsyncHTTPClient
-#if canImport(FoundationEssentials)
 import FoundationEssentials
 import Glibc
-#else
-import Foundation
-#endif
 import NIOCore
 import NIOHTTP1
 import NIOSSL

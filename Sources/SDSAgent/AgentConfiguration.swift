@@ -1,10 +1,6 @@
 import CertificateAuthority
-#if canImport(FoundationEssentials)
 import FoundationEssentials
 import Glibc
-#else
-import Foundation
-#endif
 import KubernetesAPI
 import SDSModel
 import SDSServer

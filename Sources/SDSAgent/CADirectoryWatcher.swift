@@ -1,11 +1,7 @@
 import CertificateAuthority
 import CoreMetrics
-#if canImport(FoundationEssentials)
 import FoundationEssentials
 import Glibc
-#else
-import Foundation
-#endif
 import Logging
 
 /// Watches a CA in Istio's `cacerts` layout (`--ca-dir`) and feeds a complete, valid change into

@@ -1,12 +1,8 @@
 import CentralCA
 import CertificateAuthority
 import CoreMetrics
-#if canImport(FoundationEssentials)
 import FoundationEssentials
 import Glibc
-#else
-import Foundation
-#endif
 import GRPCCore
 import GRPCNIOTransportHTTP2
 import KubernetesAPI

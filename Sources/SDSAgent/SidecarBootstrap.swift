@@ -1,11 +1,7 @@
 import CertificateAuthority
 import SDSModel
-#if canImport(FoundationEssentials)
 import FoundationEssentials
 import Glibc
-#else
-import Foundation
-#endif
 
 /// Fills `envoy-bootstrap/envoy-sidecar.yaml` for one Envoy sidecar.
 ///

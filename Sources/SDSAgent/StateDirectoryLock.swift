@@ -1,10 +1,6 @@
 import CertificateAuthority
-#if canImport(FoundationEssentials)
 import FoundationEssentials
 import Glibc
-#else
-import Foundation
-#endif
 import SDSModel
 
 /// One agent per state directory: an exclusive `flock` on `<dir>/agent.lock`, held while the

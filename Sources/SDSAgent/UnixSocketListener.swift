@@ -1,10 +1,6 @@
-#if canImport(FoundationEssentials)
 import FoundationEssentials
 import Glibc
 import SDSModel
-#else
-import Foundation
-#endif
 
 /// Creates the agent's listening Unix domain socket.
 ///

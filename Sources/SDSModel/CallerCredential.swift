@@ -1,9 +1,5 @@
-#if canImport(FoundationEssentials)
 import FoundationEssentials
 import Glibc
-#else
-import Foundation
-#endif
 
 /// A caller's verified bearer token, kept so an upstream CA can be asked on the caller's behalf
 /// (the agent's `forward` credential mode). Its text never appears in a description: printing one

@@ -1,9 +1,5 @@
-#if canImport(FoundationEssentials)
 import FoundationEssentials
 import Glibc
-#else
-import Foundation
-#endif
 
 /// A workload's current X.509-SVID: certificate chain and private key, as Envoy takes them (PEM).
 ///

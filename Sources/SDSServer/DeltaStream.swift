@@ -1,10 +1,6 @@
 import EnvoyAPI
-#if canImport(FoundationEssentials)
 import FoundationEssentials
 import Glibc
-#else
-import Foundation
-#endif
 import GRPCCore
 import Logging
 import SDSModel

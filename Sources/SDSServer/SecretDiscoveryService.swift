@@ -1,11 +1,7 @@
 import CoreMetrics
 import EnvoyAPI
-#if canImport(FoundationEssentials)
 import FoundationEssentials
 import Glibc
-#else
-import Foundation
-#endif
 import GRPCCore
 import Logging
 import SDSModel

@@ -1,9 +1,5 @@
-#if canImport(FoundationEssentials)
 import FoundationEssentials
 import Glibc
-#else
-import Foundation
-#endif
 
 /// When a certificate should be renewed: a pure function of its validity, so it is tested as a value.
 ///

@@ -1,12 +1,8 @@
 import CertificateAuthority
 import CoreMetrics
 import Crypto
-#if canImport(FoundationEssentials)
 import FoundationEssentials
 import Glibc
-#else
-import Foundation
-#endif
 import Logging
 import SDSModel
 import X509

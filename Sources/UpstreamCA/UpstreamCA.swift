@@ -1,11 +1,7 @@
 import CertificateAuthority
 import CoreMetrics
-#if canImport(FoundationEssentials)
 import FoundationEssentials
 import Glibc
-#else
-import Foundation
-#endif
 import GRPCCore
 import GRPCNIOTransportHTTP2
 import IstioAPI

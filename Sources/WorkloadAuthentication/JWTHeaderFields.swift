@@ -1,10 +1,6 @@
-#if canImport(FoundationEssentials)
 import FoundationEssentials
 import Glibc
 import SDSModel
-#else
-import Foundation
-#endif
 
 /// The two header fields checked before any signature work: `alg` and `kid`.
 struct JWTHeaderFields: Decodable {

@@ -1,9 +1,5 @@
-#if canImport(FoundationEssentials)
 import FoundationEssentials
 import Glibc
-#else
-import Foundation
-#endif
 import SDSModel
 
 /// Attestation beyond the token: checks on the Unix peer credentials of the connection a call

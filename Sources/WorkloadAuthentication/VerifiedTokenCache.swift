@@ -1,10 +1,6 @@
 import Crypto
-#if canImport(FoundationEssentials)
 import FoundationEssentials
 import Glibc
-#else
-import Foundation
-#endif
 import Synchronization
 
 /// Tokens whose signature has been verified, so a repeated token (every SDS stream an Envoy

@@ -1,11 +1,7 @@
 import ArgumentParser
 import EnvoyAPI
-#if canImport(FoundationEssentials)
 import FoundationEssentials
 import Glibc
-#else
-import Foundation
-#endif
 import GRPCCore
 import GRPCNIOTransportHTTP2
 import SDSModel

@@ -1,11 +1,7 @@
 import ArgumentParser
 import CertificateAuthority
-#if canImport(FoundationEssentials)
 import FoundationEssentials
 import Glibc
-#else
-import Foundation
-#endif
 import KubernetesAPI
 import Logging
 import Metrics

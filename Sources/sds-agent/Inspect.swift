@@ -1,10 +1,6 @@
 import ArgumentParser
-#if canImport(FoundationEssentials)
 import FoundationEssentials
 import Glibc
-#else
-import Foundation
-#endif
 import SDSAgent
 
 /// `sds-agent inspect`: every identity the node's agent holds, with serials, expiry, renewal,

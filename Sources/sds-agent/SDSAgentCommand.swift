@@ -1,10 +1,6 @@
 import ArgumentParser
-#if canImport(FoundationEssentials)
 import FoundationEssentials
 import Glibc
-#else
-import Foundation
-#endif
 import SDSAgent
 
 /// `sds-agent`: an Envoy SDS node agent issuing SPIFFE workload certificates.
