@@ -92,12 +92,12 @@ public final class FederatedBundles: FederatedBundleSource {
         }
     }
 
-    struct ReadError: Error {
-        var message: String
+    package struct ReadError: Error {
+        package var message: String
     }
 
     /// The roots in `source.file`: PEM, or a SPIFFE bundle (JWKS with `x5c`).
-    static func read(_ source: Source) throws(ReadError) -> TrustBundle {
+    package static func read(_ source: Source) throws(ReadError) -> TrustBundle {
         let data: Data
         do {
             data = Data(try InputFile.bytes(source.file))

@@ -1,7 +1,7 @@
 /// `# HELP` text for every metric the agent exports. The metrics are recorded through
 /// swift-metrics, which carries no help text, so the endpoint adds these lines before each
 /// metric's `# TYPE` line. A test checks that every exported metric has one.
-enum MetricsHelp {
+package enum MetricsHelp {
     static let text: [String: String] = [
         "sds_agent_build_info": "Always 1; labels: the version, commit and Swift version of this binary.",
         "sds_agent_refused_calls_total": "SDS calls refused, by gRPC status (code) and why (reason).",
@@ -25,7 +25,7 @@ enum MetricsHelp {
     ]
 
     /// `exposition` with a `# HELP` line before each `# TYPE` line of a metric that has text.
-    static func annotate(_ exposition: [UInt8]) -> [UInt8] {
+    package static func annotate(_ exposition: [UInt8]) -> [UInt8] {
         let text = String(decoding: exposition, as: UTF8.self)
         var out = ""
         out.reserveCapacity(text.utf8.count + 2048)

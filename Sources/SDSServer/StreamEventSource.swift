@@ -12,8 +12,8 @@ import Synchronization
 /// Events come in this order when several are ready: a request, then a change, then a deadline,
 /// then the end of the requests. ``finish()`` (the stream's end) stops the reader, the watch and
 /// the timers.
-final class StreamEventSource<Request: Sendable>: AsyncSequence, Sendable {
-    typealias Element = StreamEvent<Request>
+package final class StreamEventSource<Request: Sendable>: AsyncSequence, Sendable {
+    package typealias Element = StreamEvent<Request>
 
     private struct State {
         var request: Request?
@@ -40,7 +40,7 @@ final class StreamEventSource<Request: Sendable>: AsyncSequence, Sendable {
     private let resources = Mutex<(task: Task<Void, Never>?, watch: SecretWatch?, timers: [DeadlineTimer])>((nil, nil, []))
 
     /// Starts reading `requests`, watching `identity` in `secrets`, and both deadlines on `deadlines`.
-    init(
+    package init(
         requests: RPCAsyncSequence<Request, any Error>, secrets: any SecretSource, identity: SPIFFEID,
         firstRequestTimeout: Duration, credentialExpiresIn: Duration, deadlines: any DeadlineScheduler = DispatchDeadlines()
     ) {
@@ -66,7 +66,7 @@ final class StreamEventSource<Request: Sendable>: AsyncSequence, Sendable {
     }
 
     /// Stops the reader, the watch and the timers; a waiting stream gets nil.
-    func finish() {
+    package func finish() {
         let (task, watch, timers) = resources.withLock { resources in
             defer { resources = (nil, nil, []) }
             return resources
@@ -184,33 +184,36 @@ final class StreamEventSource<Request: Sendable>: AsyncSequence, Sendable {
         }
     }
 
-    struct AsyncIterator: AsyncIteratorProtocol {
+    package struct AsyncIterator: AsyncIteratorProtocol {
         let source: StreamEventSource
-        mutating func next() async throws -> StreamEvent<Request>? { try await source.next() }
+        package mutating func next() async throws -> StreamEvent<Request>? { try await source.next() }
     }
 
-    func makeAsyncIterator() -> AsyncIterator { AsyncIterator(source: self) }
+    package func makeAsyncIterator() -> AsyncIterator { AsyncIterator(source: self) }
 }
 
 /// A scheduled deadline, cancelled from any thread.
-struct DeadlineTimer: Sendable {
-    let cancel: @Sendable () -> Void
+package struct DeadlineTimer: Sendable {
+    package let cancel: @Sendable () -> Void
+    package init(cancel: @escaping @Sendable () -> Void) { self.cancel = cancel }
 }
 
 /// Where a stream's deadlines are scheduled: Dispatch in the agent, a manual clock in tests.
-protocol DeadlineScheduler: Sendable {
+package protocol DeadlineScheduler: Sendable {
     /// Calls `fire` once `delay` has passed, unless the returned timer is cancelled first.
     func schedule(after delay: Duration, _ fire: @escaping @Sendable () -> Void) -> DeadlineTimer
 }
 
 /// Deadlines as Dispatch work items: no task per deadline.
-struct DispatchDeadlines: DeadlineScheduler {
+package struct DispatchDeadlines: DeadlineScheduler {
+    package init() {}
+
     /// `DispatchWorkItem.cancel()` may be called from any thread.
     private struct Item: @unchecked Sendable {
         let item: DispatchWorkItem
     }
 
-    func schedule(after delay: Duration, _ fire: @escaping @Sendable () -> Void) -> DeadlineTimer {
+    package func schedule(after delay: Duration, _ fire: @escaping @Sendable () -> Void) -> DeadlineTimer {
         let parts = Swift.max(delay, .milliseconds(1)).components
         let milliseconds = Swift.min(parts.seconds, 400 * 86400) * 1000 + parts.attoseconds / 1_000_000_000_000_000
         let item = Item(item: DispatchWorkItem(block: fire))

@@ -4,7 +4,7 @@ import GRPCCore
 import SDSModel
 
 /// What a stream reacts to, in one sequence: Envoy's requests (then their end) and cache updates.
-enum StreamEvent<Request: Sendable>: Sendable {
+package enum StreamEvent<Request: Sendable>: Sendable {
     case request(Request)
     case requestsEnded
     case updated
@@ -34,17 +34,22 @@ enum StreamEvents {
 }
 
 /// Passes a stream's events through, ending it when `.firstRequestDue` comes before any request.
-struct FirstRequestDeadline<Base: AsyncSequence & Sendable, Request: Sendable>: AsyncSequence, Sendable
+package struct FirstRequestDeadline<Base: AsyncSequence & Sendable, Request: Sendable>: AsyncSequence, Sendable
 where Base.Element == StreamEvent<Request> {
-    let base: Base
-    let timeout: Duration
+    package let base: Base
+    package let timeout: Duration
 
-    struct AsyncIterator: AsyncIteratorProtocol {
+    package init(base: Base, timeout: Duration) {
+        self.base = base
+        self.timeout = timeout
+    }
+
+    package struct AsyncIterator: AsyncIteratorProtocol {
         var base: Base.AsyncIterator
         let timeout: Duration
         var sawRequest = false
 
-        mutating func next() async throws -> StreamEvent<Request>? {
+        package mutating func next() async throws -> StreamEvent<Request>? {
             while let event = try await base.next() {
                 switch event {
                 case .firstRequestDue:
@@ -62,5 +67,5 @@ where Base.Element == StreamEvent<Request> {
         }
     }
 
-    func makeAsyncIterator() -> AsyncIterator { AsyncIterator(base: base.makeAsyncIterator(), timeout: timeout) }
+    package func makeAsyncIterator() -> AsyncIterator { AsyncIterator(base: base.makeAsyncIterator(), timeout: timeout) }
 }

@@ -385,7 +385,7 @@ public final class UpstreamCA: CertificateIssuer {
 
     /// Parses and checks the CA's answer: the leaf (first element) must carry `key` and exactly
     /// `identity`, and the chain must verify to the root(s) in the last element.
-    func verify(answer: [String], for identity: SPIFFEID, key: Certificate.PublicKey) async throws(IssuanceError)
+    package func verify(answer: [String], for identity: SPIFFEID, key: Certificate.PublicKey) async throws(IssuanceError)
         -> (chain: [Certificate], roots: [Certificate])
     {
         func invalid(_ message: String) -> IssuanceError { IssuanceError(code: .verificationFailed, message: message) }

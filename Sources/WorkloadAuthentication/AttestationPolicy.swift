@@ -178,12 +178,12 @@ struct ImageSelector: Hashable {
 
 /// An image reference split into repository (normalized as the container runtimes do: Docker
 /// Hub's `nginx` is `docker.io/library/nginx`), tag and digest.
-struct ImageReference: Hashable {
-    var repository: String
-    var tag: String?
-    var digest: String?
+package struct ImageReference: Hashable {
+    package var repository: String
+    package var tag: String?
+    package var digest: String?
 
-    init?(_ text: String) {
+    package init?(_ text: String) {
         var rest = Substring(text)
         if let at = rest.firstIndex(of: "@") {
             digest = String(rest[rest.index(after: at)...])

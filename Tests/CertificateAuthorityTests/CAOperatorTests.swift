@@ -7,7 +7,7 @@ import TestSupport
 import Testing
 import X509
 import _CryptoExtras
-@testable import CertificateAuthority
+import CertificateAuthority
 
 /// What operators bring: key types, CAs that must be checked before they are trusted, Istio's
 /// cacerts layout and changes to it.

@@ -1,6 +1,6 @@
 import CertificateAuthority
 import Foundation
-@testable import SDSAgent
+import SDSAgent
 import TestSupport
 import Testing
 import X509

@@ -1,6 +1,6 @@
 import Foundation
 import Logging
-@testable import SDSAgent
+import SDSAgent
 import Synchronization
 import Testing
 

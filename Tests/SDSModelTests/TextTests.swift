@@ -1,6 +1,6 @@
 import Foundation
 import Testing
-@testable import SDSModel
+import SDSModel
 
 /// The text helpers every module uses instead of Foundation proper's.
 @Suite struct TextTests {

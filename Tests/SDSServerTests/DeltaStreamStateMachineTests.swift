@@ -1,4 +1,4 @@
-@testable import SDSServer
+import SDSServer
 import Testing
 
 @Suite struct DeltaStreamStateMachineTests {

@@ -6,7 +6,7 @@ import GRPCCore
 import GRPCInProcessTransport
 import MetricsTestKit
 import SDSModel
-@testable import SDSServer
+import SDSServer
 import SecretCache
 import TestSupport
 import Synchronization

@@ -11,7 +11,7 @@ import SecretCache
 import Synchronization
 import TestSupport
 import Testing
-@testable import UpstreamCA
+import UpstreamCA
 import WorkloadAuthentication
 import X509
 

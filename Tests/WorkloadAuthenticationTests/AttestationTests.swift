@@ -3,7 +3,7 @@ import KubernetesAPI
 import SDSModel
 import TestSupport
 import Testing
-@testable import WorkloadAuthentication
+import WorkloadAuthentication
 
 @Suite struct ImageReferenceTests {
     @Test(arguments: [
