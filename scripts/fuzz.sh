@@ -5,6 +5,7 @@
 #   scripts/fuzz.sh --seconds 10          CI's short run
 #   scripts/fuzz.sh --seconds 1800        the long run (30 minutes a target; RELIABILITY.md)
 #   scripts/fuzz.sh --runs 10000000 csr   ten million executions of one target
+#   scripts/fuzz.sh --build-only          only the instrumented build (test.sh runs it early)
 # New inputs go to run/fuzz/TARGET (not into the repo: add the interesting ones to Fuzz/corpus by
 # hand). A crash stops the run, leaves its input in run/fuzz/, prints it, and fails the script.
 set -euo pipefail
@@ -13,21 +14,25 @@ export PATH="/opt/swift/usr/bin:$PATH"
 
 limit=(-max_total_time=30)
 targets=()
+build_only=false
 while [ $# -gt 0 ]; do
   case "$1" in
     --seconds) limit=("-max_total_time=$2"); shift 2 ;;
     --runs) limit=("-runs=$2"); shift 2 ;;
-    -*) echo "usage: fuzz.sh [--seconds N | --runs N] [TARGET...]" >&2; exit 2 ;;
+    --build-only) build_only=true; shift ;;
+    -*) echo "usage: fuzz.sh [--seconds N | --runs N | --build-only] [TARGET...]" >    -*) echo "usage: fuzz.sh [--seconds N | --runs N] [TARGET...]" >&2; exit 2 ;;2; exit 2 ;;
     *) targets+=("$1"); shift ;;
   esac
 done
 [ ${#targets[@]} -gt 0 ] || targets=(token sotw delta csr config)
 
-scratch=${SDS_FUZZ_SCRATCH:-.build-fuzz}
-# lld: gold fails on the fuzzer runtime's objects (an internal error in its DWARF reader).
-flags=(-c release --scratch-path "$scratch" -Xswiftc -sanitize=fuzzer -Xswiftc -DFUZZING -Xswiftc -use-ld=lld)
+# The flags (scripts/release-flags.sh, with the release build's scratch unless SDS_FUZZ_SCRATCH
+# names another). lld: gold fails on the fuzzer runtime's objects (an internal error in its DWARF reader).
+source scripts/release-flags.sh
+flags=("${fuzz_flags[@]}")
 swift build "${flags[@]}" --product sds-agent-fuzz
 fuzzer="$(swift build "${flags[@]}" --show-bin-path)/sds-agent-fuzz"
+$build_only && exit 0
 
 summary=()
 for target in "${targets[@]}"; do

@@ -1,36 +1,73 @@
 #!/usr/bin/env bash
 # Runs every test: the generated-code check, the Swift unit and socket suites, the release build
-# the container image ships, the benchmark smoke run and the node-restart storm, a short fuzzing
-# run, and the pytest suites (real Envoys end to end, faults, a short soak, Deploy/ checks).
-# Installs what it needs (apt, project-local .venv).
+# the container image ships, the benchmark smoke run and the node-restart storm, the pytest suites
+# (real Envoys end to end, faults, a short soak, Deploy/ checks) against the image's binary, the
+# fuzz corpus replayed and 10 s per libFuzzer target. Installs what it needs (apt, project-local
+# .venv). Extra arguments go to pytest. Each phase's time is printed at the end.
+#
+# Three compiles, because no two of them can be one: the debug build (unit tests, corpus replay),
+# the release build the image ships (statically linked: Swift Testing has no static form), and
+# the libFuzzer build (every Swift module with -sanitize=fuzzer, whose main() collides with a test
+# runner's). What runs beside what: the virtualenv downloads during the debug build; the libFuzzer
+# build, in the release scratch (BoringSSL shared) once nothing needs the release build there
+# any more, runs at the lowest CPU priority beside the end-to-end suites, which run two test
+# files at a time against the stripped binary in run/release.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export PATH="/opt/swift/usr/bin:$PATH"
+source scripts/release-flags.sh
+mkdir -p run
 
-scripts/install-deps.sh
-scripts/check-generated.sh
-scripts/setup-venv.sh
+phases=()
+started=$(date +%s)
+report() {
+  local status=$?
+  echo >&2
+  echo "== phases" >&2
+  printf '  %s\n' "${phases[@]}" >&2
+  printf '  %-60s %5d s\n' "total$([ "$status" = 0 ] || echo " (failed)")" $(( $(date +%s) - started )) >&2
+}
+trap report EXIT
+# phase NAME COMMAND...: runs COMMAND, records how long it took, and returns its status (also
+# where `set -e` does not apply, as on the left of `||`).
+phase() {
+  local name=$1 start status=0
+  shift
+  echo "== $name" >&2
+  start=$(date +%s)
+  "$@" || status=$?
+  phases+=("$(printf '%-60s %5d s%s' "$name" $(( $(date +%s) - start )) "$([ "$status" = 0 ] || echo " (failed: $status)")")")
+  return "$status"
+}
 
-echo "== swift test" >&2
-swift build --build-tests
-swift test --skip-build
+phase "install tools, check generated code" bash -c 'scripts/install-deps.sh && scripts/check-generated.sh'
+# The virtualenv (a real Envoy, pytest) downloads while the compiler works.
+scripts/setup-venv.sh > run/setup-venv.log 2>&1 &
+venv_pid=$!
 
-echo "== release build (the container image's build stage: Deploy/Dockerfile)" >&2
-scripts/build-release.sh run/release
+phase "debug build with tests" swift build --build-tests
+phase "swift test (Swift unit and socket suites)" swift test --skip-build
+phase "fuzz corpus replayed (plain build)" "$(swift build --show-bin-path)/sds-agent-fuzz" replay Fuzz/corpus/*
 
-echo "== benchmark smoke run (full: scripts/bench.sh)" >&2
-scripts/bench.sh --smoke
+# bench.sh builds the image's binary and the benchmark client with the release flags; the
+# release image build after it only recompiles the module that carries the commit.
+phase "benchmark smoke run, building the release (full: scripts/bench.sh)" scripts/bench.sh --smoke
+phase "node-restart storm: 300 clients at once, any failure fails" scripts/bench.sh --smoke --storm 300
+phase "release image build (Deploy/Dockerfile's recipe)" scripts/build-release.sh run/release
+phase "python virtualenv ready" wait "$venv_pid" || { cat run/setup-venv.log >&2; exit 1; }
 
-echo "== node-restart storm: 300 clients, one connection each, all at once; any failure fails" >&2
-scripts/bench.sh --smoke --storm 300
-
-echo "== fuzzing: the seed corpus replayed, then 10 s per libFuzzer target (long run: scripts/fuzz.sh)" >&2
-"$(swift build --show-bin-path)/sds-agent-fuzz" replay Fuzz/corpus/*
-# The release scratch folder: its C modules (BoringSSL) are already built and need no
-# instrumentation, so only the Swift modules are compiled again, with -sanitize=fuzzer.
-SDS_FUZZ_SCRATCH=${SDS_RELEASE_SCRATCH:-.build-release} scripts/fuzz.sh --seconds 10
-
-echo "== end-to-end with real Envoys" >&2
-swift build --product sds-agent
-SDS_AGENT_BIN="$(swift build --show-bin-path)/sds-agent" ENVOY_BIN="$PWD/.venv/bin/envoy" \
-  .venv/bin/python -m pytest -q -p no:cacheprovider Tests/EndToEnd "$@"
+# The libFuzzer build beside the end-to-end suites, which use the stripped copy in run/release.
+fuzz_log=run/fuzz-build.log
+nice -n 19 scripts/fuzz.sh --build-only > "$fuzz_log" 2>&1 &
+fuzz_pid=$!
+e2e() {
+  SDS_AGENT_BIN="$PWD/run/release/bin/sds-agent" ENVOY_BIN="$PWD/.venv/bin/envoy" \
+    .venv/bin/python -m pytest -q -p no:cacheprovider -n 2 --dist loadfile Tests/EndToEnd "$@"
+}
+e2e_status=0
+phase "end to end with real Envoys (the image's binary)" e2e "$@" || e2e_status=$?
+build_status=0
+phase "libFuzzer build (what is left of it after the suites)" wait "$fuzz_pid" || build_status=$?
+[ "$build_status" = 0 ] || { tail -60 "$fuzz_log" >&2; exit 1; }
+[ "$e2e_status" = 0 ] || exit "$e2e_status"
+phase "fuzzing: 10 s per libFuzzer target (long run: scripts/fuzz.sh)" scripts/fuzz.sh --seconds 10
