@@ -18,24 +18,11 @@ enum TCPListener {
         }
         defer { freeaddrinfo(info) }
         let fd = socket(info.pointee.ai_family, Int32(SOCK_STREAM.rawValue) | Int32(SOCK_CLOEXEC.rawValue), 0)
-        guard fd >= 0 else { throw ListenerError(path: name, "socket(): \(errnoText())") }
+        guard fd >= 0 else { throw ListenerError(path: name, "socket(): \(ListenerError.errnoText())") }
         var one: Int32 = 1
         setsockopt(fd, SOL_SOCKET, SO_REUSEADDR, &one, socklen_t(MemoryLayout<Int32>.size))
-        guard Glibc.bind(fd, info.pointee.ai_addr, info.pointee.ai_addrlen) == 0 else {
-            let text = errnoText()
-            close(fd)
-            throw ListenerError(path: name, "cannot listen: \(text)")
-        }
-        guard listen(fd, backlog) == 0 else {
-            let text = errnoText()
-            close(fd)
-            throw ListenerError(path: name, "listen(): \(text)")
-        }
+        try ListenerError.check(Glibc.bind(fd, info.pointee.ai_addr, info.pointee.ai_addrlen), closing: fd, path: name, "cannot listen")
+        try ListenerError.check(listen(fd, backlog), closing: fd, path: name, "listen()")
         return fd
-    }
-
-    private static func errnoText() -> String {
-        let code = errno
-        return "\(String(cString: strerror(code))) (errno \(code))"
     }
 }

@@ -25,23 +25,10 @@ public enum UnixSocketListener {
         try removeStaleSocket(at: path)
 
         let fd = socket(AF_UNIX, Int32(SOCK_STREAM.rawValue), 0)
-        guard fd >= 0 else { throw ListenerError(path: path, "socket(): \(errnoText())") }
-        let bound = withAddress(of: path) { Glibc.bind(fd, $0, $1) }
-        guard bound == 0 else {
-            let text = errnoText()
-            close(fd)
-            throw ListenerError(path: path, "bind(): \(text)")
-        }
-        guard chmod(path, mode) == 0 else {
-            let text = errnoText()
-            close(fd)
-            throw ListenerError(path: path, "chmod(\(String(mode, radix: 8))): \(text)")
-        }
-        guard listen(fd, backlog) == 0 else {
-            let text = errnoText()
-            close(fd)
-            throw ListenerError(path: path, "listen(): \(text)")
-        }
+        guard fd >= 0 else { throw ListenerError(path: path, "socket(): \(ListenerError.errnoText())") }
+        try ListenerError.check(withAddress(of: path) { Glibc.bind(fd, $0, $1) }, closing: fd, path: path, "bind()")
+        try ListenerError.check(chmod(path, mode), closing: fd, path: path, "chmod(\(String(mode, radix: 8)))")
+        try ListenerError.check(listen(fd, backlog), closing: fd, path: path, "listen()")
         return fd
     }
 
@@ -57,7 +44,7 @@ public enum UnixSocketListener {
         if connected == 0 {
             throw ListenerError(path: path, "another process is listening on this socket (is an agent already running?)")
         }
-        guard unlink(path) == 0 else { throw ListenerError(path: path, "cannot remove stale socket: \(errnoText())") }
+        guard unlink(path) == 0 else { throw ListenerError(path: path, "cannot remove stale socket: \(ListenerError.errnoText())") }
     }
 
     /// Calls `body` with `path` as a `sockaddr_un` (the caller has checked its length).
@@ -73,10 +60,6 @@ public enum UnixSocketListener {
         }
     }
 
-    private static func errnoText() -> String {
-        let code = errno
-        return "\(String(cString: strerror(code))) (errno \(code))"
-    }
 }
 
 /// The socket could not be set up; names the path and the system's reason.
@@ -90,4 +73,18 @@ public struct ListenerError: Error, Sendable, CustomStringConvertible {
         self.message = message
     }
     public var description: String { "socket \(path): \(message)" }
+
+    /// The system's reason for the last failure: `Address already in use (errno 98)`.
+    static func errnoText() -> String {
+        let code = errno
+        return "\(String(cString: strerror(code))) (errno \(code))"
+    }
+
+    /// Throws, after closing `fd`, when a system call returned non-zero; `what` names the step.
+    static func check(_ result: Int32, closing fd: Int32, path: String, _ what: String) throws(ListenerError) {
+        guard result != 0 else { return }
+        let text = errnoText()
+        close(fd)
+        throw ListenerError(path: path, "\(what): \(text)")
+    }
 }
