@@ -20,7 +20,7 @@ while [ $# -gt 0 ]; do
     --seconds) limit=("-max_total_time=$2"); shift 2 ;;
     --runs) limit=("-runs=$2"); shift 2 ;;
     --build-only) build_only=true; shift ;;
-    -*) echo "usage: fuzz.sh [--seconds N | --runs N | --build-only] [TARGET...]" >    -*) echo "usage: fuzz.sh [--seconds N | --runs N] [TARGET...]" >&2; exit 2 ;;2; exit 2 ;;
+    -*) echo "usage: fuzz.sh [--seconds N | --runs N | --build-only] [TARGET...]" >&2; exit 2 ;;
     *) targets+=("$1"); shift ;;
   esac
 done

@@ -40,7 +40,8 @@ phase() {
   return "$status"
 }
 
-phase "install tools, check generated code" bash -c 'scripts/install-deps.sh && scripts/check-generated.sh'
+phase "install tools, check generated code and scripts" \
+  bash -c 'scripts/install-deps.sh && scripts/check-generated.sh && for f in scripts/*.sh .ci/run; do bash -n "$f"; done'
 # The virtualenv (a real Envoy, pytest) downloads while the compiler works.
 scripts/setup-venv.sh > run/setup-venv.log 2>&1 &
 venv_pid=$!
