@@ -247,7 +247,8 @@ public final class UpstreamCA: CertificateIssuer {
     public var refusesForwardedTokens: String? {
         state.withLock { state in
             state.refusalBeforeAnyIssue.map {
-                "the upstream CA refuses the callers' forwarded tokens and has issued nothing yet (does it accept --audience?): \($0)"
+                // The CA's own status text: escaped and bounded, as it goes to /readyz and `check` as it is.
+                "the upstream CA refuses the callers' forwarded tokens and has issued nothing yet (does it accept --audience?): \(CallerText($0, limit: 256))"
             }
         }
     }
