@@ -52,7 +52,16 @@ let package = Package(
                 // image's Ubuntu 24.04 has 2.39): 2.6 MB of `.rela.dyn` become a few KB.
                 .unsafeFlags(
                     ["-Xlinker", "--no-export-dynamic"],
-                    .when(platforms: [.linux]))
+                    .when(platforms: [.linux])),
+                // The Swift runtime and Foundation linked statically into this binary alone (the
+                // image has no Swift runtime), at link time only: SwiftPM's --static-swift-stdlib
+                // also compiles every module against the static resource directory, which has no
+                // Swift Testing, so the tests could not share the release build with the image.
+                // The static FoundationEssentials' own dependencies, which the dynamic modules we
+                // compile against do not name for the linker.
+                .unsafeFlags(
+                    ["-static-stdlib", "-l_FoundationCollections", "-l_FoundationCShims"],
+                    .when(platforms: [.linux], configuration: .release)),
             ]
         ),
         // Composition root: validated configuration -> components, the UDS listener, the ServiceGroup.
@@ -319,4 +328,17 @@ let shipped: Set<String> = [
 ]
 for target in package.targets where shipped.contains(target.name) {
     target.swiftSettings = (target.swiftSettings ?? []) + [.enableUpcomingFeature("MemberImportVisibility")]
+}
+
+// The libFuzzer build (scripts/fuzz.sh sets SDS_FUZZ=1): our own modules get libFuzzer's coverage
+// and the fuzz driver links its runtime. The dependencies keep the release build's objects, in
+// the same scratch, so the fuzz build recompiles only this package's modules.
+if Context.environment["SDS_FUZZ"] == "1" {
+    for target in package.targets where shipped.contains(target.name) || target.name == "sds-agent-fuzz" {
+        target.swiftSettings = (target.swiftSettings ?? []) + [.unsafeFlags(["-sanitize=fuzzer"]), .define("FUZZING")]
+    }
+    for target in package.targets where target.name == "sds-agent-fuzz" {
+        // lld: gold fails on the fuzzer runtime's objects (an internal error in its DWARF reader).
+        target.linkerSettings = [.unsafeFlags(["-sanitize=fuzzer", "-use-ld=lld"])]
+    }
 }

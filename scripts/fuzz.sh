@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # fuzz.sh [--seconds N | --runs N] [TARGET...]: builds the libFuzzer targets (Fuzz/sds-agent-fuzz,
-# every Swift module instrumented with -sanitize=fuzzer) and runs each TARGET (default: all of
+# this package's Swift modules instrumented with -sanitize=fuzzer) and runs each TARGET (default: all of
 # token sotw delta csr config) from the seed corpus in Fuzz/corpus/TARGET, printing the totals.
 #   scripts/fuzz.sh --seconds 10          CI's short run
 #   scripts/fuzz.sh --seconds 1800        the long run (30 minutes a target; RELIABILITY.md)
@@ -27,9 +27,10 @@ done
 [ ${#targets[@]} -gt 0 ] || targets=(token sotw delta csr config)
 
 # The flags (scripts/release-flags.sh, with the release build's scratch unless SDS_FUZZ_SCRATCH
-# names another). lld: gold fails on the fuzzer runtime's objects (an internal error in its DWARF reader).
+# names another); SDS_FUZZ=1 makes Package.swift instrument this package's modules.
 source scripts/release-flags.sh
 flags=("${fuzz_flags[@]}")
+export SDS_FUZZ=1
 swift build "${flags[@]}" --product sds-agent-fuzz
 fuzzer="$(swift build "${flags[@]}" --show-bin-path)/sds-agent-fuzz"
 $build_only && exit 0

@@ -1,9 +1,13 @@
-# Sourced by build-release.sh and bench.sh: the one definition of the release build the image
-# ships. -Osize: the Swift code optimised for size (the binary 41.7 -> 38.9 MiB stripped, issuance
-# and cached fetches no slower in the same run: docs/BENCHMARKS.md). Linker flags are in Package.swift.
+# Sourced by build-release.sh, bench.sh, fuzz.sh and test.sh: the one definition of the release
+# build the image ships. -Osize: the Swift code optimised for size (the binary 41.7 -> 38.9 MiB
+# stripped, issuance and cached fetches no slower in the same run: docs/BENCHMARKS.md). The Swift
+# runtime is linked statically into sds-agent alone, by its linker flags in Package.swift, so the
+# Swift suites, the benchmark and the image share one compile of every module.
 release_scratch=${SDS_RELEASE_SCRATCH:-.build-release}
-release_flags=(-c release --static-swift-stdlib -Xswiftc -Osize --scratch-path "$release_scratch")
-# The libFuzzer build (scripts/fuzz.sh): every Swift module again with libFuzzer's coverage, in
-# the release build's scratch so BoringSSL's objects are shared. It rebuilds the Swift modules the
-# release build left there, so scripts/test.sh runs it after every use of the release build.
-fuzz_flags=(-c release --scratch-path "${SDS_FUZZ_SCRATCH:-$release_scratch}" -Xswiftc -sanitize=fuzzer -Xswiftc -DFUZZING -Xswiftc -use-ld=lld)
+release_flags=(-c release -Xswiftc -Osize --scratch-path "$release_scratch")
+# The libFuzzer build (scripts/fuzz.sh): the same flags with SDS_FUZZ=1 in the environment, which
+# Package.swift reads to add libFuzzer's coverage to this package's modules only. In the same
+# scratch, every dependency is shared with the release build; only our modules are recompiled
+# (and again by the next release build), so scripts/test.sh runs it after every use of the
+# release build.
+fuzz_flags=(-c release -Xswiftc -Osize --scratch-path "${SDS_FUZZ_SCRATCH:-$release_scratch}")

@@ -5,13 +5,12 @@
 # fuzz corpus replayed and 10 s per libFuzzer target. Installs what it needs (apt, project-local
 # .venv). Extra arguments go to pytest. Each phase's time is printed at the end.
 #
-# Three compiles, because no two of them can be one: the debug build (unit tests, corpus replay),
-# the release build the image ships (statically linked: Swift Testing has no static form), and
-# the libFuzzer build (every Swift module with -sanitize=fuzzer, whose main() collides with a test
-# runner's). What runs beside what: the virtualenv downloads during the debug build; the libFuzzer
-# build, in the release scratch (BoringSSL shared) once nothing needs the release build there
-# any more, runs at the lowest CPU priority beside the end-to-end suites, which run two test
-# files at a time against the stripped binary in run/release.
+# One compile of the dependencies: the release build (scripts/release-flags.sh) serves the Swift
+# suites, the corpus replay, the benchmark and the image, which links the Swift runtime statically
+# at link time alone (Package.swift). The libFuzzer build reuses it in the same scratch and
+# recompiles only this package's modules (SDS_FUZZ=1), once nothing needs the release build there
+# any more: at the lowest CPU priority beside the end-to-end suites, which run two test files at a
+# time against the stripped binary in run/release. The virtualenv downloads during the compile.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export PATH="/opt/swift/usr/bin:$PATH"
@@ -46,12 +45,12 @@ phase "install tools, check generated code and scripts" \
 scripts/setup-venv.sh > run/setup-venv.log 2>&1 &
 venv_pid=$!
 
-phase "debug build with tests" swift build --build-tests
-phase "swift test (Swift unit and socket suites)" swift test --skip-build
-phase "fuzz corpus replayed (plain build)" "$(swift build --show-bin-path)/sds-agent-fuzz" replay Fuzz/corpus/*
+phase "release build with tests (every module, once)" swift build "${release_flags[@]}" --build-tests
+phase "swift test (Swift unit and socket suites, release build)" swift test "${release_flags[@]}" --skip-build
+phase "fuzz corpus replayed (plain build)" "$(swift build "${release_flags[@]}" --show-bin-path)/sds-agent-fuzz" replay Fuzz/corpus/*
 
-# bench.sh builds the image's binary and the benchmark client with the release flags; the
-# release image build after it only recompiles the module that carries the commit.
+# bench.sh and build-release.sh find their products built; the image build recompiles only the
+# module that carries the commit.
 phase "benchmark smoke run, building the release (full: scripts/bench.sh)" scripts/bench.sh --smoke
 phase "node-restart storm: 300 clients at once, any failure fails" scripts/bench.sh --smoke --storm 300
 phase "release image build (Deploy/Dockerfile's recipe)" scripts/build-release.sh run/release
