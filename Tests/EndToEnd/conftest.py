@@ -21,6 +21,13 @@ from sdsdemo.node import Node  # noqa: E402
 AGENT_BIN = os.environ.get("SDS_AGENT_BIN", os.path.join(REPO, ".build", "debug", "sds-agent"))
 ENVOY_BIN = os.environ.get("ENVOY_BIN", shutil.which("envoy") or os.path.join(REPO, ".venv", "bin", "envoy"))
 
+# The identities every suite uses: the trust domain (bare and as a SPIFFE ID) and the two demo
+# workloads of the mTLS pair.
+TRUST_DOMAIN = "cluster.local"
+TD = f"spiffe://{TRUST_DOMAIN}"
+FRONTEND = f"{TD}/ns/demo/sa/frontend"
+BACKEND = f"{TD}/ns/demo/sa/backend"
+
 
 @pytest.fixture(scope="module")
 def node():

@@ -1,12 +1,8 @@
 """OIDC discovery and TokenReview with real Envoys. The API server is fake_apiserver.py, a local
 HTTPS stand-in (there is none on these machines); the agent's client is its real one."""
-from conftest import AGENT_BIN, ENVOY_BIN
+from conftest import AGENT_BIN, ENVOY_BIN, TD, FRONTEND, BACKEND
 from fake_apiserver import FakeAPIServer
 from sdsdemo.node import Node
-
-TD = "spiffe://cluster.local"
-BACKEND = f"{TD}/ns/demo/sa/backend"
-FRONTEND = f"{TD}/ns/demo/sa/frontend"
 
 
 def test_keys_from_oidc_discovery_and_every_token_reviewed_by_the_api_server(tmp_path):

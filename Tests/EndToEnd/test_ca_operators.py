@@ -10,14 +10,11 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.x509.oid import NameOID
 
-from conftest import AGENT_BIN, ENVOY_BIN
+from conftest import AGENT_BIN, ENVOY_BIN, TD, FRONTEND, BACKEND
 from sdsdemo.devtokens import TokenSigner
 from sdsdemo.node import Load, Node, wait_until
 from test_served_secrets import fetch
 
-TD = "spiffe://cluster.local"
-FRONTEND = f"{TD}/ns/demo/sa/frontend"
-BACKEND = f"{TD}/ns/demo/sa/backend"
 PEM = serialization.Encoding.PEM
 
 

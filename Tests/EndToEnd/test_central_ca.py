@@ -13,13 +13,12 @@ import signal
 import grpc
 import pytest
 
-from conftest import AGENT_BIN, ENVOY_BIN
+from conftest import AGENT_BIN, ENVOY_BIN, TD
 from fake_apiserver import FakeAPIServer
 from istio_ca import client_call, leaf_uris, make_csr, stubs
 from sdsdemo.devtokens import TokenSigner
 from sdsdemo.node import Load, Node, Process, free_port, wait_until
 
-TD = "spiffe://cluster.local"
 AGENT_SA = ("sds-system", "sds-agent")
 
 

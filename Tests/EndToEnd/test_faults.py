@@ -15,13 +15,10 @@ import time
 import pytest
 from cryptography import x509
 
-from conftest import AGENT_BIN, ENVOY_BIN
+from conftest import AGENT_BIN, ENVOY_BIN, TD, FRONTEND, BACKEND
 from sdsdemo.node import Load, Node, wait_until
 from test_reliability import fetch
 
-TD = "spiffe://cluster.local"
-FRONTEND = f"{TD}/ns/demo/sa/frontend"
-BACKEND = f"{TD}/ns/demo/sa/backend"
 DOWN_SECONDS = float(os.environ.get("SDS_FAULT_DOWN_SECONDS", "3"))
 
 

@@ -3,10 +3,7 @@ import pytest
 
 from sdsdemo.devtokens import TokenSigner
 from sdsdemo.node import wait_until
-
-TD = "spiffe://cluster.local"
-FRONTEND = f"{TD}/ns/demo/sa/frontend"
-BACKEND = f"{TD}/ns/demo/sa/backend"
+from conftest import TD, FRONTEND, BACKEND
 
 
 def pair(node, envoys, validation_context_name, client_sa="frontend", client_token=None, **client_kwargs):

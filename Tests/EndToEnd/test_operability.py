@@ -9,13 +9,11 @@ import subprocess
 import grpc
 import pytest
 
-from conftest import AGENT_BIN, ENVOY_BIN, REPO
+from conftest import AGENT_BIN, ENVOY_BIN, REPO, TD
 from fake_apiserver import FakeAPIServer
 from sdsdemo.devtokens import TokenSigner
 from sdsdemo.node import Node, free_port, http_get, wait_until
 from test_served_secrets import fetch
-
-TD = "spiffe://cluster.local"
 
 
 def run(*args, env=None, timeout=30):

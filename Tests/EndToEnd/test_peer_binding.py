@@ -8,12 +8,8 @@ The uid checks use the real uid of the Envoy processes.
 import os
 import uuid
 
-from conftest import AGENT_BIN, ENVOY_BIN, in_pod
+from conftest import AGENT_BIN, ENVOY_BIN, in_pod, TD, FRONTEND, BACKEND
 from sdsdemo.node import Node
-
-TD = "spiffe://cluster.local"
-BACKEND = f"{TD}/ns/demo/sa/backend"
-FRONTEND = f"{TD}/ns/demo/sa/frontend"
 
 
 def test_an_envoy_running_as_a_uid_not_allowed_gets_no_certificate(tmp_path):

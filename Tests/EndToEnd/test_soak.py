@@ -14,9 +14,9 @@ import time
 
 import grpc
 
-from conftest import AGENT_BIN, ENVOY_BIN
+from conftest import AGENT_BIN, ENVOY_BIN, FRONTEND
 from sdsdemo.node import Load, Node, wait_until
-from test_faults import FRONTEND, mesh, open_sotw_streams
+from test_faults import mesh, open_sotw_streams
 from test_reliability import OWN_CONNECTION, TOKEN_KEY, request
 from envoy.service.secret.v3 import sds_pb2_grpc
 

@@ -12,14 +12,11 @@ import pytest
 from envoy.service.discovery.v3 import discovery_pb2
 from envoy.service.secret.v3 import sds_pb2_grpc
 
-from conftest import AGENT_BIN, ENVOY_BIN
+from conftest import AGENT_BIN, ENVOY_BIN, TD, FRONTEND, BACKEND
 from istio_ca import IstiodStandIn, pem
 from sdsdemo.devtokens import TokenSigner
 from sdsdemo.node import Node, wait_until
 
-TD = "spiffe://cluster.local"
-FRONTEND = f"{TD}/ns/demo/sa/frontend"
-BACKEND = f"{TD}/ns/demo/sa/backend"
 SECRET_TYPE = "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.Secret"
 
 

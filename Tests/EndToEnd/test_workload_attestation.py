@@ -21,11 +21,10 @@ from spiffe import JwtSvid, TrustDomain, WorkloadApiClient
 from spiffe._proto import workload_pb2, workload_pb2_grpc
 from cryptography import x509
 
-from conftest import AGENT_BIN, ENVOY_BIN, in_pod, put_in_pod
+from conftest import AGENT_BIN, ENVOY_BIN, in_pod, put_in_pod, TRUST_DOMAIN
 from fake_apiserver import FakeAPIServer
 from sdsdemo.node import Node, wait_until
 
-TD = "cluster.local"
 NODE = "node-a"
 ISTIO_SOCKET = "var/run/secrets/workload-spiffe-uds/socket"
 DIGEST = "sha256:" + "ab" * 32
@@ -93,9 +92,9 @@ def test_the_spiffe_client_gets_its_pods_identity_bundles_rotation_and_jwt(workd
         client = attested.client()
 
         svid = client.fetch_x509_svid()
-        assert str(svid.spiffe_id) == f"spiffe://{TD}/ns/payments/sa/api"
+        assert str(svid.spiffe_id) == f"spiffe://{TRUST_DOMAIN}/ns/payments/sa/api"
         bundles = client.fetch_x509_bundles()
-        roots = bundles.get_bundle_for_trust_domain(TrustDomain(TD)).x509_authorities
+        roots = bundles.get_bundle_for_trust_domain(TrustDomain(TRUST_DOMAIN)).x509_authorities
         leaf = svid.leaf
         assert any(root.subject == leaf.issuer for root in roots)
         # The leaf verifies with the root the client was given.
@@ -120,8 +119,8 @@ def test_the_spiffe_client_gets_its_pods_identity_bundles_rotation_and_jwt(workd
             rotated = wait_until(
                 lambda: next((c for c in contexts if c.default_svid.leaf.serial_number != first_serial), None),
                 30, "a rotated X.509-SVID pushed on the open stream")
-            assert str(rotated.default_svid.spiffe_id) == f"spiffe://{TD}/ns/payments/sa/api"
-            new_roots = rotated.x509_bundle_set.get_bundle_for_trust_domain(TrustDomain(TD)).x509_authorities
+            assert str(rotated.default_svid.spiffe_id) == f"spiffe://{TRUST_DOMAIN}/ns/payments/sa/api"
+            new_roots = rotated.x509_bundle_set.get_bundle_for_trust_domain(TrustDomain(TRUST_DOMAIN)).x509_authorities
             assert any(r.subject == rotated.default_svid.leaf.issuer and r != root for r in new_roots)
         finally:
             handler.cancel()
@@ -130,16 +129,16 @@ def test_the_spiffe_client_gets_its_pods_identity_bundles_rotation_and_jwt(workd
         # JWT-SVID: fetched, and valid with the JWT bundle fetched from the same API.
         jwt_svid = client.fetch_jwt_svid(audience={"payments-db"})
         jwt_bundles = client.fetch_jwt_bundles()
-        jwt_bundle = jwt_bundles.get_bundle_for_trust_domain(TrustDomain(TD))
+        jwt_bundle = jwt_bundles.get_bundle_for_trust_domain(TrustDomain(TRUST_DOMAIN))
         validated = JwtSvid.parse_and_validate(jwt_svid.token, jwt_bundle, {"payments-db"})
-        assert str(validated.spiffe_id) == f"spiffe://{TD}/ns/payments/sa/api"
+        assert str(validated.spiffe_id) == f"spiffe://{TRUST_DOMAIN}/ns/payments/sa/api"
         assert client.validate_jwt_svid(jwt_svid.token, "payments-db").spiffe_id == validated.spiffe_id
         code, detail = status_of(lambda: attested.raw_call(
             "ValidateJWTSVID", workload_pb2.ValidateJWTSVIDRequest(audience="someone-else", svid=jwt_svid.token)))
         assert code == grpc.StatusCode.INVALID_ARGUMENT and "audience" in detail
         # Only its own identity.
         code, _ = status_of(lambda: attested.raw_call(
-            "FetchJWTSVID", workload_pb2.JWTSVIDRequest(audience=["x"], spiffe_id=f"spiffe://{TD}/ns/kube-system/sa/admin")))
+            "FetchJWTSVID", workload_pb2.JWTSVIDRequest(audience=["x"], spiffe_id=f"spiffe://{TRUST_DOMAIN}/ns/kube-system/sa/admin")))
         assert code == grpc.StatusCode.PERMISSION_DENIED
 
         # Without the spec's security header: invalid_argument, and no identity.
@@ -194,7 +193,7 @@ def test_envoys_with_istios_sds_bootstrap_get_certificates_without_tokens_and_do
         node = attested.node
         backend_pod = attested.pod("demo", "backend-0", "backend")
         frontend_pod = attested.pod("demo", "frontend-0", "frontend")
-        backend_id, frontend_id = f"spiffe://{TD}/ns/demo/sa/backend", f"spiffe://{TD}/ns/demo/sa/frontend"
+        backend_id, frontend_id = f"spiffe://{TRUST_DOMAIN}/ns/demo/sa/backend", f"spiffe://{TRUST_DOMAIN}/ns/demo/sa/frontend"
         # The rendered template needs a token file; Istio's SDS config below sends none.
         unused = node.token_file("unused", "demo", "unused")
         app = node.start_app("backend")
