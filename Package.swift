@@ -302,7 +302,7 @@ let package = Package(
         .target(
             name: "TestSupport",
             dependencies: [
-                "SDSModel", "CertificateAuthority", "EnvoyAPI",
+                "SDSModel", "CertificateAuthority", "EnvoyAPI", "SDSServer",
                 .product(name: "Crypto", package: "swift-crypto"),
                 .product(name: "Logging", package: "swift-log"),
                 .product(name: "GRPCCore", package: "grpc-swift-2"),

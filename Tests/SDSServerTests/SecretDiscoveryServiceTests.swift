@@ -688,39 +688,12 @@ import X509
         #expect(signals.watching == 0)
     }
 
-    /// Deadlines on a manual clock: they fire when the test moves time past them, not before.
-    final class ManualDeadlines: DeadlineScheduler, Sendable {
-        private let state = Mutex<(now: Duration, pending: [(id: Int, due: Duration, fire: @Sendable () -> Void)], nextID: Int)>((.zero, [], 0))
-
-        func schedule(after delay: Duration, _ fire: @escaping @Sendable () -> Void) -> DeadlineTimer {
-            let id = state.withLock { state in
-                state.nextID += 1
-                state.pending.append((state.nextID, state.now + delay, fire))
-                return state.nextID
-            }
-            return DeadlineTimer { [self] in state.withLock { $0.pending.removeAll { $0.id == id } } }
-        }
-
-        /// Moves the clock by `duration` and fires what fell due, in order.
-        func advance(by duration: Duration) {
-            let due = state.withLock { state in
-                state.now += duration
-                let due = state.pending.filter { $0.due <= state.now }.sorted { $0.due < $1.due }
-                state.pending.removeAll { $0.due <= state.now }
-                return due
-            }
-            for timer in due { timer.fire() }
-        }
-
-        var scheduled: Int { state.withLock { $0.pending.count } }
-    }
-
     @Test func deliversTheDeadlinesWhenTheyFallDueAndEndsWhenFinished() async throws {
         // The requests stay open (a dropped continuation would end them).
         let (requests, open) = AsyncThrowingStream.makeStream(of: Int.self, throwing: (any Error).self)
         defer { open.finish() }
         let signals = Signals()
-        let clock = ManualDeadlines()
+        let clock = ManualClock()
         let source = StreamEventSource(
             requests: RPCAsyncSequence(wrapping: requests), secrets: signals, identity: identity,
             firstRequestTimeout: .seconds(10), credentialExpiresIn: .seconds(3600), deadlines: clock)
@@ -751,7 +724,7 @@ import X509
     @Test func finishingCancelsTheDeadlines() {
         let (requests, open) = AsyncThrowingStream.makeStream(of: Int.self, throwing: (any Error).self)
         defer { open.finish() }
-        let clock = ManualDeadlines()
+        let clock = ManualClock()
         let source = StreamEventSource(
             requests: RPCAsyncSequence(wrapping: requests), secrets: Signals(), identity: identity,
             firstRequestTimeout: .seconds(10), credentialExpiresIn: .seconds(3600), deadlines: clock)
