@@ -166,7 +166,9 @@ enum FuzzTarget: String, CaseIterable {
         _ = try? SPIFFEID(parsing: text)
         _ = SPIFFEID.isValidTrustDomain(text)
         _ = PeerCredentials(metadataValue: text)
-        _ = MetricsEndpoint.Address(text)
+        _ = MetricsEndpoint.address(text)
+        if let address = HostPort(text) { precondition((1...65535).contains(address.port) && !address.host.isEmpty) }
+        _ = BearerToken.token(in: text)
         let escaped = CallerText(bytes: data, limit: 64).description
         precondition(!escaped.unicodeScalars.contains { $0.value < 0x20 || (0x7F...0x9F).contains($0.value) })
         // At most `\u{XXXX}` (8) per kept character, and the note of what was cut.

@@ -200,12 +200,6 @@ public struct IstioCertificateService: Istio_V1_Auth_IstioCertificateService.Ser
 
     /// The token in `authorization: Bearer <token>`.
     static func bearerToken(in metadata: Metadata) -> String? {
-        for value in metadata[stringValues: "authorization"] {
-            let trimmed = value.trimmed
-            guard trimmed.count > 7, trimmed.prefix(7).lowercased() == "bearer " else { continue }
-            let token = trimmed.dropFirst(7).trimmed
-            if !token.isEmpty { return token }
-        }
-        return nil
+        metadata[stringValues: "authorization"].lazy.compactMap(BearerToken.token(in:)).first
     }
 }

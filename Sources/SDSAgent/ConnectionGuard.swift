@@ -177,12 +177,3 @@ final class ConnectionWatch: ChannelInboundHandler, RemovableChannelHandler, @un
     }
 }
 
-extension TimeAmount {
-    /// `duration` in nanoseconds, saturating at the largest `TimeAmount`.
-    init(_ duration: Duration) {
-        let (seconds, attoseconds) = duration.components
-        let (whole, overflow) = seconds.multipliedReportingOverflow(by: 1_000_000_000)
-        self = overflow ? .nanoseconds(.max) : .nanoseconds(whole.addingReportingOverflow(attoseconds / 1_000_000_000).partialValue)
-    }
-}
-

@@ -3,6 +3,7 @@ import NIOCore
 import NIOHTTP1
 import NIOPosix
 import Prometheus
+import SDSModel
 import ServiceLifecycle
 
 /// Serves the agent's metrics to Prometheus and its health to kubelet over plain HTTP/1.1 on a
@@ -12,28 +13,11 @@ import ServiceLifecycle
 /// Off unless `--metrics-address` is given. It serves no secret and accepts no input, so it can
 /// listen on the pod's address.
 public struct MetricsEndpoint: Service {
-    /// Where to listen, parsed from `HOST:PORT` (`[::1]:9102`, `0.0.0.0:9102`, `:9102`).
-    public struct Address: Sendable, Hashable, CustomStringConvertible {
-        public var host: String
-        public var port: Int
+    /// Where to listen, from `HOST:PORT` (`[::1]:9102`, `0.0.0.0:9102`, `:9102`: an empty host is
+    /// all IPv4 addresses, port 0 one the kernel picks); nil when it is not that shape.
+    public static func address(_ text: String) -> HostPort? { HostPort(text, emptyHost: "0.0.0.0", ports: 0...65535) }
 
-        /// Parses `HOST:PORT`; an empty host means all IPv4 addresses. Nil when it is not that shape.
-        public init?(_ text: String) {
-            guard let colon = text.lastIndex(of: ":"), let port = Int(text[text.index(after: colon)...]),
-                (0...65535).contains(port)
-            else { return nil }
-            var host = String(text[..<colon])
-            if host.hasPrefix("[") && host.hasSuffix("]") { host = String(host.dropFirst().dropLast()) }
-            if host.isEmpty { host = "0.0.0.0" }
-            guard !host.contains(where: { $0 == "/" || $0 == " " }) else { return nil }
-            self.host = host
-            self.port = port
-        }
-
-        public var description: String { host.contains(":") ? "[\(host)]:\(port)" : "\(host):\(port)" }
-    }
-
-    private let address: Address
+    private let address: HostPort
     private let registry: PrometheusCollectorRegistry
     private let logger: Logger
     private let onListening: @Sendable (Int) -> Void
@@ -43,7 +27,7 @@ public struct MetricsEndpoint: Service {
     ///   - readiness: why the agent cannot issue now, or nil (answers `/readyz`).
     ///   - onListening: called with the bound port once the endpoint listens (port 0 picks one).
     public init(
-        address: Address, registry: PrometheusCollectorRegistry, logger: Logger,
+        address: HostPort, registry: PrometheusCollectorRegistry, logger: Logger,
         readiness: @escaping @Sendable () -> String? = { nil }, onListening: @escaping @Sendable (Int) -> Void = { _ in }
     ) {
         self.readiness = readiness

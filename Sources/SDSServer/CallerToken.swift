@@ -1,4 +1,5 @@
 import GRPCCore
+import SDSModel
 
 /// Finds the caller's token in a call's metadata.
 public enum CallerToken {
@@ -15,19 +16,12 @@ public enum CallerToken {
             }
         } else {
             for value in metadata[stringValues: headerKey] where !value.isEmpty {
-                return stripBearer(value)
+                return BearerToken.token(in: value) ?? value
             }
         }
         for value in metadata[stringValues: "authorization"] {
-            let prefix = "bearer "
-            if value.count > prefix.count, value.prefix(prefix.count).lowercased() == prefix {
-                return String(value.dropFirst(prefix.count))
-            }
+            if let token = BearerToken.token(in: value) { return token }
         }
         return nil
-    }
-
-    private static func stripBearer(_ value: String) -> String {
-        value.lowercased().hasPrefix("bearer ") ? String(value.dropFirst(7)) : value
     }
 }

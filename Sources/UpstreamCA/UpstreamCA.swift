@@ -78,17 +78,6 @@ public final class UpstreamCA: CertificateIssuer {
             self.issueDeadline = issueDeadline
             self.bundleCacheFile = bundleCacheFile
         }
-
-        /// `HOST:PORT`, `[V6]:PORT`; nil when it is not one.
-        public static func parseAddress(_ text: String) -> (host: String, port: Int)? {
-            guard let colon = text.lastIndex(of: ":"), let port = Int(text[text.index(after: colon)...]),
-                (1...65535).contains(port)
-            else { return nil }
-            var host = String(text[..<colon])
-            if host.hasPrefix("[") && host.hasSuffix("]") { host = String(host.dropFirst().dropLast()) }
-            guard !host.isEmpty, !host.contains(where: { $0.isWhitespace || $0 == "/" }) else { return nil }
-            return (host, port)
-        }
     }
 
     private struct State {

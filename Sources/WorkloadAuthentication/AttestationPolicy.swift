@@ -82,7 +82,7 @@ public struct AttestationPolicy: Sendable, Hashable, Codable {
             if let id = rule.spiffeID {
                 selected = id == identity.description
             } else if let ns = rule.namespace {
-                selected = Self.matches(ns, namespace) && Self.matches(rule.serviceAccount ?? "*", serviceAccount)
+                selected = NamePattern.matches(ns, namespace) && NamePattern.matches(rule.serviceAccount ?? "*", serviceAccount)
             } else {
                 selected = false
             }
@@ -130,9 +130,6 @@ public struct AttestationPolicy: Sendable, Hashable, Codable {
         return nil
     }
 
-    static func matches(_ pattern: String, _ value: String) -> Bool {
-        pattern.hasSuffix("*") ? value.hasPrefix(pattern.dropLast()) : pattern == value
-    }
 }
 
 /// One entry of a rule's `images`: a repository (with an optional tag) and/or a digest.

@@ -45,25 +45,21 @@ public struct AuthorizationPolicy: Sendable, Equatable {
     /// The decision for `caller`.
     public func evaluate(_ caller: AuthenticatedCaller) -> Decision {
         let account = "\(caller.namespace)/\(caller.serviceAccount)"
-        if let rule = denyNamespaces.first(where: { Self.matches($0, caller.namespace) }) {
+        if let rule = denyNamespaces.first(where: { NamePattern.matches($0, caller.namespace) }) {
             return .denied(reason: "namespace \(caller.namespace) is denied by rule '\(rule)'")
         }
-        if let rule = denyServiceAccounts.first(where: { Self.matches($0, account) }) {
+        if let rule = denyServiceAccounts.first(where: { NamePattern.matches($0, account) }) {
             return .denied(reason: "service account \(account) is denied by rule '\(rule)'")
         }
         if allowNamespaces.isEmpty && allowServiceAccounts.isEmpty { return .allowed }
-        if allowNamespaces.contains(where: { Self.matches($0, caller.namespace) })
-            || allowServiceAccounts.contains(where: { Self.matches($0, account) })
+        if allowNamespaces.contains(where: { NamePattern.matches($0, caller.namespace) })
+            || allowServiceAccounts.contains(where: { NamePattern.matches($0, account) })
         {
             return .allowed
         }
         return .denied(reason: "\(account) matches no allow rule")
     }
 
-    /// Exact match, or prefix match for a rule ending in `*`.
-    static func matches(_ rule: String, _ value: String) -> Bool {
-        rule.hasSuffix("*") ? value.hasPrefix(rule.dropLast()) : rule == value
-    }
 }
 
 extension AuthorizationPolicy: CustomStringConvertible {

@@ -94,9 +94,9 @@ struct CAServe: AsyncParsableCommand {
                 "environment variables that name no setting are ignored (a typo?); settings are SDS_AGENT_ and a flag's long name",
                 metadata: ["variables": .list(unknown)])
         }
-        var metrics: (address: MetricsEndpoint.Address, registry: PrometheusCollectorRegistry)?
+        var metrics: (address: HostPort, registry: PrometheusCollectorRegistry)?
         if let metricsAddress {
-            guard let address = MetricsEndpoint.Address(metricsAddress) else {
+            guard let address = MetricsEndpoint.address(metricsAddress) else {
                 throw ValidationError("--metrics-address '\(metricsAddress)' is not HOST:PORT such as 0.0.0.0:9102")
             }
             let registry = PrometheusCollectorRegistry()
@@ -108,12 +108,11 @@ struct CAServe: AsyncParsableCommand {
             metrics = (address, registry)
         }
         // `:PORT` is every address, as for `serve --metrics-address`.
-        let listen = self.listen.hasPrefix(":") ? "0.0.0.0" + self.listen : self.listen
-        guard let (host, port) = UpstreamCA.Configuration.parseAddress(listen) else {
+        guard let address = HostPort(listen, emptyHost: "0.0.0.0") else {
             throw ValidationError("--listen '\(listen.callerText(limit: 128))' is not HOST:PORT such as 0.0.0.0:15012")
         }
         let tokens = tokenOptions.verification(trustDomain: trustDomain, defaultAudience: "istio-ca")
-        var configuration = CentralCAConfiguration(listenHost: host, listenPort: port, tokens: tokens, stateDirectory: stateDir)
+        var configuration = CentralCAConfiguration(listenHost: address.host, listenPort: address.port, tokens: tokens, stateDirectory: stateDir)
         configuration.caTTL = caTtl
         configuration.caKeyType = caKeyType
         configuration.caCertificateFile = caCert

@@ -182,7 +182,7 @@ struct Serve: AsyncParsableCommand {
     /// The agent's configuration from these flags (with the file's and the environment's settings
     /// merged in by ``SDSAgentCommand/main()``); usage errors throw ``ValidationError``.
     func makeConfiguration() throws -> AgentConfiguration {
-        if let metricsAddress, MetricsEndpoint.Address(metricsAddress) == nil {
+        if let metricsAddress, MetricsEndpoint.address(metricsAddress) == nil {
             throw ValidationError("--metrics-address '\(metricsAddress.callerText(limit: 128))' is not HOST:PORT such as 0.0.0.0:9102")
         }
         guard let mode = UInt16(socketMode, radix: 8) else {
@@ -227,11 +227,11 @@ struct Serve: AsyncParsableCommand {
         configuration.attestation.policyFile = attestationPolicy
         configuration.attestation.jwtSVIDTTL = jwtSvidTtl
         if let upstreamCa {
-            guard let (host, port) = UpstreamCA.Configuration.parseAddress(upstreamCa) else {
+            guard let address = HostPort(upstreamCa) else {
                 throw ValidationError("--upstream-ca '\(upstreamCa.callerText(limit: 128))' is not HOST:PORT such as istiod.istio-system.svc:15012")
             }
             configuration.upstreamCA = .init(
-                host: host, port: port, serverBundleFile: upstreamCaBundle ?? "", serverName: upstreamCaServerName,
+                host: address.host, port: address.port, serverBundleFile: upstreamCaBundle ?? "", serverName: upstreamCaServerName,
                 credentialMode: upstreamCaCredential, tokenFile: upstreamCaTokenFile, clusterID: upstreamCaClusterId,
                 trustDomain: trustDomain)
         } else if upstreamCaBundle != nil || upstreamCaServerName != nil || upstreamCaTokenFile != nil {
@@ -262,7 +262,7 @@ struct Serve: AsyncParsableCommand {
         }
         var metricsEndpoint: MetricsEndpoint?
         let readiness = AgentReadiness()
-        if let metricsAddress, let address = MetricsEndpoint.Address(metricsAddress) {
+        if let metricsAddress, let address = MetricsEndpoint.address(metricsAddress) {
             let registry = PrometheusCollectorRegistry()
             MetricsSystem.bootstrap(PrometheusMetricsFactory(registry: registry))
             Gauge(

@@ -13,13 +13,13 @@ import Testing
         ("0.0.0.0:9102", "0.0.0.0", 9102), (":9102", "0.0.0.0", 9102), ("[::1]:80", "::1", 80), ("localhost:0", "localhost", 0),
     ])
     func parsesHostAndPort(_ text: String, host: String, port: Int) throws {
-        let address = try #require(MetricsEndpoint.Address(text))
+        let address = try #require(MetricsEndpoint.address(text))
         #expect(address.host == host && address.port == port)
     }
 
     @Test(arguments: ["9102", "host:", "host:http", "host:70000", "a b:1", "/tmp/sock:1"])
     func rejectsWhatIsNotHostAndPort(_ text: String) {
-        #expect(MetricsEndpoint.Address(text) == nil)
+        #expect(MetricsEndpoint.address(text) == nil)
     }
 
     /// Real HTTP over TCP on loopback: what Prometheus scrapes is the registry's text, and only at /metrics.
@@ -30,7 +30,7 @@ import Testing
             .increment()
         let (ports, portSink) = AsyncStream.makeStream(of: Int.self)
         let endpoint = MetricsEndpoint(
-            address: try #require(.init("127.0.0.1:0")), registry: registry, logger: TestPKI.quietLogger,
+            address: try #require(MetricsEndpoint.address("127.0.0.1:0")), registry: registry, logger: TestPKI.quietLogger,
             onListening: { portSink.yield($0) })
         try await withThrowingTaskGroup(of: Void.self) { group in
             group.addTask { try await endpoint.run() }
@@ -53,14 +53,14 @@ import Testing
     @Test func anAddressInUseFailsWithAMessageNamingIt() async throws {
         let (ports, portSink) = AsyncStream.makeStream(of: Int.self)
         let first = MetricsEndpoint(
-            address: try #require(.init("127.0.0.1:0")), registry: PrometheusCollectorRegistry(), logger: TestPKI.quietLogger,
+            address: try #require(MetricsEndpoint.address("127.0.0.1:0")), registry: PrometheusCollectorRegistry(), logger: TestPKI.quietLogger,
             onListening: { portSink.yield($0) })
         try await withThrowingTaskGroup(of: Void.self) { group in
             group.addTask { try await first.run() }
             var iterator = ports.makeAsyncIterator()
             let port = try #require(await iterator.next())
             let second = MetricsEndpoint(
-                address: try #require(.init("127.0.0.1:\(port)")), registry: PrometheusCollectorRegistry(), logger: TestPKI.quietLogger)
+                address: try #require(MetricsEndpoint.address("127.0.0.1:\(port)")), registry: PrometheusCollectorRegistry(), logger: TestPKI.quietLogger)
             do {
                 try await second.run()
                 Issue.record("a second endpoint listened on a port in use")
