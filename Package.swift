@@ -36,7 +36,7 @@ let package = Package(
             name: "sds-agent",
             dependencies: [
                 "SDSAgent", "SDSModel", "SDSServer", "SecretCache", "WorkloadAuthentication", "EnvoyAPI", "KubernetesAPI",
-                "UpstreamCA",
+                "UpstreamCA", "WorkloadServing",
                 .product(name: "ArgumentParser", package: "swift-argument-parser"),
                 .product(name: "GRPCCore", package: "grpc-swift-2"),
                 .product(name: "GRPCNIOTransportHTTP2", package: "grpc-swift-nio-transport"),
@@ -69,7 +69,7 @@ let package = Package(
             name: "SDSAgent",
             dependencies: [
                 "SDSModel", "SDSServer", "SecretCache", "CertificateAuthority", "WorkloadAuthentication", "KubernetesAPI",
-                "UpstreamCA", "CentralCA", "IstioAPI", "WorkloadAPI", "SPIFFEAPI",
+                "UpstreamCA", "CentralCA", "IstioAPI", "WorkloadAPI", "SPIFFEAPI", "WorkloadServing",
                 .product(name: "GRPCCore", package: "grpc-swift-2"),
                 .product(name: "SwiftASN1", package: "swift-asn1"),
                 .product(name: "GRPCNIOTransportHTTP2", package: "grpc-swift-nio-transport"),
@@ -91,7 +91,19 @@ let package = Package(
         .target(
             name: "SDSServer",
             dependencies: [
-                "SDSModel", "EnvoyAPI", "SecretCache", "WorkloadAuthentication",
+                "SDSModel", "EnvoyAPI", "WorkloadServing", "WorkloadAuthentication",
+                .product(name: "GRPCCore", package: "grpc-swift-2"),
+                .product(name: "CoreMetrics", package: "swift-metrics"),
+                .product(name: "Logging", package: "swift-log"),
+            ]
+        ),
+        // What every service on the agent's sockets shares: admission of callers, the seams they
+        // serve from (secrets, federated bundles; providers conform in the composition root), and
+        // how a failure becomes a status.
+        .target(
+            name: "WorkloadServing",
+            dependencies: [
+                "SDSModel", "WorkloadAuthentication",
                 .product(name: "GRPCCore", package: "grpc-swift-2"),
                 .product(name: "CoreMetrics", package: "swift-metrics"),
                 .product(name: "Logging", package: "swift-log"),
@@ -101,7 +113,7 @@ let package = Package(
         .target(
             name: "WorkloadAPI",
             dependencies: [
-                "SDSModel", "SDSServer", "SecretCache", "SPIFFEAPI",
+                "SDSModel", "WorkloadServing", "SPIFFEAPI",
                 .product(name: "GRPCCore", package: "grpc-swift-2"),
                 .product(name: "SwiftASN1", package: "swift-asn1"),
                 .product(name: "SwiftProtobuf", package: "swift-protobuf"),
@@ -245,6 +257,7 @@ let package = Package(
             name: "SDSServerTests",
             dependencies: [
                 "SDSServer", "SDSModel", "EnvoyAPI", "TestSupport", "SecretCache", "WorkloadAuthentication", "CertificateAuthority",
+                "WorkloadServing", "SDSAgent",
                 .product(name: "GRPCCore", package: "grpc-swift-2"),
                 .product(name: "GRPCInProcessTransport", package: "grpc-swift-2"),
                 .product(name: "X509", package: "swift-certificates"),
@@ -324,7 +337,7 @@ let package = Package(
 // dependency's import is a compile error, not a silent link of Foundation.
 let shipped: Set<String> = [
     "sds-agent", "SDSAgent", "SDSServer", "SecretCache", "CertificateAuthority", "WorkloadAuthentication", "KubernetesAPI",
-    "UpstreamCA", "CentralCA", "SDSModel", "WorkloadAPI",
+    "UpstreamCA", "CentralCA", "SDSModel", "WorkloadAPI", "WorkloadServing",
 ]
 for target in package.targets where shipped.contains(target.name) {
     target.swiftSettings = (target.swiftSettings ?? []) + [.enableUpcomingFeature("MemberImportVisibility")]

@@ -9,6 +9,7 @@ import Logging
 import NIOCore
 import SDSModel
 import SDSServer
+import WorkloadServing
 import SecretCache
 import ServiceLifecycle
 import UnixSignals

@@ -5,6 +5,7 @@ import Glibc
 import Logging
 import SDSModel
 import SDSServer
+import WorkloadServing
 import Synchronization
 import SwiftASN1
 import X509

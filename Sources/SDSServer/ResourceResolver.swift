@@ -2,7 +2,7 @@ import EnvoyAPI
 import GRPCCore
 import Logging
 import SDSModel
-import SecretCache
+import WorkloadServing
 import SwiftProtobuf
 
 /// Turns secret names into Envoy resources for one caller, each with an opaque version.
@@ -111,16 +111,5 @@ struct ResourceResolver: Sendable {
         response.resources = resolved.map(\.resource)
         response.versionInfo = resolved.map(\.version).joined(separator: ".")
         return response
-    }
-}
-
-extension RPCError {
-    /// The status for a certificate that could not be issued, on every service: a refusal is the
-    /// caller's (`permission_denied`); a CA that cannot answer now is `unavailable` (clients
-    /// retry); only our own failure is `internal`.
-    public init(issuing identity: SPIFFEID, _ error: SecretError) {
-        self.init(
-            code: error.isTransient ? .unavailable : error.isRefusal ? .permissionDenied : .internalError,
-            message: "cannot issue a certificate for \(identity): \(error.message)")
     }
 }

@@ -1,5 +1,6 @@
 import CoreMetrics
 import GRPCCore
+import WorkloadServing
 
 /// The SDS service's metrics, created once per service (low-cardinality labels only).
 struct SDSMetrics: Sendable {
@@ -13,7 +14,8 @@ struct SDSMetrics: Sendable {
 
     let sotw: Stream
     let delta: Stream
-    let factory: any MetricsFactory
+    /// Refused calls, shared with the admission of every call.
+    let refusals: RefusedCalls
 
     init(factory: any MetricsFactory) {
         func stream(_ api: String) -> Stream {
@@ -23,21 +25,6 @@ struct SDSMetrics: Sendable {
         }
         sotw = stream("sotw")
         delta = stream("delta")
-        self.factory = factory
-    }
-
-    /// Counts a refused call by gRPC status and reason; reasons are a fixed set, so the label stays small.
-    func refused(_ code: RPCError.Code, reason: String) {
-        let status =
-            switch code {
-            case .unauthenticated: "unauthenticated"
-            case .unavailable: "unavailable"
-            case .resourceExhausted: "resource_exhausted"
-            case .deadlineExceeded: "deadline_exceeded"
-            case .invalidArgument: "invalid_argument"
-            default: "permission_denied"
-            }
-        Counter(label: SecretDiscoveryService.refusedCallsMetric, dimensions: [("code", status), ("reason", reason)], factory: factory)
-            .increment()
+        refusals = RefusedCalls(factory: factory)
     }
 }

@@ -5,8 +5,8 @@ import Glibc
 import GRPCCore
 import Logging
 import SDSModel
-import SecretCache
 import WorkloadAuthentication
+import WorkloadServing
 
 /// Envoy's `envoy.service.secret.v3.SecretDiscoveryService` over the agent's cache.
 ///
@@ -32,9 +32,8 @@ public struct SecretDiscoveryService: Envoy_Service_Secret_V3_SecretDiscoverySer
     /// Other trust domains' bundles (``SDSServerConfiguration/federatedTrustDomains``).
     let federation: (any FederatedBundleSource)?
 
-    /// Counts refused calls, by gRPC status (`code`) and `reason` (the token check that failed,
-    /// or `policy`, `peer` or `pod_binding`).
-    public static let refusedCallsMetric = "sds_agent_refused_calls_total"
+    /// Counts refused calls, by gRPC status (`code`) and `reason` (``RefusedCalls``).
+    public static let refusedCallsMetric = RefusedCalls.metric
     /// Streams open now, by `api` (`sotw` or `delta`).
     public static let openStreamsMetric = "sds_agent_open_streams"
     /// NACKs received (Envoy rejected a response), by `api`.
@@ -49,8 +48,9 @@ public struct SecretDiscoveryService: Envoy_Service_Secret_V3_SecretDiscoverySer
         self.federation = federation
         self.metrics = SDSMetrics(factory: metrics)
         self.admission = CallerAdmission(
-            configuration: configuration, authenticator: authenticator, attestor: attestor, readiness: readiness, logger: logger,
-            metrics: self.metrics)
+            tokenHeaderKey: configuration.tokenHeaderKey, peerPolicy: configuration.peerPolicy,
+            authorization: configuration.authorization, authenticator: authenticator, attestor: attestor, readiness: readiness,
+            logger: logger, refusals: self.metrics.refusals)
         self.configuration = configuration
         self.secrets = secrets
         self.logger = logger
@@ -122,7 +122,7 @@ public struct SecretDiscoveryService: Envoy_Service_Secret_V3_SecretDiscoverySer
                     ? ("stream_limit", limits.maxStreams, "the agent holds its maximum of \(limits.maxStreams) open streams")
                     : ("caller_stream_limit", limits.maxStreamsPerCaller,
                         "this caller holds its maximum of \(limits.maxStreamsPerCaller) open streams (--max-streams-per-caller)")
-                metrics.refused(.resourceExhausted, reason: reason)
+                metrics.refusals.count(.resourceExhausted, reason: reason)
                 if let held = refusalThrottle.admit(refusal == .agentFull ? reason : "\(reason) \(key)") {
                     var metadata: Logger.Metadata = [
                         "limit": .number(limit), "spiffe_id": "\(caller.spiffeID)",
@@ -173,16 +173,6 @@ public struct SecretDiscoveryService: Envoy_Service_Secret_V3_SecretDiscoverySer
         var caller = try await admission.admit(metadata, method: context.descriptor.method)
         if !secrets.usesCallerCredential { caller.credential = nil }
         return caller
-    }
-}
-
-/// Runs `body`; an `RPCError` it throws reaches the caller with its message escaped and bounded
-/// (``CallerText``), since messages quote what callers sent (names, type URLs, token fields).
-public func escapingErrors<T>(_ body: () async throws -> T) async throws -> T {
-    do {
-        return try await body()
-    } catch let error as RPCError {
-        throw RPCError(code: error.code, message: CallerText(error.message, limit: 1024).description, metadata: error.metadata, cause: error.cause)
     }
 }
 

@@ -1,7 +1,7 @@
 import Dispatch
 import GRPCCore
 import SDSModel
-import SecretCache
+import WorkloadServing
 import Synchronization
 
 /// What one stream reacts to, in one sequence, for the cost of one task: Envoy's requests (read

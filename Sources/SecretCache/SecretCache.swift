@@ -17,7 +17,7 @@ import SwiftASN1
 /// streams; a failed renewal is retried with backoff while the old certificate, still valid,
 /// keeps being served. Identities no stream has watched for `idleTTL` are dropped, so memory
 /// follows the live pods.
-public actor SecretCache: SecretSource {
+public actor SecretCache {
     /// How certificates are minted and kept.
     public struct Configuration: Sendable {
         /// Lifetime requested for each workload certificate.
@@ -146,7 +146,7 @@ public actor SecretCache: SecretSource {
         updates.watch(identity, signal: signal)
     }
 
-    public func workloadSecret(for identity: SPIFFEID, credential: CallerCredential?) async throws(SecretError)
+    public func workloadSecret(for identity: SPIFFEID, credential: CallerCredential? = nil) async throws(SecretError)
         -> WorkloadSecret
     {
         let now = self.now()
@@ -283,7 +283,7 @@ public actor SecretCache: SecretSource {
         } catch let error as SecretError {
             throw error
         } catch {
-            throw SecretError(isTransient: true, message: "\(error)")
+            throw SecretError(.unavailable, message: "\(error)", cause: error)
         }
     }
 
@@ -299,14 +299,15 @@ public actor SecretCache: SecretSource {
             key = try KeyFactory.generateWithPEM(keyType)
             csr = try KeyFactory.makeCSR(for: identity, key: key.key)
         } catch {
-            throw SecretError(isTransient: false, message: "cannot build a CSR for \(identity): \(error)")
+            throw SecretError(.failed, message: "cannot build a CSR for \(identity): \(error)", cause: error)
         }
         do {
             chain = try await issuer.issue(csr: csr, for: identity, ttl: ttl, credential: credential)
         } catch {
+            let code: SecretError.Code = error.code.isTransient ? .unavailable : error.code.isRefusal ? .refused : .failed
             throw SecretError(
-                isTransient: error.code.isTransient, isRefusal: error.code.isRefusal,
-                message: error.code.isTransient ? "the CA cannot sign \(identity) now: \(error)" : "the CA refused \(identity): \(error)")
+                code, message: error.code.isTransient ? "the CA cannot sign \(identity) now: \(error)" : "the CA refused \(identity): \(error)",
+                cause: error)
         }
         do {
             let chainPEM = try chain.map { try $0.pem() }.joined()
@@ -316,7 +317,7 @@ public actor SecretCache: SecretSource {
                 serialNumberHex: leaf.serialNumber.hexString, notBefore: leaf.notValidBefore,
                 notAfter: leaf.notValidAfter)
         } catch {
-            throw SecretError(isTransient: false, message: "cannot encode the certificate for \(identity): \(error)")
+            throw SecretError(.failed, message: "cannot encode the certificate for \(identity): \(error)", cause: error)
         }
     }
 

@@ -57,18 +57,3 @@ public final class SecretUpdates: Sendable {
     /// How many streams are watching (all identities).
     public var count: Int { watchers.withLock { $0.all.count } }
 }
-
-/// A registered watcher; ``cancel()`` (once, idempotent) removes it.
-public final class SecretWatch: Sendable {
-    private let onCancel: Mutex<(@Sendable () -> Void)?>
-
-    public init(onCancel: @escaping @Sendable () -> Void) { self.onCancel = Mutex(onCancel) }
-
-    public func cancel() {
-        let action = onCancel.withLock { action in
-            defer { action = nil }
-            return action
-        }
-        action?()
-    }
-}

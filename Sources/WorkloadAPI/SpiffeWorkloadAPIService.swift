@@ -3,9 +3,8 @@ import Glibc
 import GRPCCore
 import Logging
 import SDSModel
-import SDSServer
 import SPIFFEAPI
-import SecretCache
+import WorkloadServing
 import SwiftASN1
 import SwiftProtobuf
 

@@ -6,6 +6,7 @@ import GRPCCore
 import GRPCNIOTransportHTTP2
 import SDSModel
 import SDSServer
+import WorkloadServing
 
 /// Asks an agent on a socket whether it serves: an unauthenticated FetchSecrets call, to which a
 /// ready agent answers `unauthenticated` (or `permission_denied` when its peer policy refuses

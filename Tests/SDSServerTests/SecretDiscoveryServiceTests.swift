@@ -6,8 +6,10 @@ import GRPCCore
 import GRPCInProcessTransport
 import MetricsTestKit
 import SDSModel
+import SDSAgent
 import SDSServer
 import SecretCache
+import WorkloadServing
 import TestSupport
 import Synchronization
 import Testing
@@ -638,7 +640,7 @@ import X509
         let usesCallerCredential = false
         let signals = Mutex<[Int: @Sendable () -> Void]>([:])
         func workloadSecret(for identity: SPIFFEID, credential: CallerCredential?) async throws(SecretError) -> WorkloadSecret {
-            throw SecretError(isTransient: true, message: "not used")
+            throw SecretError(.unavailable, message: "not used")
         }
         func trustBundle() async -> TrustBundle { TrustBundle(trustDomain: "cluster.local", rootsPEM: "", version: "") }
         func updates(for identity: SPIFFEID) -> AsyncStream<Void> { AsyncStream { $0.finish() } }

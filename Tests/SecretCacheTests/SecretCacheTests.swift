@@ -194,7 +194,7 @@ final class FlakyIssuer: CertificateIssuer, @unchecked Sendable {
                 _ = try await cache.workloadSecret(for: TestPKI.identity())
                 Issue.record("expected a failure")
             } catch {
-                #expect(error.isTransient)
+                #expect(error.code == .unavailable)
                 #expect(error.message.contains("CA offline"))
             }
         }

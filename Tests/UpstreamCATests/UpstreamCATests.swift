@@ -148,7 +148,7 @@ import X509
                 _ = try await cache.workloadSecret(for: TestPKI.identity("demo", "stranger"), credential: nil)
                 Issue.record("a node got an identity with no pod on it")
             } catch {
-                #expect(error.isRefusal && !error.isTransient)
+                #expect(error.code == .refused)
             }
         }
     }

@@ -1,7 +1,8 @@
 import SDSModel
 
-/// What the SDS server needs from the cache: an identity's current secret, the trust bundle, and
-/// a signal when either changes.
+/// What the services on the agent's sockets (SDS, the Workload API) need from the cache: an
+/// identity's current secret, the trust bundle, and a signal when either changes. Declared here,
+/// by its consumers; the composition root makes the cache conform.
 public protocol SecretSource: Sendable {
     /// The current certificate and key for `identity`, issuing one if there is none yet.
     ///
@@ -39,22 +40,4 @@ extension SecretSource {
     public func workloadSecret(for identity: SPIFFEID) async throws(SecretError) -> WorkloadSecret {
         try await workloadSecret(for: identity, credential: nil)
     }
-}
-
-/// A secret that could not be produced.
-public struct SecretError: Error, Sendable, CustomStringConvertible {
-    /// Whether retrying later may help (the CA is unavailable) or not (the request was refused).
-    public var isTransient: Bool
-    /// The CA refused the caller or its request: the caller's fault, answered `permission_denied`.
-    public var isRefusal: Bool
-    /// What went wrong, in words.
-    public var message: String
-
-    public init(isTransient: Bool, isRefusal: Bool = false, message: String) {
-        self.isTransient = isTransient
-        self.isRefusal = isRefusal
-        self.message = message
-    }
-
-    public var description: String { message }
 }

@@ -23,20 +23,22 @@ public struct CallerAdmission: Sendable {
     public let attestor: WorkloadAttestor?
     let readiness: @Sendable () -> String?
     let logger: Logger
-    let metrics: SDSMetrics
+    let refusals: RefusedCalls
 
-    init(
-        configuration: SDSServerConfiguration, authenticator: any WorkloadAuthenticator, attestor: WorkloadAttestor?,
-        readiness: @escaping @Sendable () -> String?, logger: Logger, metrics: SDSMetrics
+    /// `tokenHeaderKey`: the metadata key of the raw token (lowercase); `readiness`: why the
+    /// agent cannot issue now (nil when it can), told to a probe.
+    public init(
+        tokenHeaderKey: String, peerPolicy: PeerPolicy, authorization: AuthorizationPolicy, authenticator: any WorkloadAuthenticator,
+        attestor: WorkloadAttestor?, readiness: @escaping @Sendable () -> String?, logger: Logger, refusals: RefusedCalls
     ) {
-        self.tokenHeaderKey = configuration.tokenHeaderKey
-        self.peerPolicy = configuration.peerPolicy
+        self.tokenHeaderKey = tokenHeaderKey
+        self.peerPolicy = peerPolicy
         self.authenticator = authenticator
-        self.authorization = Reloadable(configuration.authorization)
+        self.authorization = Reloadable(authorization)
         self.attestor = attestor
         self.readiness = readiness
         self.logger = logger
-        self.metrics = metrics
+        self.refusals = refusals
     }
 
     /// The caller of a call with `metadata`, or the `RPCError` its refusal is answered with.
@@ -65,7 +67,7 @@ public struct CallerAdmission: Sendable {
         func refuse(_ code: RPCError.Code, reason: String, _ event: Logger.Message, detail: String, message: String) -> RPCError {
             logMetadata["reason"] = "\(detail)"
             logger.log(level: isProbe ? .debug : .warning, event, metadata: logMetadata)
-            if !isProbe { metrics.refused(code, reason: reason) }
+            if !isProbe { refusals.count(code, reason: reason) }
             return RPCError(code: code, message: message)
         }
         /// An attestation failure: `unavailable` while the pod may still appear, else `permission_denied`.

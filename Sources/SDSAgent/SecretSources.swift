@@ -1,0 +1,6 @@
+import SecretCache
+import WorkloadServing
+
+// The cache is what the services on the agent's sockets serve from: the seam is theirs
+// (WorkloadServing), the conformance is made here, where the two are put together.
+extension SecretCache: SecretSource {}

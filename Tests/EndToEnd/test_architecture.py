@@ -1,0 +1,48 @@
+"""The module boundaries docs/Architecture.md describes, checked on the sources' imports: a seam
+belongs to its consumer, so the protocol modules never import the providers they are served by."""
+import os
+import re
+
+import pytest
+
+from conftest import REPO
+
+SOURCES = os.path.join(REPO, "Sources")
+
+# module -> modules it must not import (directly): what each boundary keeps out.
+FORBIDDEN = {
+    # The SDS server serves from seams it declares with the Workload API (WorkloadServing):
+    # neither the cache nor the CA, nor what they link.
+    "SDSServer": {"SecretCache", "CertificateAuthority", "X509", "Crypto", "UpstreamCA", "CentralCA", "SDSAgent"},
+    # The Workload API shares admission and seams with the SDS server, not the server itself.
+    "WorkloadAPI": {"SDSServer", "SecretCache", "CertificateAuthority", "SDSAgent"},
+    "WorkloadServing": {"SDSServer", "WorkloadAPI", "SecretCache", "CertificateAuthority", "EnvoyAPI", "SDSAgent"},
+    # Providers do not know their consumers.
+    "SecretCache": {"SDSServer", "WorkloadAPI", "WorkloadServing", "SDSAgent", "EnvoyAPI"},
+    "CertificateAuthority": {"SecretCache", "SDSServer", "WorkloadServing", "SDSAgent"},
+    "SDSModel": {"SDSServer", "SecretCache", "CertificateAuthority", "WorkloadServing", "GRPCCore", "NIOCore"},
+}
+
+
+def imports(module):
+    found = set()
+    for root, _, files in os.walk(os.path.join(SOURCES, module)):
+        for name in files:
+            if name.endswith(".swift"):
+                with open(os.path.join(root, name)) as f:
+                    found |= set(re.findall(r"^(?:@\w+(?:\([^)]*\))?\s+)*import\s+(\w+)", f.read(), re.M))
+    return found
+
+
+@pytest.mark.parametrize("module", sorted(FORBIDDEN))
+def test_a_module_imports_nothing_across_its_boundary(module):
+    assert os.path.isdir(os.path.join(SOURCES, module)), module
+    crossing = imports(module) & FORBIDDEN[module]
+    assert not crossing, f"{module} imports {sorted(crossing)}: docs/Architecture.md says where the seam goes"
+
+
+def test_the_architecture_table_names_every_module():
+    with open(os.path.join(REPO, "docs", "Architecture.md")) as f:
+        table = f.read()
+    for module in sorted(os.listdir(SOURCES)):
+        assert f"| `{module}` |" in table, f"docs/Architecture.md has no row for {module}"
