@@ -25,18 +25,9 @@ struct ResourceResolver: Sendable {
     /// The names a SotW or Fetch request means: `*` anywhere in the list (or no name at all, the
     /// legacy wildcard) is every name in ``allNames``; `*` is never a resource of its own.
     func expand(_ names: [String]) -> [String] {
-        guard names.isEmpty || names.contains("*") else { return names }
+        guard names.isEmpty || names.contains(RequestedNames.wildcard) else { return names }
         var seen = Set<String>()
-        return (allNames + names.filter { $0 != "*" }).filter { seen.insert($0).inserted }
-    }
-
-    /// Names that are neither the workload secret nor a validation context.
-    func unknown(_ names: some Sequence<String>) -> [String] {
-        let federated = configuration.federatedNames
-        return names.filter {
-            $0 != configuration.workloadSecretName && !configuration.validationContextNames.contains($0) && federated[$0] == nil
-                && $0 != configuration.allBundlesName
-        }
+        return (allNames + names.filter { $0 != RequestedNames.wildcard }).filter { seen.insert($0).inserted }
     }
 
     /// The current resources for `names`, sorted by name.
@@ -105,11 +96,32 @@ struct ResourceResolver: Sendable {
 
     /// A state-of-the-world response for `names`; its version is derived from the resources'.
     func sotwResponse(for names: [String]) async throws -> Envoy_Service_Discovery_V3_DiscoveryResponse {
-        let resolved = try await resolve(names)
-        var response = Envoy_Service_Discovery_V3_DiscoveryResponse()
-        response.typeURL = SecretResources.typeURL
-        response.resources = resolved.map(\.resource)
-        response.versionInfo = resolved.map(\.version).joined(separator: ".")
-        return response
+        SecretResources.sotwResponse(try await resolve(names))
+    }
+}
+
+/// The secret names of one request, checked against what this agent serves: at most
+/// ``SDSServerConfiguration/maxResourceNamesPerRequest``, each a served name or ``wildcard``.
+struct RequestedNames {
+    /// Every served name (SotW and Fetch: also no name at all, the legacy wildcard; Delta: in
+    /// the subscribe list); never a resource of its own.
+    static let wildcard = "*"
+    let names: [String]
+
+    /// `invalid_argument` for too many names, `not_found` (naming what is served) for a name
+    /// this agent does not serve.
+    init(_ names: [String], configuration: SDSServerConfiguration) throws {
+        guard names.count <= configuration.maxResourceNamesPerRequest else {
+            throw RPCError(
+                code: .invalidArgument,
+                message: "\(names.count) resource names in one request; the limit is \(configuration.maxResourceNamesPerRequest)")
+        }
+        let served = Set(configuration.servedNames)
+        let unknown = names.filter { $0 != Self.wildcard && !served.contains($0) }
+        guard unknown.isEmpty else {
+            throw RPCError(
+                code: .notFound, message: "unknown secret name(s) \(unknown); this agent serves \(configuration.servedNames)")
+        }
+        self.names = names
     }
 }

@@ -64,7 +64,7 @@ public struct SecretDiscoveryService: Envoy_Service_Secret_V3_SecretDiscoverySer
         request: StreamingServerRequest<Envoy_Service_Discovery_V3_DiscoveryRequest>, context: ServerContext
     ) async throws -> StreamingServerResponse<Envoy_Service_Discovery_V3_DiscoveryResponse> {
         let caller = try await escapingErrors { try await authenticate(request.metadata, context: context) }
-        let stream = SotWStream(resolver: resolver(for: caller, context: context), configuration: configuration, metrics: metrics.sotw)
+        let stream = StreamSession<SotW>(resolver: resolver(for: caller, context: context), configuration: configuration, metrics: metrics.sotw)
         return StreamingServerResponse { writer in
             try await withStreamSlot(caller, context: context) {
                 let source = events(request.messages, for: caller)
@@ -81,7 +81,7 @@ public struct SecretDiscoveryService: Envoy_Service_Secret_V3_SecretDiscoverySer
         request: StreamingServerRequest<Envoy_Service_Discovery_V3_DeltaDiscoveryRequest>, context: ServerContext
     ) async throws -> StreamingServerResponse<Envoy_Service_Discovery_V3_DeltaDiscoveryResponse> {
         let caller = try await escapingErrors { try await authenticate(request.metadata, context: context) }
-        let stream = DeltaStream(resolver: resolver(for: caller, context: context), configuration: configuration, metrics: metrics.delta)
+        let stream = StreamSession<Delta>(resolver: resolver(for: caller, context: context), configuration: configuration, metrics: metrics.delta)
         return StreamingServerResponse { writer in
             try await withStreamSlot(caller, context: context) {
                 let source = events(request.messages, for: caller)
@@ -100,7 +100,8 @@ public struct SecretDiscoveryService: Envoy_Service_Secret_V3_SecretDiscoverySer
         try await escapingErrors {
             let caller = try await authenticate(request.metadata, context: context)
             let resolver = resolver(for: caller, context: context)
-            try validate(typeURL: request.message.typeURL, names: request.message.resourceNames, resolver: resolver)
+            try SecretResources.checkTypeURL(request.message.typeURL)
+            _ = try RequestedNames(request.message.resourceNames, configuration: configuration)
             let names = resolver.expand(request.message.resourceNames)
             return ServerResponse(message: try await resolver.sotwResponse(for: names))
         }
@@ -173,26 +174,5 @@ public struct SecretDiscoveryService: Envoy_Service_Secret_V3_SecretDiscoverySer
         var caller = try await admission.admit(metadata, method: context.descriptor.method)
         if !secrets.usesCallerCredential { caller.credential = nil }
         return caller
-    }
-}
-
-extension SecretDiscoveryService {
-    /// Checks a request's type URL and names; the error tells Envoy's operator what is served.
-    func validate(typeURL: String, names: [String], resolver: ResourceResolver) throws {
-        try SecretResources.checkTypeURL(typeURL)
-        try Self.validate(names: names, configuration: configuration, resolver: resolver)
-    }
-
-    static func validate(names: [String], configuration: SDSServerConfiguration, resolver: ResourceResolver) throws {
-        guard names.count <= configuration.maxResourceNamesPerRequest else {
-            throw RPCError(
-                code: .invalidArgument,
-                message: "\(names.count) resource names in one request; the limit is \(configuration.maxResourceNamesPerRequest)")
-        }
-        let unknown = resolver.unknown(names.filter { $0 != "*" })
-        guard unknown.isEmpty else {
-            throw RPCError(
-                code: .notFound, message: "unknown secret name(s) \(unknown); this agent serves \(configuration.servedNames)")
-        }
     }
 }

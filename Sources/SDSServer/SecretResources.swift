@@ -61,6 +61,33 @@ package enum SecretResources {
         return resource
     }
 
+    /// A state-of-the-world response: every resource, the version derived from theirs.
+    static func sotwResponse(_ resolved: [ResourceResolver.Resolved]) -> Envoy_Service_Discovery_V3_DiscoveryResponse {
+        var response = Envoy_Service_Discovery_V3_DiscoveryResponse()
+        response.typeURL = typeURL
+        response.resources = resolved.map(\.resource)
+        response.versionInfo = resolved.map(\.version).joined(separator: ".")
+        return response
+    }
+
+    /// A delta response with `resources`, each with its own version; `systemVersion` is every
+    /// subscribed resource's (for Envoy's debugging only).
+    static func deltaResponse(_ resources: [ResourceResolver.Resolved], systemVersion: [String])
+        -> Envoy_Service_Discovery_V3_DeltaDiscoveryResponse
+    {
+        var response = Envoy_Service_Discovery_V3_DeltaDiscoveryResponse()
+        response.typeURL = typeURL
+        response.resources = resources.map { item in
+            var resource = Envoy_Service_Discovery_V3_Resource()
+            resource.name = item.name
+            resource.version = item.version
+            resource.resource = item.resource
+            return resource
+        }
+        response.systemVersionInfo = systemVersion.joined(separator: ".")
+        return response
+    }
+
     /// Packs a secret into `Any` with Envoy's type URL.
     package static func pack(_ secret: Envoy_Extensions_TransportSockets_Tls_V3_Secret) throws -> Google_Protobuf_Any {
         try Google_Protobuf_Any(message: secret)
