@@ -150,6 +150,24 @@ public struct AgentConfiguration: Sendable {
         validationContextNames.isEmpty ? ["ROOTCA", "spiffe://\(trustDomain)"] : Set(validationContextNames)
     }
 
+    /// How the cache keeps identities' secrets.
+    var cacheConfiguration: SecretCache.Configuration {
+        var cache = SecretCache.Configuration(certificateTTL: certificateTTL, rotation: rotation, idleTTL: idleTTL)
+        cache.keyType = workloadKeyType
+        return cache
+    }
+
+    /// What the SDS server is told: the names it serves, the token header and the policies.
+    var serverConfiguration: SDSServerConfiguration {
+        var server = SDSServerConfiguration(
+            workloadSecretName: workloadSecretName, validationContextNames: effectiveValidationContextNames,
+            tokenHeaderKey: tokenHeader, tokenExpiryMargin: tokenExpiryMargin, authorization: authorization,
+            peerPolicy: peerPolicy, limits: limits.streams)
+        server.federatedTrustDomains = Set(federatedBundles.map(\.trustDomain))
+        server.allBundlesName = allBundlesName
+        return server
+    }
+
     /// Checks the configuration; the error says which setting is wrong and why.
     public func validate() throws(ConfigurationError) {
         func fail(_ message: String) -> ConfigurationError { ConfigurationError(message: message) }

@@ -2,6 +2,7 @@ import CertificateAuthority
 import FoundationEssentials
 import Glibc
 import KubernetesAPI
+import Logging
 import SDSModel
 import WorkloadAPI
 import WorkloadAuthentication
@@ -90,3 +91,28 @@ public enum AttestationPolicyFile {
 }
 
 extension JWTAuthority: JWTSVIDSigner {}
+
+extension Agent {
+    /// This node's pods, watched, and the attestor over them (with a peer-attested socket or an
+    /// attestation policy; nil otherwise).
+    static func makeAttestation(
+        _ configuration: AgentConfiguration, policy: AttestationPolicy, api: KubernetesAPIClient?, _ readiness: AgentReadiness,
+        _ logger: Logger
+    ) -> (KubernetesPodWatcher?, WorkloadAttestor?) {
+        guard configuration.attestation.needsPods else { return (nil, nil) }
+        var podWatcher: KubernetesPodWatcher?
+        if let api, let node = configuration.attestation.nodeName {
+            let watcher = KubernetesPodWatcher(client: api, configuration: .init(nodeName: node), logger: logger)
+            readiness.add { watcher.hasListed ? nil : "the pods of node \(node) have not been listed from the API server yet" }
+            podWatcher = watcher
+        }
+        if !policy.rules.isEmpty {
+            logger.info("attestation policy loaded", metadata: [
+                "file": "\(configuration.attestation.policyFile ?? "-")", "rules": .number(policy.rules.count),
+            ])
+        }
+        let attestor = WorkloadAttestor(
+            pods: podWatcher, procRoot: configuration.peerPolicy.procRoot, trustDomain: configuration.trustDomain, policy: policy)
+        return (podWatcher, attestor)
+    }
+}

@@ -213,99 +213,72 @@ public struct CentralCAServer: Service {
         self.now = now
     }
 
+    /// Runs `ca serve`'s loops as one `ServiceGroup` (inside the command's, which owns the
+    /// shutdown signals), built from the same parts as the agent's.
     public func run() async throws {
-        defer { Task { [api] in await api?.shutdown() } }
+        try await ServiceGroup(configuration: .init(services: services(), logger: logger)).run()
+    }
+
+    /// Every loop, in start order; graceful shutdown goes in reverse (the listener first).
+    func services() throws -> [ServiceGroupConfiguration.ServiceConfiguration] {
         let transport = HTTP2ServerTransport.Posix(
-            listeningSocketDescriptor: Int(listener.take()),
-            transportSecurity: try .tls(certificateReloader: servingTLS))
+            listeningSocketDescriptor: Int(listener.take()), transportSecurity: try .tls(certificateReloader: servingTLS))
         let server = GRPCServer(transport: transport, services: [service])
         let (triggers, trigger) = AsyncStream.makeStream(of: Void.self, bufferingPolicy: .bufferingNewest(1))
-        let rotator = CARotator(
-            ca: ca, schedule: .init(rootTTL: configuration.caTTL, activationDelay: configuration.caActivationDelay),
-            triggers: triggers, logger: logger, now: now)
-        let ca = self.ca
-        let logger = self.logger
-        let configuration = self.configuration
-        let canRotate = self.canRotate
+        let (ca, logger, configuration, now) = (self.ca, self.logger, self.configuration, self.now)
+        var loops: [any Service] = []
+        if let api { loops.append(ClosedAtShutdown("kubernetes api client") { await api.shutdown() }) }
+        if let keySource { loops.append(NamedService("oidc key source") { await keySource.run() }) }
+        if canRotate {
+            let rotator = CARotator(
+                ca: ca, schedule: .init(rootTTL: configuration.caTTL, activationDelay: configuration.caActivationDelay),
+                triggers: triggers, logger: logger, now: now)
+            loops.append(NamedService("ca rotator") { try await rotator.run() })
+            loops.append(NamedService("ca change relay") { [self] in await persistChanges() })
+        }
+        let gauge = CAExpiryGauge(notAfter: { ca.activeCertificate.notValidAfter }, now: now, clock: ContinuousClock())
+        loops.append(NamedService("ca expiry gauge") { await gauge.run() })
+        var reload: (@Sendable () async -> Void)?
+        if let fileKeys { reload = { _ = await fileKeys.reload(logger: logger) } }
+        let signals = SignalHandling(
+            rotationRefusal: canRotate ? nil : "a CA loaded from --ca-cert is rotated by replacing its files",
+            rotate: { trigger.yield() }, reloading: "the JWKS file", reload: reload, carryingOn: "the CA", logger: logger)
+        loops += signals.services
+        let listener = NamedService("ca listener") { [readiness] in
+            try await serveUntilShutdown(
+                [server], listening: transport,
+                onListening: { bound in
+                    readiness.markListening()
+                    logger.notice(
+                        "sds-agent ca serving Istio's CSR API",
+                        metadata: [
+                            "address": "\(bound)", "trust_domain": "\(configuration.tokens.trustDomain)",
+                            "server_names": .list(configuration.serverNames), "pid": .number(Int(getpid())),
+                            "root_not_after": "\(ca.activeCertificate.notValidAfter.formatted(.iso8601))",
+                            "trusted_node_accounts": "\(configuration.trustedNodeAccounts)",
+                        ])
+                }, shutdownMessage: "ca shutting down", logger: logger)
+        }
+        return loops.map { .init(service: $0, successTerminationBehavior: .ignore) } + [.init(service: listener)]
+    }
 
-        try await withGracefulShutdownHandler {
-            try await withThrowingDiscardingTaskGroup { group in
-                group.addTask {
-                    do {
-                        try await server.serve()
-                    } catch {
-                        if !Task.isCancelled { throw error }
-                    }
-                }
-                group.addTask { [readiness] in
-                    if let bound = try? await transport.listeningAddress {
-                        readiness.markListening()
-                        logger.notice(
-                            "sds-agent ca serving Istio's CSR API",
-                            metadata: [
-                                "address": "\(bound)", "trust_domain": "\(configuration.tokens.trustDomain)",
-                                "server_names": .list(configuration.serverNames), "pid": .number(Int(getpid())),
-                                "root_not_after": "\(ca.activeCertificate.notValidAfter.formatted(.iso8601))",
-                                "trusted_node_accounts": "\(configuration.trustedNodeAccounts)",
-                            ])
-                    }
-                }
-                if canRotate { group.addTask { try await rotator.run() } }
-                group.addTask { [now] in
-                    // Seconds until the CA certificate that signs expires, for alerts (as `serve`'s).
-                    let gauge = Meter(label: "sds_agent_ca_expiry_seconds")
-                    while !Task.isCancelled {
-                        gauge.set(ca.activeCertificate.notValidAfter.timeIntervalSince(now()))
-                        try? await Task.sleep(for: .seconds(10))
-                    }
-                }
-                if let keySource { group.addTask { await keySource.run() } }
-                group.addTask { [servingTLS, issuesOwnTLS, now] in
-                    for await change in caChanges where canRotate {
-                        // root-cert.pem holds every root trusted now, the active one first, so it
-                        // verifies the TLS chain served before and after the new root signs.
-                        do {
-                            try RootCAStore.persist(
-                                active: ca.activeAuthority, roots: ca.roots, stateDirectory: configuration.stateDirectory)
-                        } catch {
-                            logger.error("CA rotation: cannot persist the roots", metadata: ["error": "\(error)"])
-                        }
-                        guard change == .signerChanged, issuesOwnTLS else { continue }
-                        do {
-                            let fresh = try Self.issueServingTLS(authority: ca.activeAuthority, configuration: configuration, now: now())
-                            servingTLS.replace(with: fresh)
-                            logger.notice("CA rotation: TLS certificate issued again under the new root")
-                        } catch {
-                            logger.error("CA rotation: cannot issue the TLS certificate under the new root", metadata: ["error": "\(error)"])
-                        }
-                    }
-                }
-                group.addTask {
-                    for await _ in await UnixSignalsSequence(trapping: .sigusr1) {
-                        guard canRotate else {
-                            logger.warning("SIGUSR1: a CA loaded from --ca-cert is rotated by replacing its files")
-                            continue
-                        }
-                        logger.notice("SIGUSR1: starting a CA root rotation")
-                        trigger.yield()
-                    }
-                }
-                group.addTask { [fileKeys] in
-                    for await signal in await UnixSignalsSequence(trapping: .sighup, .sigusr2, .sigalrm) {
-                        guard signal == .sighup, let fileKeys else {
-                            logger.notice("\(signal): nothing to do; the CA carries on")
-                            continue
-                        }
-                        logger.notice("SIGHUP: reloading the JWKS file")
-                        _ = await fileKeys.reload(logger: logger)
-                    }
-                }
-                try await gracefulShutdown()
-                group.cancelAll()
+    /// After a rotation step: `root-cert.pem` holds every root trusted now, the active one first,
+    /// so it verifies the TLS chain served before and after the new root signs; once the new root
+    /// signs, a TLS certificate the CA issued itself is issued again under it.
+    private func persistChanges() async {
+        for await change in caChanges {
+            do {
+                try RootCAStore.persist(active: ca.activeAuthority, roots: ca.roots, stateDirectory: configuration.stateDirectory)
+            } catch {
+                logger.error("CA rotation: cannot persist the roots", metadata: ["error": "\(error)"])
             }
-        } onGracefulShutdown: {
-            logger.notice("ca shutting down")
-            server.beginGracefulShutdown()
+            guard change == .signerChanged, issuesOwnTLS else { continue }
+            do {
+                servingTLS.replace(with: try Self.issueServingTLS(authority: ca.activeAuthority, configuration: configuration, now: now()))
+                logger.notice("CA rotation: TLS certificate issued again under the new root")
+            } catch {
+                logger.error("CA rotation: cannot issue the TLS certificate under the new root", metadata: ["error": "\(error)"])
+            }
         }
     }
 }

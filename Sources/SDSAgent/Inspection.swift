@@ -3,6 +3,7 @@ import Glibc
 import SDSModel
 import SDSServer
 import SecretCache
+import UpstreamCA
 import SwiftASN1
 import X509
 import CertificateAuthority
@@ -143,4 +144,20 @@ private struct AnyCodingKey: CodingKey {
     init(_ string: String) { stringValue = string }
     init?(stringValue: String) { self.stringValue = stringValue }
     init?(intValue: Int) { nil }
+}
+
+extension Agent {
+    /// What `sds-agent inspect` shows.
+    public func inspection() async -> Inspection {
+        let ca =
+            configuration.upstreamCA.map { "upstream \($0.host):\($0.port)" }
+            ?? (configuration.caCertificateFile != nil ? "files" : "embedded")
+        let reason = readiness.notReadyReason
+        return await Inspection.make(
+            agent: .init(
+                version: BuildInfo.version, pid: getpid(), socket: configuration.socketPath,
+                trustDomain: configuration.trustDomain, ca: ca, ready: reason == nil, notReadyReason: reason),
+            cache: cache, streams: service.openStreams.snapshot, bundle: await cache.trustBundle(),
+            bundleNames: configuration.effectiveValidationContextNames.sorted())
+    }
 }
