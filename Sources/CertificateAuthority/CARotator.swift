@@ -20,11 +20,11 @@ public struct CARotator: Service {
         /// Fraction of the active root's life that remains when the prepared root is activated.
         public var activateAt: Double = 1.0 / 6.0
         /// After a manual rotation, how long old + new roots are published before the switch.
-        public var activationDelay: Duration = .seconds(30)
+        public var activationDelay: Duration = Defaults.Certificates.caActivationDelay
         /// Lifetime of new roots.
         public var rootTTL: Duration
 
-        public init(rootTTL: Duration, activationDelay: Duration = .seconds(30)) {
+        public init(rootTTL: Duration, activationDelay: Duration = Defaults.Certificates.caActivationDelay) {
             self.rootTTL = rootTTL
             self.activationDelay = activationDelay
         }

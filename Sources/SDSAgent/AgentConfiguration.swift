@@ -31,7 +31,7 @@ public struct AgentConfiguration: Sendable {
     public var federatedBundles: [FederatedBundles.Source] = []
     /// The all-bundles validation context (`--all-bundles-name`): Envoy's SPIFFE validator with one
     /// entry per trust domain, ours and the federated ones.
-    public var allBundlesName = "ALL"
+    public var allBundlesName = Defaults.Names.allBundles
     /// A CA in Istio's `cacerts` layout, watched for changes (`--ca-dir`).
     public var caDirectory: String?
     /// PEM certificate (chain) of a CA to sign with instead of a generated root.
@@ -53,9 +53,9 @@ public struct AgentConfiguration: Sendable {
     /// How long an identity no stream watches stays cached.
     public var idleTTL: Duration = .seconds(300)
     /// A stream ends this long before the token it was opened with expires.
-    public var tokenExpiryMargin: Duration = .seconds(30)
+    public var tokenExpiryMargin: Duration = Defaults.Tokens.expiryMargin
     /// After a manual CA rotation (SIGUSR1), how long old + new roots are published before the switch.
-    public var caActivationDelay: Duration = .seconds(30)
+    public var caActivationDelay: Duration = Defaults.Certificates.caActivationDelay
     /// Who may get identities (allow/deny rules on namespaces and service accounts).
     public var authorization: AuthorizationPolicy = .allowAll
     /// Checks on the caller's Unix peer credentials (allowed UIDs, pod binding).
@@ -123,11 +123,12 @@ public struct AgentConfiguration: Sendable {
     public init(
         socketPath: String = "/var/run/sds-agent/sds.sock", socketMode: UInt16 = 0o660,
         trustDomain: String = "cluster.local", jwksFile: String?, issuers: [String] = ["https://kubernetes.default.svc.cluster.local"],
-        audiences: [String] = ["sds-agent"], clockSkew: Duration = .seconds(30), certificateTTL: Duration = .seconds(24 * 3600),
-        stateDirectory: String = "/var/lib/sds-agent", caTTL: Duration = .seconds(365 * 24 * 3600),
+        audiences: [String] = [Defaults.Tokens.audience], clockSkew: Duration = Defaults.Tokens.clockSkew,
+        certificateTTL: Duration = Defaults.Certificates.ttl,
+        stateDirectory: String = "/var/lib/sds-agent", caTTL: Duration = Defaults.Certificates.caTTL,
         caCertificateFile: String? = nil, caKeyFile: String? = nil, caBundleFile: String? = nil,
-        workloadSecretName: String = "default", validationContextNames: [String] = [],
-        tokenHeader: String = "istio_sds_credentials_header-bin", maxStreamsPerConnection: Int = 100
+        workloadSecretName: String = Defaults.Names.workloadSecret, validationContextNames: [String] = [],
+        tokenHeader: String = Defaults.Tokens.header, maxStreamsPerConnection: Int = Defaults.Limits.streamsPerConnection
     ) {
         self.socketPath = socketPath
         self.socketMode = socketMode
@@ -147,7 +148,7 @@ public struct AgentConfiguration: Sendable {
 
     /// The validation-context names actually served.
     public var effectiveValidationContextNames: Set<String> {
-        validationContextNames.isEmpty ? ["ROOTCA", "spiffe://\(trustDomain)"] : Set(validationContextNames)
+        validationContextNames.isEmpty ? [Defaults.Names.rootCA, "spiffe://\(trustDomain)"] : Set(validationContextNames)
     }
 
     /// How the cache keeps identities' secrets.

@@ -56,7 +56,7 @@ struct Issuance: Sendable {
             ])
         // istiod and `ca serve` accept tokens for `istio-ca` unless told otherwise: a forwarded
         // token for another audience alone is refused at every CSR.
-        if upstream.credentialMode == .forward, !configuration.tokens.audiences.contains("istio-ca") {
+        if upstream.credentialMode == .forward, !configuration.tokens.audiences.contains(Defaults.Tokens.istioCAAudience) {
             logger.warning(
                 "upstream CA in forward mode: the callers' tokens go to the CA, which accepts audience istio-ca by default, and --audience does not include it; every CSR may be refused (readiness says so)",
                 metadata: ["audiences": .list(configuration.tokens.audiences)])

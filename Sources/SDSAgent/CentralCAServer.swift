@@ -25,19 +25,19 @@ public struct CentralCAConfiguration: Sendable {
     /// Directory of the CA's root (`<dir>/ca/root-cert.pem`, as `serve` keeps it).
     public var stateDirectory: String
     /// Lifetime of a root it generates.
-    public var caTTL: Duration = .seconds(365 * 24 * 3600)
+    public var caTTL: Duration = Defaults.Certificates.caTTL
     /// Key type of a root it generates.
     public var caKeyType: KeyType = .ecP256
     /// A CA to sign with instead of a generated root.
     public var caCertificateFile: String?
     public var caKeyFile: String?
     /// Lifetime when a request asks for none.
-    public var certificateTTL: Duration = .seconds(24 * 3600)
+    public var certificateTTL: Duration = Defaults.Certificates.ttl
     /// Longest lifetime granted (istiod's default maximum is 90 days).
-    public var maxCertificateTTL: Duration = .seconds(90 * 24 * 3600)
+    public var maxCertificateTTL: Duration = Defaults.Certificates.maxTTL
     /// After SIGUSR1, how long old + new roots are sent before the new one signs. Agents learn the
     /// new root from their next answer, so this must exceed their renewal interval.
-    public var caActivationDelay: Duration = .seconds(30)
+    public var caActivationDelay: Duration = Defaults.Certificates.caActivationDelay
     /// SANs of the TLS certificate it issues itself.
     public var serverNames: [String] = ["localhost", "127.0.0.1"]
     /// A TLS certificate and key to present instead.

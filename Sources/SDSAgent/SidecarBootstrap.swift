@@ -14,7 +14,7 @@ public struct SidecarBootstrap: Sendable {
     /// The projected service-account token file Envoy sends with every SDS stream.
     public var tokenFile: String
     /// gRPC metadata key for the token.
-    public var tokenHeader: String = "istio_sds_credentials_header-bin"
+    public var tokenHeader: String = Defaults.Tokens.header
     /// Envoy's node id (e.g. the pod name).
     public var nodeID: String
     /// Envoy's node cluster (e.g. the service name).
@@ -38,9 +38,9 @@ public struct SidecarBootstrap: Sendable {
     /// SPIFFE IDs the upstream may present (outbound).
     public var upstreamIDs: [String]
     /// Name of the validation context secret: `ROOTCA` or `spiffe://<trust-domain>`.
-    public var validationContextName: String = "ROOTCA"
+    public var validationContextName: String = Defaults.Names.rootCA
     /// Name of the workload certificate secret.
-    public var workloadSecretName: String = "default"
+    public var workloadSecretName: String = Defaults.Names.workloadSecret
     /// How long Envoy waits for SDS before serving without the secret; `0s` waits forever.
     public var initialFetchTimeout: String = "0s"
     /// Requests per upstream connection before Envoy opens a new one (and a new TLS handshake).

@@ -1,3 +1,4 @@
+import SDSModel
 import WorkloadAuthentication
 
 /// Which secret names the server answers, how callers present their token, and who is allowed.
@@ -23,12 +24,12 @@ public struct SDSServerConfiguration: Sendable {
     public var federatedTrustDomains: Set<String> = []
     /// The name of the all-bundles validation context (Envoy's SPIFFE validator, one entry per
     /// trust domain, ours included); nil for none.
-    public var allBundlesName: String? = "ALL"
+    public var allBundlesName: String? = Defaults.Names.allBundles
 
     public init(
-        workloadSecretName: String = "default", validationContextNames: Set<String>,
-        tokenHeaderKey: String = "istio_sds_credentials_header-bin", maxResourceNamesPerRequest: Int = 64,
-        tokenExpiryMargin: Duration = .seconds(30), authorization: AuthorizationPolicy = .allowAll,
+        workloadSecretName: String = Defaults.Names.workloadSecret, validationContextNames: Set<String>,
+        tokenHeaderKey: String = Defaults.Tokens.header, maxResourceNamesPerRequest: Int = 64,
+        tokenExpiryMargin: Duration = Defaults.Tokens.expiryMargin, authorization: AuthorizationPolicy = .allowAll,
         peerPolicy: PeerPolicy = .none, limits: StreamLimits = .defaults
     ) {
         self.limits = limits

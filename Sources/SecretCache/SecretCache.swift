@@ -33,7 +33,7 @@ public actor SecretCache {
         public var keyType: KeyType = .ecP256
 
         public init(
-            certificateTTL: Duration = .seconds(24 * 3600), rotation: RotationPolicy = RotationPolicy(),
+            certificateTTL: Duration = Defaults.Certificates.ttl, rotation: RotationPolicy = RotationPolicy(),
             idleTTL: Duration = .seconds(300), maxConcurrentRenewals: Int = 16
         ) {
             self.certificateTTL = certificateTTL

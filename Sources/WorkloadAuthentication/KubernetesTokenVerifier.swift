@@ -42,7 +42,7 @@ public struct KubernetesTokenVerifier: WorkloadAuthenticator {
         ]
 
         public init(
-            trustDomain: String, issuers: [String], audiences: [String], clockSkew: Duration = .seconds(30),
+            trustDomain: String, issuers: [String], audiences: [String], clockSkew: Duration = Defaults.Tokens.clockSkew,
             maxTokenBytes: Int = 16 * 1024, allowedAlgorithms: Set<String> = Self.defaultAlgorithms,
             allowLegacyTokens: Bool = false, maxTokenAge: Duration? = nil,
             legacyReauthenticationInterval: Duration = .seconds(3600)

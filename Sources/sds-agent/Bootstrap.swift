@@ -18,7 +18,7 @@ struct Bootstrap: AsyncParsableCommand {
     @Option(help: "Service-account token file sent with every SDS stream.")
     var tokenFile = "/var/run/secrets/sds-agent/token"
     @Option(help: "gRPC metadata key for the token (must match the agent's --token-header).")
-    var tokenHeader = "istio_sds_credentials_header-bin"
+    var tokenHeader = Defaults.Tokens.header
     @Option(help: "Envoy node id (e.g. the pod name).")
     var nodeId: String
     @Option(help: "Envoy node cluster (e.g. the service name).")
@@ -42,9 +42,9 @@ struct Bootstrap: AsyncParsableCommand {
     @Option(help: "SPIFFE ID the upstream must present (repeatable; prefix form as for --allow-id).")
     var upstreamId: [String] = []
     @Option(help: "Validation context name: ROOTCA or spiffe://<trust-domain>.")
-    var validationContextName = "ROOTCA"
+    var validationContextName = Defaults.Names.rootCA
     @Option(help: "Workload certificate secret name.")
-    var workloadSecretName = "default"
+    var workloadSecretName = Defaults.Names.workloadSecret
     @Option(help: "How long Envoy waits for its secrets; 0s waits for as long as it takes.")
     var initialFetchTimeout = "0s"
 

@@ -38,7 +38,7 @@ struct CAServe: AsyncParsableCommand {
     var stateDir: String
 
     @Option(help: ArgumentHelp("Lifetime of a root it generates, e.g. 8760h.", valueName: "duration"))
-    var caTtl: Duration = .seconds(365 * 24 * 3600)
+    var caTtl: Duration = Defaults.Certificates.caTTL
 
     @Option(help: "Key type of a root it generates (the signature algorithm follows it).")
     var caKeyType: KeyType = .ecP256
@@ -50,13 +50,13 @@ struct CAServe: AsyncParsableCommand {
     var caKey: String?
 
     @Option(help: ArgumentHelp("Certificate lifetime when a request asks for none, e.g. 24h.", valueName: "duration"))
-    var certTtl: Duration = .seconds(24 * 3600)
+    var certTtl: Duration = Defaults.Certificates.ttl
 
     @Option(help: ArgumentHelp("Longest certificate lifetime granted, whatever is asked (istiod's default).", valueName: "duration"))
-    var maxCertTtl: Duration = .seconds(90 * 24 * 3600)
+    var maxCertTtl: Duration = Defaults.Certificates.maxTTL
 
     @Option(help: ArgumentHelp("After SIGUSR1, send old + new roots this long before signing with the new one; longer than the agents' renewal interval.", valueName: "duration"))
-    var caActivationDelay: Duration = .seconds(30)
+    var caActivationDelay: Duration = Defaults.Certificates.caActivationDelay
 
     @Option(help: "SAN of its TLS certificate (repeatable; default localhost and 127.0.0.1).")
     var serverName: [String] = []
@@ -111,7 +111,7 @@ struct CAServe: AsyncParsableCommand {
         guard let address = HostPort(listen, emptyHost: "0.0.0.0") else {
             throw ValidationError("--listen '\(listen.callerText(limit: 128))' is not HOST:PORT such as 0.0.0.0:15012")
         }
-        let tokens = tokenOptions.verification(trustDomain: trustDomain, defaultAudience: "istio-ca")
+        let tokens = tokenOptions.verification(trustDomain: trustDomain, defaultAudience: Defaults.Tokens.istioCAAudience)
         var configuration = CentralCAConfiguration(listenHost: address.host, listenPort: address.port, tokens: tokens, stateDirectory: stateDir)
         configuration.caTTL = caTtl
         configuration.caKeyType = caKeyType

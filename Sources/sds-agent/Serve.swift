@@ -33,19 +33,19 @@ struct Serve: AsyncParsableCommand {
     var tokenOptions: TokenOptions
 
     @Option(help: ArgumentHelp("Workload certificate lifetime, e.g. 24h, 90s.", valueName: "duration"))
-    var certTtl: Duration = .seconds(24 * 3600)
+    var certTtl: Duration = Defaults.Certificates.ttl
 
     @Option(help: "Directory for the embedded CA's root (key file mode 0600).")
     var stateDir = "/var/lib/sds-agent"
 
     @Option(help: ArgumentHelp("Lifetime of a root the embedded CA generates, e.g. 8760h.", valueName: "duration"))
-    var caTtl: Duration = .seconds(365 * 24 * 3600)
+    var caTtl: Duration = Defaults.Certificates.caTTL
 
     @Option(help: "Another trust domain's roots to serve, TD=FILE (PEM or a SPIFFE bundle JSON; repeatable; watched): as validation context spiffe://TD and in --all-bundles-name.")
     var federatedBundle: [String] = []
 
     @Option(help: "Name of the validation context holding every trust domain's roots for Envoy's SPIFFE validator (SPIRE's ALL).")
-    var allBundlesName = "ALL"
+    var allBundlesName = Defaults.Names.allBundles
 
     @Option(help: "A CA in Istio's cacerts layout (ca-cert.pem, ca-key.pem, cert-chain.pem, root-cert.pem), checked at start and watched: a valid change is picked up without restart.")
     var caDir: String?
@@ -60,16 +60,16 @@ struct Serve: AsyncParsableCommand {
     var caBundle: String?
 
     @Option(help: "Name under which each workload's certificate is served.")
-    var workloadSecretName = "default"
+    var workloadSecretName = Defaults.Names.workloadSecret
 
     @Option(help: "Name the trust bundle is served under (repeatable; default: ROOTCA and spiffe://<trust-domain>).")
     var validationContextName: [String] = []
 
     @Option(help: "gRPC metadata key with the token ('authorization: Bearer' is accepted too).")
-    var tokenHeader = "istio_sds_credentials_header-bin"
+    var tokenHeader = Defaults.Tokens.header
 
     @Option(help: "Most concurrent SDS streams on one connection.")
-    var maxStreamsPerConnection = 100
+    var maxStreamsPerConnection = Defaults.Limits.streamsPerConnection
 
     @Option(help: "Renew a certificate after this fraction of its lifetime (0.1-0.9).")
     var rotationFraction = 0.5
@@ -81,10 +81,10 @@ struct Serve: AsyncParsableCommand {
     var idleTtl: Duration = .seconds(300)
 
     @Option(help: ArgumentHelp("End a stream this long before the token it was opened with expires, e.g. 30s.", valueName: "duration"))
-    var tokenExpiryMargin: Duration = .seconds(30)
+    var tokenExpiryMargin: Duration = Defaults.Tokens.expiryMargin
 
     @Option(help: ArgumentHelp("After a manual CA rotation (SIGUSR1), publish old + new roots this long before switching, e.g. 30s.", valueName: "duration"))
-    var caActivationDelay: Duration = .seconds(30)
+    var caActivationDelay: Duration = Defaults.Certificates.caActivationDelay
 
     @Option(help: "Only callers in these namespaces get identities (repeatable; 'team-*' matches a prefix).")
     var allowNamespace: [String] = []
@@ -202,7 +202,7 @@ struct Serve: AsyncParsableCommand {
             allowServiceAccounts: allowServiceAccount, denyServiceAccounts: denyServiceAccount)
         configuration.peerPolicy = PeerPolicy(
             allowedUIDs: Set(peerAllowedUid), requirePodBinding: peerPodBinding, procRoot: procRoot)
-        configuration.tokens = tokenOptions.verification(trustDomain: trustDomain, defaultAudience: "sds-agent")
+        configuration.tokens = tokenOptions.verification(trustDomain: trustDomain, defaultAudience: Defaults.Tokens.audience)
         configuration.limits.connections.maxConnections = maxConnections
         configuration.limits.connections.firstStreamTimeout = firstRequestTimeout
         configuration.limits.connections.idleTimeout = idleConnectionTimeout

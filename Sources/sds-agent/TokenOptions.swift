@@ -1,6 +1,7 @@
 import ArgumentParser
 import KubernetesAPI
 import SDSAgent
+import SDSModel
 
 /// How callers' tokens are verified: the same flags for `serve` (the SDS side) and `ca serve`
 /// (the CSR API), which authenticate callers the same way.
@@ -33,7 +34,7 @@ struct TokenOptions: ParsableArguments {
     var audience: [String] = []
 
     @Option(help: ArgumentHelp("Tolerated clock skew for token exp/nbf/iat, e.g. 30s.", valueName: "duration"))
-    var clockSkew: Duration = .seconds(30)
+    var clockSkew: Duration = Defaults.Tokens.clockSkew
 
     @Flag(help: "Accept legacy non-expiring secret-based service-account tokens (not recommended).")
     var allowLegacyTokens = false
