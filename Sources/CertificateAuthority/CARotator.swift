@@ -75,7 +75,7 @@ public struct CARotator: Service {
     }
 
     /// One scheduling step; public so tests can drive it with their own clock.
-    public func tick(manualActivation: ManualActivation) {
+    package func tick(manualActivation: ManualActivation) {
         let now = self.now()
         let active = ca.activeCertificate
         let life = active.notValidAfter.timeIntervalSince(active.notValidBefore)

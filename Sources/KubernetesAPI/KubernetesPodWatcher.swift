@@ -46,7 +46,6 @@ public final class KubernetesPodWatcher: Sendable {
     public var hasListed: Bool { state.withLock { $0.listed } }
 
     /// How many pods on this node are known.
-    public var podCount: Int { state.withLock { $0.pods.count } }
 
     /// The pod with `uid`, with its node's labels; a pod not known yet is looked for again (a
     /// list, at most every 500 ms) until ``Configuration/lookupTimeout``, then nil.

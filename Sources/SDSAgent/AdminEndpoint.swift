@@ -9,18 +9,18 @@ import ServiceLifecycle
 /// The agent's admin socket: HTTP/1.1 on a Unix socket of mode 0600 (only the agent's user, i.e.
 /// the node's operator, may connect). `GET /inspect` answers what `sds-agent inspect` shows: every
 /// cached identity and the trust bundle, as JSON.
-public struct AdminEndpoint: Service {
+package struct AdminEndpoint: Service {
     private let path: String
     private let inspect: @Sendable () async -> Data
     private let logger: Logger
 
-    public init(path: String, logger: Logger, inspect: @escaping @Sendable () async -> Data) {
+    package init(path: String, logger: Logger, inspect: @escaping @Sendable () async -> Data) {
         self.path = path
         self.inspect = inspect
         self.logger = logger
     }
 
-    public func run() async throws {
+    package func run() async throws {
         // Created with its mode before it listens, like the SDS socket.
         let fd = try UnixSocketListener.bind(path: path, mode: 0o600, backlog: 16)
         defer { unlink(path) }

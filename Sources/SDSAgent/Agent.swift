@@ -20,7 +20,7 @@ import WorkloadServing
 /// Where things go: a new component is built in `make` (or a builder beside it, such as
 /// ``Issuance``); a new loop is one more entry of ``services()``; a new reloadable setting is in
 /// ``Reload``.
-public struct Agent: Service {
+package struct Agent: Service {
     let configuration: AgentConfiguration
     let issuance: Issuance
     let verifiers: TokenVerification.Verifiers
@@ -36,13 +36,13 @@ public struct Agent: Service {
     let logger: Logger
     let now: @Sendable () -> Date
     /// The cache, exposed for tests and diagnostics.
-    public let cache: SecretCache
+    package let cache: SecretCache
 
     /// Validates `configuration` and builds the components.
     /// - Parameter reloadSettings: on SIGHUP: the caller's part of a reload (the configuration
     ///   file's live settings, such as the log level); it returns the configuration read again
     ///   (nil when it does not parse), whose policies the agent then puts in force.
-    public static func make(
+    package static func make(
         configuration: AgentConfiguration, logger: Logger, readiness: AgentReadiness = AgentReadiness(),
         reloadSettings: @escaping @Sendable () async -> AgentConfiguration? = { nil }, now: @escaping @Sendable () -> Date = { Date() }
     ) async throws -> Agent {
@@ -170,7 +170,7 @@ public struct Agent: Service {
 
     /// Runs every service of the agent until graceful shutdown (SIGTERM/SIGINT/SIGQUIT through
     /// `serve`'s group, which this one runs inside) or cancellation.
-    public func run() async throws {
+    package func run() async throws {
         try await ServiceGroup(configuration: .init(services: services(), logger: logger)).run()
     }
 }
@@ -178,5 +178,5 @@ public struct Agent: Service {
 extension Agent: CustomStringConvertible {
     /// What ServiceLifecycle logs for the service: its socket, not the whole configuration (which
     /// would print paths, URLs and policies at every start and stop).
-    public var description: String { "Agent(socket: \(configuration.socketPath))" }
+    package var description: String { "Agent(socket: \(configuration.socketPath))" }
 }

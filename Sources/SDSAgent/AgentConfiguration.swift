@@ -9,118 +9,118 @@ import UpstreamCA
 import WorkloadAuthentication
 
 /// Everything `sds-agent serve` needs, validated before anything starts.
-public struct AgentConfiguration: Sendable {
+package struct AgentConfiguration: Sendable {
     /// Path of the Unix domain socket Envoys connect to.
-    public var socketPath: String
+    package var socketPath: String
     /// File mode of the socket (default 0o660: owner and group; see README for Kubernetes).
-    public var socketMode: UInt16
+    package var socketMode: UInt16
     /// How callers' tokens are verified (trust domain, keys, issuers, audiences, clock skew).
-    public var tokens: TokenVerification
+    package var tokens: TokenVerification
     /// SPIFFE trust domain, e.g. `cluster.local` (kept in ``tokens``, which verifies it).
-    public var trustDomain: String {
+    package var trustDomain: String {
         get { tokens.trustDomain }
         set { tokens.trustDomain = newValue }
     }
     /// Lifetime of workload certificates.
-    public var certificateTTL: Duration
+    package var certificateTTL: Duration
     /// Directory for the embedded CA's root (created; key file mode 0600).
-    public var stateDirectory: String
+    package var stateDirectory: String
     /// Lifetime of a root the embedded CA generates.
-    public var caTTL: Duration
+    package var caTTL: Duration
     /// Other trust domains' bundles to serve (`--federated-bundle TD=FILE`).
-    public var federatedBundles: [FederatedBundles.Source] = []
+    package var federatedBundles: [FederatedBundles.Source] = []
     /// The all-bundles validation context (`--all-bundles-name`): Envoy's SPIFFE validator with one
     /// entry per trust domain, ours and the federated ones.
-    public var allBundlesName = Defaults.Names.allBundles
+    package var allBundlesName = Defaults.Names.allBundles
     /// A CA in Istio's `cacerts` layout, watched for changes (`--ca-dir`).
-    public var caDirectory: String?
+    package var caDirectory: String?
     /// PEM certificate (chain) of a CA to sign with instead of a generated root.
-    public var caCertificateFile: String?
+    package var caCertificateFile: String?
     /// PEM private key for `caCertificateFile`.
-    public var caKeyFile: String?
+    package var caKeyFile: String?
     /// PEM roots to serve when `caCertificateFile` holds no self-signed root.
-    public var caBundleFile: String?
+    package var caBundleFile: String?
     /// Name of the workload certificate secret.
-    public var workloadSecretName: String
+    package var workloadSecretName: String
     /// Names the trust bundle is served under; empty means `ROOTCA` and `spiffe://<trust-domain>`.
-    public var validationContextNames: [String]
+    package var validationContextNames: [String]
     /// Metadata key carrying the token.
-    public var tokenHeader: String
+    package var tokenHeader: String
     /// Most concurrent streams one Envoy connection may open.
-    public var maxStreamsPerConnection: Int
+    package var maxStreamsPerConnection: Int
     /// When certificates are renewed (fraction of lifetime and jitter).
-    public var rotation: RotationPolicy = RotationPolicy()
+    package var rotation: RotationPolicy = RotationPolicy()
     /// How long an identity no stream watches stays cached.
-    public var idleTTL: Duration = .seconds(300)
+    package var idleTTL: Duration = .seconds(300)
     /// A stream ends this long before the token it was opened with expires.
-    public var tokenExpiryMargin: Duration = Defaults.Tokens.expiryMargin
+    package var tokenExpiryMargin: Duration = Defaults.Tokens.expiryMargin
     /// After a manual CA rotation (SIGUSR1), how long old + new roots are published before the switch.
-    public var caActivationDelay: Duration = Defaults.Certificates.caActivationDelay
+    package var caActivationDelay: Duration = Defaults.Certificates.caActivationDelay
     /// Who may get identities (allow/deny rules on namespaces and service accounts).
-    public var authorization: AuthorizationPolicy = .allowAll
+    package var authorization: AuthorizationPolicy = .allowAll
     /// Checks on the caller's Unix peer credentials (allowed UIDs, pod binding).
-    public var peerPolicy: PeerPolicy = .none
+    package var peerPolicy: PeerPolicy = .none
     /// Bounds on connections, streams and requests.
-    public var limits: Limits = .defaults
+    package var limits: Limits = .defaults
     /// The type of every workload key (`--workload-key-type`).
-    public var workloadKeyType: KeyType = .ecP256
+    package var workloadKeyType: KeyType = .ecP256
     /// The type of a root the embedded CA generates (`--ca-key-type`).
-    public var caKeyType: KeyType = .ecP256
+    package var caKeyType: KeyType = .ecP256
     /// The admin socket (`sds-agent inspect`); nil for `<state-dir>/admin.sock`, empty for none.
-    public var adminSocketPath: String?
+    package var adminSocketPath: String?
     /// The admin socket in use, or nil when it is off.
-    public var effectiveAdminSocketPath: String? {
+    package var effectiveAdminSocketPath: String? {
         guard let adminSocketPath else { return stateDirectory + "/admin.sock" }
         return adminSocketPath.isEmpty ? nil : adminSocketPath
     }
     /// A remote CA behind Istio's CSR API instead of the embedded CA (`--upstream-ca`).
-    public var upstreamCA: UpstreamCA.Configuration?
+    package var upstreamCA: UpstreamCA.Configuration?
     /// Attestation through the caller's pod: the peer-attested socket, the node, the policy.
-    public var attestation = Attestation()
+    package var attestation = Attestation()
 
     /// Attestation through the caller's pod (peer PID → cgroup → pod from the API server).
-    public struct Attestation: Sendable, Hashable {
+    package struct Attestation: Sendable, Hashable {
         /// The peer-attested socket (`--workload-socket`): SDS without a token, and the SPIFFE
         /// Workload API; nil for none.
-        public var workloadSocketPath: String?
+        package var workloadSocketPath: String?
         /// This node (`--node-name`): whose pods are listed and watched.
-        public var nodeName: String?
+        package var nodeName: String?
         /// YAML rules on images, labels and node labels per identity (`--attestation-policy`).
-        public var policyFile: String?
+        package var policyFile: String?
         /// Lifetime of the JWT-SVIDs the Workload API issues (`--jwt-svid-ttl`).
-        public var jwtSVIDTTL: Duration = .seconds(300)
+        package var jwtSVIDTTL: Duration = .seconds(300)
 
-        public init() {}
+        package init() {}
 
         /// Whether pods must be looked up: a peer-attested socket or a policy file.
-        public var needsPods: Bool { workloadSocketPath != nil || policyFile != nil }
+        package var needsPods: Bool { workloadSocketPath != nil || policyFile != nil }
     }
 
     /// The attestation policy in the file, or none; the error names the file.
-    public func loadAttestationPolicy() throws(ConfigurationError) -> AttestationPolicy {
+    package func loadAttestationPolicy() throws(ConfigurationError) -> AttestationPolicy {
         guard let file = attestation.policyFile else { return .none }
         return try AttestationPolicyFile.load(file)
     }
 
     /// Bounds on what callers can make the agent hold; each is answered to the offending caller
     /// only, logged (throttled) and counted.
-    public struct Limits: Sendable, Hashable {
+    package struct Limits: Sendable, Hashable {
         /// Connections: how many, time to the first stream, idle time.
-        public var connections: ConnectionGuard.Limits = .defaults
+        package var connections: ConnectionGuard.Limits = .defaults
         /// Streams: how many, time to the first request.
-        public var streams: StreamLimits = .defaults
+        package var streams: StreamLimits = .defaults
         /// Largest request message accepted (a larger one gets `resource_exhausted`). Envoy's
         /// first request carries its whole Node, about 61 KB.
-        public var maxRequestBytes = 1 << 20
+        package var maxRequestBytes = 1 << 20
         /// Connections the kernel queues before the agent accepts them: a node restart brings
         /// every sidecar's streams at once, one connection each (capped by `net.core.somaxconn`).
-        public var listenBacklog: Int32 = 4096
+        package var listenBacklog: Int32 = 4096
 
         /// The defaults, written once: the flags and the docs show these.
-        public static let defaults = Limits()
+        package static let defaults = Limits()
     }
 
-    public init(
+    package init(
         socketPath: String = "/var/run/sds-agent/sds.sock", socketMode: UInt16 = 0o660,
         trustDomain: String = "cluster.local", jwksFile: String?, issuers: [String] = ["https://kubernetes.default.svc.cluster.local"],
         audiences: [String] = [Defaults.Tokens.audience], clockSkew: Duration = Defaults.Tokens.clockSkew,
@@ -147,7 +147,7 @@ public struct AgentConfiguration: Sendable {
     }
 
     /// The validation-context names actually served.
-    public var effectiveValidationContextNames: Set<String> {
+    package var effectiveValidationContextNames: Set<String> {
         validationContextNames.isEmpty ? [Defaults.Names.rootCA, "spiffe://\(trustDomain)"] : Set(validationContextNames)
     }
 
@@ -170,7 +170,7 @@ public struct AgentConfiguration: Sendable {
     }
 
     /// Checks the configuration; the error says which setting is wrong and why.
-    public func validate() throws(ConfigurationError) {
+    package func validate() throws(ConfigurationError) {
         func fail(_ message: String) -> ConfigurationError { ConfigurationError(message: message) }
         try tokens.validate()
         guard !stateDirectory.isEmpty else {
@@ -281,13 +281,13 @@ public struct AgentConfiguration: Sendable {
 
 extension AgentConfiguration {
     /// The longest Unix socket path (`sun_path` less its terminating zero).
-    public static let maxSocketPathBytes = MemoryLayout.size(ofValue: sockaddr_un().sun_path) - 1
+    package static let maxSocketPathBytes = MemoryLayout.size(ofValue: sockaddr_un().sun_path) - 1
 
     /// What ``validate()`` cannot see: the files and directories named exist, can be read and
     /// hold what they should (a JWKS with keys, a CA whose key matches, PEM bundles), and every
     /// socket path fits. `serve` and `config check` both run it, so `config check` says ok
     /// exactly when `serve` would start. It writes nothing.
-    public func checkInputs() async throws(ConfigurationError) {
+    package func checkInputs() async throws(ConfigurationError) {
         func readable(_ path: String?, _ flag: String) throws(ConfigurationError) {
             guard let path else { return }
             do {
@@ -340,9 +340,9 @@ extension AgentConfiguration {
 }
 
 /// A configuration that cannot work; the message names the flag.
-public struct ConfigurationError: Error, Sendable, CustomStringConvertible {
+package struct ConfigurationError: Error, Sendable, CustomStringConvertible {
     /// What is wrong, in words.
-    public var message: String
-    public init(message: String) { self.message = message }
-    public var description: String { message }
+    package var message: String
+    package init(message: String) { self.message = message }
+    package var description: String { message }
 }

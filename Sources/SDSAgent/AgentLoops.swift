@@ -108,7 +108,7 @@ struct Listeners: Service, CustomStringConvertible {
             config: .defaults { config in
                 config.http2.maxConcurrentStreams = configuration.maxStreamsPerConnection
                 config.rpc.maxRequestPayloadSize = limits.maxRequestBytes
-                // Not for debugging: the public hooks that see the listener, each connection and
+                // Not for debugging: the package hooks that see the listener, each connection and
                 // each stream's connection.
                 config.channelDebuggingCallbacks.onBindTCPListener = { channel in
                     // NIO listens again with its own backlog of 128 when it adopts the socket; at a

@@ -22,11 +22,11 @@ extension KubernetesPodWatcher: PodDirectory {
 
 /// `--attestation-policy FILE`: YAML with `rules:`, read strictly (an unknown key is an error,
 /// because a misspelt selector would otherwise be a rule that checks nothing).
-public enum AttestationPolicyFile {
+package enum AttestationPolicyFile {
     static let ruleKeys: Set<String> = ["name", "spiffeID", "namespace", "serviceAccount", "images", "labels", "nodeLabels"]
 
     /// Reads and checks the file; the error names the file and what is wrong.
-    public static func load(_ path: String) throws(ConfigurationError) -> AttestationPolicy {
+    package static func load(_ path: String) throws(ConfigurationError) -> AttestationPolicy {
         func fail(_ message: String) -> ConfigurationError {
             ConfigurationError(message: "--attestation-policy \(path): \(message)")
         }

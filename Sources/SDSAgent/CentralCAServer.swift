@@ -16,37 +16,37 @@ import Synchronization
 import X509
 
 /// Everything `sds-agent ca serve` needs, validated before it listens.
-public struct CentralCAConfiguration: Sendable {
+package struct CentralCAConfiguration: Sendable {
     /// `HOST:PORT` to serve Istio's CSR API on, over TLS.
-    public var listenHost: String
-    public var listenPort: Int
+    package var listenHost: String
+    package var listenPort: Int
     /// How callers' tokens are verified (the same verifiers as `serve`).
-    public var tokens: TokenVerification
+    package var tokens: TokenVerification
     /// Directory of the CA's root (`<dir>/ca/root-cert.pem`, as `serve` keeps it).
-    public var stateDirectory: String
+    package var stateDirectory: String
     /// Lifetime of a root it generates.
-    public var caTTL: Duration = Defaults.Certificates.caTTL
+    package var caTTL: Duration = Defaults.Certificates.caTTL
     /// Key type of a root it generates.
-    public var caKeyType: KeyType = .ecP256
+    package var caKeyType: KeyType = .ecP256
     /// A CA to sign with instead of a generated root.
-    public var caCertificateFile: String?
-    public var caKeyFile: String?
+    package var caCertificateFile: String?
+    package var caKeyFile: String?
     /// Lifetime when a request asks for none.
-    public var certificateTTL: Duration = Defaults.Certificates.ttl
+    package var certificateTTL: Duration = Defaults.Certificates.ttl
     /// Longest lifetime granted (istiod's default maximum is 90 days).
-    public var maxCertificateTTL: Duration = Defaults.Certificates.maxTTL
+    package var maxCertificateTTL: Duration = Defaults.Certificates.maxTTL
     /// After SIGUSR1, how long old + new roots are sent before the new one signs. Agents learn the
     /// new root from their next answer, so this must exceed their renewal interval.
-    public var caActivationDelay: Duration = Defaults.Certificates.caActivationDelay
+    package var caActivationDelay: Duration = Defaults.Certificates.caActivationDelay
     /// SANs of the TLS certificate it issues itself.
-    public var serverNames: [String] = ["localhost", "127.0.0.1"]
+    package var serverNames: [String] = ["localhost", "127.0.0.1"]
     /// A TLS certificate and key to present instead.
-    public var tlsCertificateFile: String?
-    public var tlsKeyFile: String?
+    package var tlsCertificateFile: String?
+    package var tlsKeyFile: String?
     /// `NAMESPACE/NAME` service accounts that may ask for identities on their node.
-    public var trustedNodeAccounts: [String] = []
+    package var trustedNodeAccounts: [String] = []
 
-    public init(listenHost: String, listenPort: Int, tokens: TokenVerification, stateDirectory: String) {
+    package init(listenHost: String, listenPort: Int, tokens: TokenVerification, stateDirectory: String) {
         self.listenHost = listenHost
         self.listenPort = listenPort
         self.tokens = tokens
@@ -54,7 +54,7 @@ public struct CentralCAConfiguration: Sendable {
     }
 
     /// Checks the configuration; the error names the flag.
-    public func validate() throws(ConfigurationError) {
+    package func validate() throws(ConfigurationError) {
         func fail(_ message: String) -> ConfigurationError { ConfigurationError(message: message) }
         try tokens.validate()
         guard !stateDirectory.isEmpty else { throw fail("--state-dir must not be empty") }
@@ -80,7 +80,7 @@ public struct CentralCAConfiguration: Sendable {
 
 /// `sds-agent ca serve`: a central CA speaking Istio's CSR API over TLS, for meshes without istiod.
 /// Agents on every node point `--upstream-ca` at it; their keys and its key never move.
-public struct CentralCAServer: Service {
+package struct CentralCAServer: Service {
     private let configuration: CentralCAConfiguration
     private let service: IstioCertificateService
     private let ca: EmbeddedCA
@@ -99,12 +99,12 @@ public struct CentralCAServer: Service {
     private let fileKeys: JWKSFileKeySource?
     private let stateLock: StateDirectoryLock?
     /// Ready once the port listens and the verifier has keys: what `/readyz` reports.
-    public let readiness = AgentReadiness()
+    package let readiness = AgentReadiness()
 
     /// Checks every input first, then takes the port and the state directory, loads the
     /// verifiers, and only then loads or creates the root (a refused start writes nothing) and
     /// issues the TLS certificate.
-    public static func make(
+    package static func make(
         configuration: CentralCAConfiguration, logger: Logger, now: @escaping @Sendable () -> Date = { Date() }
     ) async throws -> CentralCAServer {
         try configuration.validate()
@@ -215,7 +215,7 @@ public struct CentralCAServer: Service {
 
     /// Runs `ca serve`'s loops as one `ServiceGroup` (inside the command's, which owns the
     /// shutdown signals), built from the same parts as the agent's.
-    public func run() async throws {
+    package func run() async throws {
         try await ServiceGroup(configuration: .init(services: services(), logger: logger)).run()
     }
 
@@ -292,7 +292,7 @@ extension CentralCAServer {
 }
 
 extension CentralCAServer: CustomStringConvertible {
-    public var description: String { "CentralCAServer(listen: \(configuration.listenHost):\(configuration.listenPort))" }
+    package var description: String { "CentralCAServer(listen: \(configuration.listenHost):\(configuration.listenPort))" }
 }
 
 /// A listening descriptor made at start, handed to the gRPC transport once (which then owns it);

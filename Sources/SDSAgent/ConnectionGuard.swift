@@ -17,21 +17,21 @@ import Synchronization
 /// - a connection must open its first stream within ``Limits/firstStreamTimeout`` (a client that
 ///   connects and sends nothing cannot hold a descriptor);
 /// - a connection with no open stream for ``Limits/idleTimeout`` is closed.
-public final class ConnectionGuard: Sendable {
+package final class ConnectionGuard: Sendable {
     /// The connection limits; every one has a safe default.
-    public struct Limits: Sendable, Hashable {
+    package struct Limits: Sendable, Hashable {
         /// Most connections open at once (Envoy's google_grpc opens one per stream).
-        public var maxConnections: Int
+        package var maxConnections: Int
         /// Time from accept to the first HTTP/2 stream.
-        public var firstStreamTimeout: Duration
+        package var firstStreamTimeout: Duration
         /// Time a connection may stay open with no stream.
-        public var idleTimeout: Duration
+        package var idleTimeout: Duration
 
         /// 2048 connections (as many as streams: Envoy's google_grpc opens one per stream),
         /// 10 s to the first stream, 5 min idle.
-        public static let defaults = Limits(maxConnections: 2048, firstStreamTimeout: .seconds(10), idleTimeout: .seconds(300))
+        package static let defaults = Limits(maxConnections: 2048, firstStreamTimeout: .seconds(10), idleTimeout: .seconds(300))
 
-        public init(maxConnections: Int, firstStreamTimeout: Duration, idleTimeout: Duration) {
+        package init(maxConnections: Int, firstStreamTimeout: Duration, idleTimeout: Duration) {
             self.maxConnections = maxConnections
             self.firstStreamTimeout = firstStreamTimeout
             self.idleTimeout = idleTimeout
@@ -39,7 +39,7 @@ public final class ConnectionGuard: Sendable {
     }
 
     /// Why the agent closed a connection (a metric label: a fixed set).
-    public enum CloseReason: String, Sendable {
+    package enum CloseReason: String, Sendable {
         case connectionLimit = "connection_limit"
         case noStream = "no_stream"
         case idle
@@ -47,9 +47,9 @@ public final class ConnectionGuard: Sendable {
     }
 
     /// Connections open now.
-    public static let openConnectionsMetric = "sds_agent_open_connections"
+    package static let openConnectionsMetric = "sds_agent_open_connections"
     /// Connections the agent closed, or lost to an error, by `reason`.
-    public static let closedConnectionsMetric = "sds_agent_closed_connections_total"
+    package static let closedConnectionsMetric = "sds_agent_closed_connections_total"
 
     let limits: Limits
     let logger: Logger
@@ -58,7 +58,7 @@ public final class ConnectionGuard: Sendable {
     private let factory: any MetricsFactory
     private let throttle = LogThrottle(interval: .seconds(1))
 
-    public init(limits: Limits, logger: Logger, metrics: any MetricsFactory = MetricsSystem.factory) {
+    package init(limits: Limits, logger: Logger, metrics: any MetricsFactory = MetricsSystem.factory) {
         self.limits = limits
         self.logger = logger
         self.factory = metrics
@@ -66,10 +66,9 @@ public final class ConnectionGuard: Sendable {
     }
 
     /// Connections open now.
-    public var openConnections: Int { open.load(ordering: .relaxed) }
 
     /// The `onAcceptTCPConnection` callback: admits the connection or closes it.
-    @Sendable public func install(on connection: any Channel) -> EventLoopFuture<Void> {
+    @Sendable package func install(on connection: any Channel) -> EventLoopFuture<Void> {
         let count = open.add(1, ordering: .relaxed).newValue
         openGauge.record(count)
         connection.closeFuture.whenComplete { [self] _ in

@@ -1,12 +1,12 @@
 /// Parses and prints durations the way Go and Kubernetes write them: `24h`, `90s`, `1h30m`, `500ms`.
-public enum DurationText {
+package enum DurationText {
     /// The longest duration accepted: 100 years (876000h). Nothing the agent times is longer,
     /// and every duration it parses stays far from the overflow of any clock or date arithmetic.
-    public static let maximum = Duration.seconds(100 * 365 * 86400)
+    package static let maximum = Duration.seconds(100 * 365 * 86400)
 
     /// Parses a sequence of `<integer><unit>` with units `h`, `m`, `s`, `ms`; nil when malformed or
     /// longer than ``maximum``. Never traps: every step is checked for overflow.
-    public static func parse(_ text: String) -> Duration? {
+    package static func parse(_ text: String) -> Duration? {
         let limit = maximum.components.seconds * 1000  // in milliseconds
         var total: Int64 = 0  // milliseconds
         var digits: Int64?
@@ -45,7 +45,7 @@ public enum DurationText {
     }
 
     /// The shortest text that parses back to `duration` (`24h`, `1h30m`, `90s`, `500ms`, `0s`).
-    public static func format(_ duration: Duration) -> String {
+    package static func format(_ duration: Duration) -> String {
         var milliseconds = duration.components.seconds * 1000 + duration.components.attoseconds / 1_000_000_000_000_000
         guard milliseconds > 0 else { return "0s" }
         var text = ""
@@ -57,5 +57,5 @@ public enum DurationText {
     }
 
     /// What a duration value may look like, for error messages.
-    public static let expected = "a duration such as 24h, 30m, 90s, 500ms or 1h30m, of at most 876000h (100 years)"
+    package static let expected = "a duration such as 24h, 30m, 90s, 500ms or 1h30m, of at most 876000h (100 years)"
 }

@@ -9,20 +9,20 @@ import SDSModel
 /// (CWE-117). Escaping here, at the one place every line passes, holds for every log statement
 /// and every format, including ones written later. The handler's own metadata (set with
 /// `logger[metadataKey:]`) is kept here, not in the wrapped handler, so it is escaped too.
-public struct EscapingLogHandler<Wrapped: LogHandler>: LogHandler {
+package struct EscapingLogHandler<Wrapped: LogHandler>: LogHandler {
     /// The handler that formats and writes the line.
-    public var wrapped: Wrapped
+    package var wrapped: Wrapped
     /// Most characters kept of the message.
-    public var messageLimit: Int
+    package var messageLimit: Int
     /// Most characters kept of one metadata value.
-    public var valueLimit: Int
+    package var valueLimit: Int
 
-    public var metadata: Logger.Metadata = [:]
-    public var metadataProvider: Logger.MetadataProvider?
+    package var metadata: Logger.Metadata = [:]
+    package var metadataProvider: Logger.MetadataProvider?
     /// When set, the level every handler reads (changed at once by a reload).
-    public var sharedLevel: SharedLogLevel?
+    package var sharedLevel: SharedLogLevel?
 
-    public var logLevel: Logger.Level {
+    package var logLevel: Logger.Level {
         get { sharedLevel?.level ?? wrapped.logLevel }
         set {
             wrapped.logLevel = newValue
@@ -30,18 +30,18 @@ public struct EscapingLogHandler<Wrapped: LogHandler>: LogHandler {
         }
     }
 
-    public init(wrapping wrapped: Wrapped, messageLimit: Int = 2048, valueLimit: Int = 512) {
+    package init(wrapping wrapped: Wrapped, messageLimit: Int = 2048, valueLimit: Int = 512) {
         self.wrapped = wrapped
         self.messageLimit = messageLimit
         self.valueLimit = valueLimit
     }
 
-    public subscript(metadataKey key: String) -> Logger.Metadata.Value? {
+    package subscript(metadataKey key: String) -> Logger.Metadata.Value? {
         get { metadata[key] }
         set { metadata[key] = newValue }
     }
 
-    public func log(event: LogEvent) {
+    package func log(event: LogEvent) {
         var merged = metadata
         if let provided = metadataProvider?.get() { merged.merge(provided) { $1 } }
         if let own = event.metadata { merged.merge(own) { $1 } }

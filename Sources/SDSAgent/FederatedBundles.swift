@@ -16,21 +16,21 @@ import X509
 ///
 /// A file is PEM certificates, or a SPIFFE trust bundle (JWKS whose keys with `"use":
 /// "x509-svid"` carry the root in `x5c`), the format SPIRE's bundle endpoint serves.
-public final class FederatedBundles: FederatedBundleSource {
+package final class FederatedBundles: FederatedBundleSource {
     /// One federated trust domain and where its bundle is.
-    public struct Source: Sendable, Hashable {
-        public var trustDomain: String
-        public var file: String
+    package struct Source: Sendable, Hashable {
+        package var trustDomain: String
+        package var file: String
 
         /// Parses `TD=FILE`; nil when it is not that shape.
-        public init?(_ text: String) {
+        package init?(_ text: String) {
             guard let equals = text.firstIndex(of: "="), equals != text.startIndex else { return nil }
             trustDomain = String(text[..<equals])
             file = String(text[text.index(after: equals)...])
             guard !file.isEmpty else { return nil }
         }
 
-        public init(trustDomain: String, file: String) {
+        package init(trustDomain: String, file: String) {
             self.trustDomain = trustDomain
             self.file = file
         }
@@ -41,7 +41,7 @@ public final class FederatedBundles: FederatedBundleSource {
     private let logger: Logger
 
     /// Loads every source; fails naming the first file that is not a bundle.
-    public init(sources: [Source], logger: Logger) throws(ConfigurationError) {
+    package init(sources: [Source], logger: Logger) throws(ConfigurationError) {
         var loaded: [String: TrustBundle] = [:]
         for source in sources {
             do {
@@ -60,10 +60,10 @@ public final class FederatedBundles: FederatedBundleSource {
         }
     }
 
-    public func federatedBundles() -> [String: TrustBundle] { bundles.withLock { $0 } }
+    package func federatedBundles() -> [String: TrustBundle] { bundles.withLock { $0 } }
 
     /// Polls the files every `interval`; calls `changed` after a bundle changed.
-    public func watch(interval: Duration = .seconds(2), changed: @Sendable () -> Void) async {
+    package func watch(interval: Duration = .seconds(2), changed: @Sendable () -> Void) async {
         let failures = Counter(label: "sds_agent_federated_bundle_reload_failures_total")
         var seen = Dictionary(uniqueKeysWithValues: sources.map { ($0.file, FileManager.default.contents(atPath: $0.file)) })
         while !Task.isCancelled {

@@ -10,47 +10,47 @@ import CertificateAuthority
 
 /// What `sds-agent inspect` shows: the node's analogue of `istioctl proxy-config secret`.
 /// The agent encodes it on its admin socket; the command decodes it and prints a table or the JSON.
-public struct Inspection: Codable, Sendable, Equatable {
-    public struct Agent: Codable, Sendable, Equatable {
-        public var version: String
-        public var pid: Int32
-        public var socket: String
-        public var trustDomain: String
+package struct Inspection: Codable, Sendable, Equatable {
+    package struct Agent: Codable, Sendable, Equatable {
+        package var version: String
+        package var pid: Int32
+        package var socket: String
+        package var trustDomain: String
         /// `embedded`, `files` or `upstream HOST:PORT`.
-        public var ca: String
-        public var ready: Bool
-        public var notReadyReason: String?
+        package var ca: String
+        package var ready: Bool
+        package var notReadyReason: String?
     }
 
-    public struct Identity: Codable, Sendable, Equatable {
-        public var spiffeID: String
-        public var serial: String?
-        public var notBefore: Date?
-        public var notAfter: Date?
-        public var renewAt: Date?
-        public var failures: Int
-        public var issuing: Bool
-        public var streams: Int
+    package struct Identity: Codable, Sendable, Equatable {
+        package var spiffeID: String
+        package var serial: String?
+        package var notBefore: Date?
+        package var notAfter: Date?
+        package var renewAt: Date?
+        package var failures: Int
+        package var issuing: Bool
+        package var streams: Int
         /// Streams per pod (`namespace/name`).
-        public var pods: [String: Int]
+        package var pods: [String: Int]
     }
 
-    public struct Root: Codable, Sendable, Equatable {
-        public var subject: String
-        public var serial: String
-        public var notAfter: Date
+    package struct Root: Codable, Sendable, Equatable {
+        package var subject: String
+        package var serial: String
+        package var notAfter: Date
     }
 
-    public struct Bundle: Codable, Sendable, Equatable {
+    package struct Bundle: Codable, Sendable, Equatable {
         /// The names it is served under.
-        public var names: [String]
-        public var version: String
-        public var roots: [Root]
+        package var names: [String]
+        package var version: String
+        package var roots: [Root]
     }
 
-    public var agent: Agent
-    public var identities: [Identity]
-    public var trustBundles: [Bundle]
+    package var agent: Agent
+    package var identities: [Identity]
+    package var trustBundles: [Bundle]
 
     static let encoder: JSONEncoder = {
         let encoder = JSONEncoder()
@@ -60,7 +60,7 @@ public struct Inspection: Codable, Sendable, Equatable {
         return encoder
     }()
 
-    public static func decode(_ data: Data) throws -> Inspection {
+    package static func decode(_ data: Data) throws -> Inspection {
         let decoder = JSONDecoder()
         // The inverse of `.convertToSnakeCase` for our names (`spiffe_id` → `spiffeID`).
         decoder.keyDecodingStrategy = .custom { path in
@@ -74,7 +74,7 @@ public struct Inspection: Codable, Sendable, Equatable {
         return try decoder.decode(Inspection.self, from: data)
     }
 
-    public func json() -> Data { (try? Self.encoder.encode(self)) ?? Data("{}".utf8) }
+    package func json() -> Data { (try? Self.encoder.encode(self)) ?? Data("{}".utf8) }
 
     /// Builds the report from the cache, the open streams and the served bundle.
     static func make(
@@ -103,7 +103,7 @@ public struct Inspection: Codable, Sendable, Equatable {
     }
 
     /// The human table.
-    public func table() -> String {
+    package func table() -> String {
         func date(_ value: Date?) -> String { value.map { $0.formatted(.iso8601) } ?? "-" }
         var lines = [
             "\(agent.version) pid \(agent.pid) socket \(agent.socket) trust domain \(agent.trustDomain) CA \(agent.ca)",
@@ -148,7 +148,7 @@ private struct AnyCodingKey: CodingKey {
 
 extension Agent {
     /// What `sds-agent inspect` shows.
-    public func inspection() async -> Inspection {
+    package func inspection() async -> Inspection {
         let ca =
             configuration.upstreamCA.map { "upstream \($0.host):\($0.port)" }
             ?? (configuration.caCertificateFile != nil ? "files" : "embedded")

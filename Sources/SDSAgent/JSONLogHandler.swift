@@ -8,24 +8,24 @@ import Synchronization
 /// then every metadata key (`--log-format json`). Strings are JSON-escaped, so a line is always one
 /// line and parses; run it inside ``EscapingLogHandler`` (as the agent does) and caller text is
 /// also escaped and bounded before it gets here, exactly as in text logs.
-public struct JSONLogHandler: LogHandler {
-    public var logLevel: Logger.Level = .info
-    public var metadata: Logger.Metadata = [:]
+package struct JSONLogHandler: LogHandler {
+    package var logLevel: Logger.Level = .info
+    package var metadata: Logger.Metadata = [:]
     private let label: String
     private let write: @Sendable (String) -> Void
 
     /// Logs to standard error; `write` replaces that in tests.
-    public init(label: String, write: @escaping @Sendable (String) -> Void = JSONLogHandler.standardError) {
+    package init(label: String, write: @escaping @Sendable (String) -> Void = JSONLogHandler.standardError) {
         self.label = label
         self.write = write
     }
 
-    public subscript(metadataKey key: String) -> Logger.Metadata.Value? {
+    package subscript(metadataKey key: String) -> Logger.Metadata.Value? {
         get { metadata[key] }
         set { metadata[key] = newValue }
     }
 
-    public func log(event: LogEvent) {
+    package func log(event: LogEvent) {
         var merged = metadata
         if let own = event.metadata { merged.merge(own) { $1 } }
         var line = "{"
@@ -76,26 +76,26 @@ public struct JSONLogHandler: LogHandler {
     }
 
     /// Writes `line` to standard error in one call (lines from concurrent tasks do not interleave).
-    public static let standardError: @Sendable (String) -> Void = { line in
+    package static let standardError: @Sendable (String) -> Void = { line in
         let bytes = Array(line.utf8)
         bytes.withUnsafeBytes { _ = Glibc.write(2, $0.baseAddress, $0.count) }
     }
 }
 
 /// The log level every handler of the process reads, so a reload (SIGHUP) changes it at once.
-public final class SharedLogLevel: Sendable {
+package final class SharedLogLevel: Sendable {
     private let raw: Atomic<Int>
     private static let levels = Logger.Level.allCases
 
-    public init(_ level: Logger.Level) { raw = Atomic(Self.levels.firstIndex(of: level) ?? 2) }
+    package init(_ level: Logger.Level) { raw = Atomic(Self.levels.firstIndex(of: level) ?? 2) }
 
-    public var level: Logger.Level {
+    package var level: Logger.Level {
         get { Self.levels[raw.load(ordering: .relaxed)] }
         set { raw.store(Self.levels.firstIndex(of: newValue) ?? 2, ordering: .relaxed) }
     }
 
     /// A level from its name, case-insensitively (`debug`, `DEBUG`); nil for anything else.
-    public static func parse(_ text: String) -> Logger.Level? {
+    package static func parse(_ text: String) -> Logger.Level? {
         Logger.Level(rawValue: text.lowercased())
     }
 }

@@ -12,10 +12,10 @@ import ServiceLifecycle
 ///
 /// Off unless `--metrics-address` is given. It serves no secret and accepts no input, so it can
 /// listen on the pod's address.
-public struct MetricsEndpoint: Service {
+package struct MetricsEndpoint: Service {
     /// Where to listen, from `HOST:PORT` (`[::1]:9102`, `0.0.0.0:9102`, `:9102`: an empty host is
     /// all IPv4 addresses, port 0 one the kernel picks); nil when it is not that shape.
-    public static func address(_ text: String) -> HostPort? { HostPort(text, emptyHost: "0.0.0.0", ports: 0...65535) }
+    package static func address(_ text: String) -> HostPort? { HostPort(text, emptyHost: "0.0.0.0", ports: 0...65535) }
 
     private let address: HostPort
     private let registry: PrometheusCollectorRegistry
@@ -26,7 +26,7 @@ public struct MetricsEndpoint: Service {
     /// - Parameters:
     ///   - readiness: why the agent cannot issue now, or nil (answers `/readyz`).
     ///   - onListening: called with the bound port once the endpoint listens (port 0 picks one).
-    public init(
+    package init(
         address: HostPort, registry: PrometheusCollectorRegistry, logger: Logger,
         readiness: @escaping @Sendable () -> String? = { nil }, onListening: @escaping @Sendable (Int) -> Void = { _ in }
     ) {
@@ -38,7 +38,7 @@ public struct MetricsEndpoint: Service {
     }
 
     /// Listens until cancelled or until graceful shutdown.
-    public func run() async throws {
+    package func run() async throws {
         let registry = self.registry
         let readiness = self.readiness
         let channel: any Channel
@@ -79,10 +79,10 @@ extension Channel {
 }
 
 /// The metrics listener could not start.
-public struct MetricsEndpointError: Error, CustomStringConvertible {
+package struct MetricsEndpointError: Error, CustomStringConvertible {
     /// What went wrong, naming the address.
-    public var message: String
-    public var description: String { message }
+    package var message: String
+    package var description: String { message }
 }
 
 /// Answers `GET /metrics` with the registry's exposition, `/healthz` and `/readyz`; anything else
@@ -151,5 +151,5 @@ private final class MetricsHTTPHandler: ChannelInboundHandler {
 }
 
 extension MetricsEndpoint: CustomStringConvertible {
-    public var description: String { "MetricsEndpoint(\(address))" }
+    package var description: String { "MetricsEndpoint(\(address))" }
 }

@@ -7,7 +7,7 @@ import NIOHPACK
 /// Puts the connection's Unix peer credentials (`SO_PEERCRED`) into every request's metadata,
 /// under ``PeerCredentials/metadataKey``, so the SDS service can check them.
 ///
-/// grpc-swift-nio-transport gives a service no public way to see the connection a call came in
+/// grpc-swift-nio-transport gives a service no package way to see the connection a call came in
 /// on; it does call `onAcceptHTTP2Stream` with each stream channel, whose parent is the
 /// connection's socket. This handler sits first in the stream's pipeline, removes whatever the
 /// client sent under the key (a client cannot forge its credentials) and adds the kernel's.

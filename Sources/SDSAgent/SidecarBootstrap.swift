@@ -8,47 +8,47 @@ import Glibc
 /// Each property is one `{{PLACEHOLDER}}` of the template. SPIFFE ID lists become
 /// `match_typed_subject_alt_names` matchers: an entry ending in `/*` matches by prefix, any other
 /// entry exactly; an empty list accepts any identity that chains to the trust bundle.
-public struct SidecarBootstrap: Sendable {
+package struct SidecarBootstrap: Sendable {
     /// The agent's Unix socket.
-    public var sdsSocket: String
+    package var sdsSocket: String
     /// The projected service-account token file Envoy sends with every SDS stream.
-    public var tokenFile: String
+    package var tokenFile: String
     /// gRPC metadata key for the token.
-    public var tokenHeader: String = Defaults.Tokens.header
+    package var tokenHeader: String = Defaults.Tokens.header
     /// Envoy's node id (e.g. the pod name).
-    public var nodeID: String
+    package var nodeID: String
     /// Envoy's node cluster (e.g. the service name).
-    public var nodeCluster: String
+    package var nodeCluster: String
     /// Admin port on 127.0.0.1.
-    public var adminPort: Int
+    package var adminPort: Int
     /// Address of the inbound mTLS listener.
-    public var inboundAddress: String = "0.0.0.0"
+    package var inboundAddress: String = "0.0.0.0"
     /// Port of the inbound mTLS listener.
-    public var inboundPort: Int
+    package var inboundPort: Int
     /// The local app's port on 127.0.0.1, behind the inbound listener.
-    public var appPort: Int
+    package var appPort: Int
     /// Port of the outbound plain-HTTP listener on 127.0.0.1.
-    public var outboundPort: Int
+    package var outboundPort: Int
     /// Host name or address of the upstream's inbound mTLS listener.
-    public var upstreamAddress: String
+    package var upstreamAddress: String
     /// Port of the upstream's inbound mTLS listener.
-    public var upstreamPort: Int
+    package var upstreamPort: Int
     /// SPIFFE IDs allowed to call this workload (inbound).
-    public var inboundAllowedIDs: [String]
+    package var inboundAllowedIDs: [String]
     /// SPIFFE IDs the upstream may present (outbound).
-    public var upstreamIDs: [String]
+    package var upstreamIDs: [String]
     /// Name of the validation context secret: `ROOTCA` or `spiffe://<trust-domain>`.
-    public var validationContextName: String = Defaults.Names.rootCA
+    package var validationContextName: String = Defaults.Names.rootCA
     /// Name of the workload certificate secret.
-    public var workloadSecretName: String = Defaults.Names.workloadSecret
+    package var workloadSecretName: String = Defaults.Names.workloadSecret
     /// How long Envoy waits for SDS before serving without the secret; `0s` waits forever.
-    public var initialFetchTimeout: String = "0s"
+    package var initialFetchTimeout: String = "0s"
     /// Requests per upstream connection before Envoy opens a new one (and a new TLS handshake).
-    public var upstreamMaxRequestsPerConnection: Int = 1000
+    package var upstreamMaxRequestsPerConnection: Int = 1000
     /// `GRPC` (state of the world) or `DELTA_GRPC` (incremental) for the SDS source.
-    public var sdsAPIType: String = "GRPC"
+    package var sdsAPIType: String = "GRPC"
 
-    public init(
+    package init(
         sdsSocket: String, tokenFile: String, nodeID: String, nodeCluster: String, adminPort: Int, inboundPort: Int,
         appPort: Int, outboundPort: Int, upstreamAddress: String, upstreamPort: Int, inboundAllowedIDs: [String],
         upstreamIDs: [String]
@@ -68,7 +68,7 @@ public struct SidecarBootstrap: Sendable {
     }
 
     /// The placeholder values, keyed by placeholder name.
-    public func values() throws(ConfigurationError) -> [String: String] {
+    package func values() throws(ConfigurationError) -> [String: String] {
         let strings: [String: String] = [
             "SDS_SOCKET": sdsSocket, "TOKEN_FILE": tokenFile, "TOKEN_HEADER": tokenHeader, "NODE_ID": nodeID,
             "NODE_CLUSTER": nodeCluster, "INBOUND_ADDRESS": inboundAddress, "UPSTREAM_ADDRESS": upstreamAddress,
@@ -140,7 +140,7 @@ public struct SidecarBootstrap: Sendable {
     }
 
     /// Replaces every `{{NAME}}` in `template`; fails on a placeholder it has no value for.
-    public func render(template: String) throws(ConfigurationError) -> String {
+    package func render(template: String) throws(ConfigurationError) -> String {
         let values = try values()
         var output = ""
         var rest = template[...]

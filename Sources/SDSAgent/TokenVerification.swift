@@ -7,31 +7,31 @@ import WorkloadAuthentication
 
 /// How callers' service-account tokens are verified: shared by `serve` (the SDS side) and
 /// `ca serve` (the CSR API), which authenticate callers the same way.
-public struct TokenVerification: Sendable {
+package struct TokenVerification: Sendable {
     /// SPIFFE trust domain the identities belong to.
-    public var trustDomain: String
+    package var trustDomain: String
     /// JWKS file with the keys that sign tokens; nil with OIDC discovery or TokenReview only.
-    public var jwksFile: String?
+    package var jwksFile: String?
     /// Fetch the keys from the API server's OIDC discovery.
-    public var oidcDiscovery = false
+    package var oidcDiscovery = false
     /// How often discovered keys are fetched again.
-    public var jwksRefreshInterval: Duration = .seconds(3600)
+    package var jwksRefreshInterval: Duration = .seconds(3600)
     /// Have the API server review every token.
-    public var tokenReview = false
+    package var tokenReview = false
     /// How to reach the API server.
-    public var kubernetesAPI: KubernetesAPIClient.Configuration?
+    package var kubernetesAPI: KubernetesAPIClient.Configuration?
     /// Accepted issuers.
-    public var issuers: [String]
+    package var issuers: [String]
     /// Accepted audiences.
-    public var audiences: [String]
+    package var audiences: [String]
     /// Tolerated clock skew.
-    public var clockSkew: Duration
+    package var clockSkew: Duration
     /// Accept legacy non-expiring secret-based tokens.
-    public var allowLegacyTokens = false
+    package var allowLegacyTokens = false
     /// Refuse tokens issued longer ago than this.
-    public var maxTokenAge: Duration?
+    package var maxTokenAge: Duration?
 
-    public init(trustDomain: String, jwksFile: String?, issuers: [String], audiences: [String], clockSkew: Duration) {
+    package init(trustDomain: String, jwksFile: String?, issuers: [String], audiences: [String], clockSkew: Duration) {
         self.trustDomain = trustDomain
         self.jwksFile = jwksFile
         self.issuers = issuers
@@ -40,10 +40,10 @@ public struct TokenVerification: Sendable {
     }
 
     /// The largest `--clock-skew` accepted (Kubernetes' own token leeway is 60 s).
-    public static let maxClockSkew: Duration = .seconds(600)
+    package static let maxClockSkew: Duration = .seconds(600)
 
     /// Checks the settings; the error names the flag.
-    public func validate() throws(ConfigurationError) {
+    package func validate() throws(ConfigurationError) {
         func fail(_ message: String) -> ConfigurationError { ConfigurationError(message: message) }
         guard SPIFFEID.isValidTrustDomain(trustDomain) else {
             throw fail("--trust-domain '\(trustDomain)' is not a valid trust domain (lowercase letters, digits, '.', '-', '_')")

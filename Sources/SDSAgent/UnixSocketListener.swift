@@ -7,9 +7,9 @@ import SDSModel
 /// The parent directory is created; a stale socket file from an earlier run is replaced (but a
 /// regular file or a socket another process is listening on is never removed); the mode is set
 /// between `bind` and `listen`, so no client can connect while it is wider than asked.
-public enum UnixSocketListener {
+package enum UnixSocketListener {
     /// Returns a listening socket descriptor bound to `path` with file mode `mode`.
-    public static func bind(path: String, mode: mode_t, backlog: Int32 = 1024) throws(ListenerError) -> Int32 {
+    package static func bind(path: String, mode: mode_t, backlog: Int32 = 1024) throws(ListenerError) -> Int32 {
         let maxPath = MemoryLayout.size(ofValue: sockaddr_un().sun_path) - 1
         guard path.utf8.count <= maxPath else {
             throw ListenerError(path: path, "socket path is \(path.utf8.count) bytes; Unix sockets allow \(maxPath)")
@@ -63,16 +63,16 @@ public enum UnixSocketListener {
 }
 
 /// The socket could not be set up; names the path and the system's reason.
-public struct ListenerError: Error, Sendable, CustomStringConvertible {
+package struct ListenerError: Error, Sendable, CustomStringConvertible {
     /// The socket path.
-    public var path: String
+    package var path: String
     /// What failed, with errno text.
-    public var message: String
+    package var message: String
     init(path: String, _ message: String) {
         self.path = path
         self.message = message
     }
-    public var description: String { "socket \(path): \(message)" }
+    package var description: String { "socket \(path): \(message)" }
 
     /// The system's reason for the last failure: `Address already in use (errno 98)`.
     static func errnoText() -> String {

@@ -5,39 +5,39 @@
 ///
 /// Written here instead of linking a YAML library: the one in the package mirror (Yams) needs
 /// Foundation proper, whose ICU data is a third of the static binary.
-public indirect enum YAMLNode: Sendable, Equatable {
+package indirect enum YAMLNode: Sendable, Equatable {
     case scalar(String)
     case sequence([YAMLNode])
     case mapping([Entry])
     /// `key:` with nothing after it.
     case empty
 
-    public struct Entry: Sendable, Equatable {
-        public var key: String
-        public var value: YAMLNode
+    package struct Entry: Sendable, Equatable {
+        package var key: String
+        package var value: YAMLNode
     }
 
-    public var scalar: String? {
+    package var scalar: String? {
         if case .scalar(let text) = self { return text }
         return nil
     }
 
-    public var sequence: [YAMLNode]? {
+    package var sequence: [YAMLNode]? {
         if case .sequence(let items) = self { return items }
         return nil
     }
 
-    public var mapping: [Entry]? {
+    package var mapping: [Entry]? {
         if case .mapping(let entries) = self { return entries }
         return nil
     }
 
-    public subscript(key: String) -> YAMLNode? {
+    package subscript(key: String) -> YAMLNode? {
         mapping?.first { $0.key == key }?.value
     }
 
     /// A YAML 1.1 boolean (`true`, `false`, `yes`, `no`, `on`, `off`, any case), else nil.
-    public var bool: Bool? {
+    package var bool: Bool? {
         switch scalar?.lowercased() {
         case "true", "yes", "on": true
         case "false", "no", "off": false
@@ -46,7 +46,7 @@ public indirect enum YAMLNode: Sendable, Equatable {
     }
 
     /// What kind of node this is, for messages.
-    public var kind: String {
+    package var kind: String {
         switch self {
         case .scalar: "value"
         case .sequence: "sequence"
@@ -56,17 +56,17 @@ public indirect enum YAMLNode: Sendable, Equatable {
     }
 
     /// Parses `text`; nil for a document with no content.
-    public static func parse(_ text: String) throws(YAMLError) -> YAMLNode? {
+    package static func parse(_ text: String) throws(YAMLError) -> YAMLNode? {
         var parser = try YAMLParser(text)
         return try parser.document()
     }
 }
 
 /// Where and why a YAML text was refused.
-public struct YAMLError: Error, Sendable, Equatable, CustomStringConvertible {
-    public var line: Int
-    public var message: String
-    public var description: String { "line \(line): \(message)" }
+package struct YAMLError: Error, Sendable, Equatable, CustomStringConvertible {
+    package var line: Int
+    package var message: String
+    package var description: String { "line \(line): \(message)" }
 }
 
 private struct YAMLParser {

@@ -105,7 +105,7 @@ public actor SecretCache {
     }
 
     /// How many certificates this cache has had issued (for tests and diagnostics).
-    public var issuedCertificates: Int { issuedCount }
+    package var issuedCertificates: Int { issuedCount }
 
     /// How many streams are watching for updates (all identities).
     public nonisolated var watcherCount: Int { updates.count }

@@ -65,7 +65,7 @@ public struct KubernetesTokenVerifier: WorkloadAuthenticator {
     private let verified = VerifiedTokenCache()
 
     /// Tokens held verified (for tests and diagnostics).
-    public var cachedTokens: Int { verified.count }
+    package var cachedTokens: Int { verified.count }
 
     /// Creates a verifier; `now` is injectable for tests.
     public init(

@@ -29,7 +29,7 @@ public actor OIDCDiscoveryKeySource: VerificationKeySource {
     /// The issuer the discovery document names, once fetched.
     public private(set) var discoveredIssuer: String?
     /// Fetch attempts so far (for tests and logs).
-    public private(set) var fetchAttempts = 0
+    package private(set) var fetchAttempts = 0
 
     public init(api: KubernetesAPIClient, refreshInterval: Duration = .seconds(3600), minimumRefreshInterval: Duration = .seconds(30), logger: Logger) {
         self.api = api

@@ -45,7 +45,7 @@ public actor TokenReviewAuthenticator: WorkloadAuthenticator {
     private let now: @Sendable () -> Date
     private var cache: [SHA256Digest: (caller: AuthenticatedCaller, until: Date)] = [:]
     /// Reviews sent to the API server so far (for tests and logs).
-    public private(set) var reviewsSent = 0
+    package private(set) var reviewsSent = 0
 
     public init(configuration: Configuration, api: KubernetesAPIClient, now: @escaping @Sendable () -> Date = { Date() }) {
         self.configuration = configuration
