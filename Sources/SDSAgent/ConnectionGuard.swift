@@ -39,7 +39,7 @@ package final class ConnectionGuard: Sendable {
     }
 
     /// Why the agent closed a connection (a metric label: a fixed set).
-    package enum CloseReason: String, Sendable {
+    package enum CloseReason: String, Sendable, CaseIterable {
         case connectionLimit = "connection_limit"
         case noStream = "no_stream"
         case idle
@@ -55,17 +55,18 @@ package final class ConnectionGuard: Sendable {
     let logger: Logger
     private let open = Atomic<Int>(0)
     private let openGauge: Gauge
-    private let factory: any MetricsFactory
+    /// `closedConnectionsMetric` by reason, created once.
+    private let closed: [CloseReason: Counter]
     private let throttle = LogThrottle(interval: .seconds(1))
 
     package init(limits: Limits, logger: Logger, metrics: any MetricsFactory = MetricsSystem.factory) {
         self.limits = limits
         self.logger = logger
-        self.factory = metrics
+        self.closed = Dictionary(uniqueKeysWithValues: CloseReason.allCases.map {
+            ($0, Counter(label: Self.closedConnectionsMetric, dimensions: [("reason", $0.rawValue)], factory: metrics))
+        })
         self.openGauge = Gauge(label: Self.openConnectionsMetric, factory: metrics)
     }
-
-    /// Connections open now.
 
     /// The `onAcceptTCPConnection` callback: admits the connection or closes it.
     @Sendable package func install(on connection: any Channel) -> EventLoopFuture<Void> {
@@ -93,7 +94,7 @@ package final class ConnectionGuard: Sendable {
     /// Logs (at most once a second per reason, with the number held back) and counts a close or a
     /// connection error.
     func record(_ reason: CloseReason, _ detail: String, peer: PeerCredentials?) {
-        Counter(label: Self.closedConnectionsMetric, dimensions: [("reason", reason.rawValue)], factory: factory).increment()
+        closed[reason]?.increment()
         guard let suppressed = throttle.admit(reason.rawValue) else { return }
         var metadata: Logger.Metadata = [
             "reason": "\(reason.rawValue)", "detail": "\(detail)",

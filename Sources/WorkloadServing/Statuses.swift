@@ -1,6 +1,7 @@
 import CoreMetrics
 import GRPCCore
 import SDSModel
+import Synchronization
 
 /// Runs `body`; an `RPCError` it throws reaches the caller with its message escaped and bounded
 /// (``CallerText``), since messages quote what callers sent (names, type URLs, token fields).
@@ -33,6 +34,13 @@ extension RPCError {
 public struct RefusedCalls: Sendable {
     public static let metric = "sds_agent_refused_calls_total"
     let factory: any MetricsFactory
+    /// Each (code, reason)'s counter, created the first time it is counted (the set is fixed and
+    /// small), never again.
+    private let counters = Counters()
+
+    private final class Counters: Sendable {
+        let byLabel = Mutex<[String: Counter]>([:])
+    }
 
     public init(factory: any MetricsFactory) { self.factory = factory }
 
@@ -46,6 +54,12 @@ public struct RefusedCalls: Sendable {
             case .invalidArgument: "invalid_argument"
             default: "permission_denied"
             }
-        Counter(label: Self.metric, dimensions: [("code", status), ("reason", reason)], factory: factory).increment()
+        counters.byLabel.withLock { counters in
+            let key = "\(status) \(reason)"
+            if let counter = counters[key] { return counter }
+            let counter = Counter(label: Self.metric, dimensions: [("code", status), ("reason", reason)], factory: factory)
+            counters[key] = counter
+            return counter
+        }.increment()
     }
 }
