@@ -171,110 +171,112 @@ package struct AgentConfiguration: Sendable {
 
     /// Checks the configuration; the error says which setting is wrong and why.
     package func validate() throws(ConfigurationError) {
-        func fail(_ message: String) -> ConfigurationError { ConfigurationError(message: message) }
+        func fail(_ code: ConfigurationError.Code, _ message: String) -> ConfigurationError {
+            ConfigurationError(code, message: message)
+        }
         try tokens.validate()
         guard !stateDirectory.isEmpty else {
-            throw fail("--state-dir must not be empty: the CA's key would be written to the working directory")
+            throw fail(.invalidValue, "--state-dir must not be empty: the CA's key would be written to the working directory")
         }
-        guard !socketPath.isEmpty else { throw fail("--socket must not be empty") }
+        guard !socketPath.isEmpty else { throw fail(.invalidValue, "--socket must not be empty") }
         if validationContextNames.contains(where: \.isEmpty) {
-            throw fail("--validation-context-name must not be empty (an empty ConfigMap key gives an empty value); leave it out for ROOTCA and spiffe://<trust-domain>")
+            throw fail(.invalidValue, "--validation-context-name must not be empty (an empty ConfigMap key gives an empty value); leave it out for ROOTCA and spiffe://<trust-domain>")
         }
         guard tokenExpiryMargin < .seconds(600) else {
-            throw fail("--token-expiry-margin \(DurationText.format(tokenExpiryMargin)) is not shorter than the shortest token Kubernetes projects (10m): every stream would end at once; use e.g. 30s")
+            throw fail(.invalidValue, "--token-expiry-margin \(DurationText.format(tokenExpiryMargin)) is not shorter than the shortest token Kubernetes projects (10m): every stream would end at once; use e.g. 30s")
         }
         var federated = Set<String>()
         for source in federatedBundles {
             guard SPIFFEID.isValidTrustDomain(source.trustDomain), source.trustDomain != trustDomain,
                 federated.insert(source.trustDomain).inserted
             else {
-                throw fail("--federated-bundle '\(source.trustDomain)=\(source.file)': the trust domain must be valid, not ours (\(trustDomain)) and named once")
+                throw fail(.invalidValue, "--federated-bundle '\(source.trustDomain)=\(source.file)': the trust domain must be valid, not ours (\(trustDomain)) and named once")
             }
         }
         guard !allBundlesName.isEmpty, allBundlesName != workloadSecretName, !effectiveValidationContextNames.contains(allBundlesName),
             !federated.contains(where: { "spiffe://\($0)" == allBundlesName })
         else {
-            throw fail("--all-bundles-name '\(allBundlesName)' must be non-empty and differ from every other served name")
+            throw fail(.conflictingSettings, "--all-bundles-name '\(allBundlesName)' must be non-empty and differ from every other served name")
         }
         if caDirectory != nil && (caCertificateFile != nil || caBundleFile != nil || upstreamCA != nil) {
-            throw fail("--ca-dir names the CA; leave out --ca-cert, --ca-key, --ca-bundle and --upstream-ca")
+            throw fail(.conflictingSettings, "--ca-dir names the CA; leave out --ca-cert, --ca-key, --ca-bundle and --upstream-ca")
         }
         if caBundleFile != nil && caCertificateFile == nil {
-            throw fail("--ca-bundle names the roots of a CA given with --ca-cert/--ca-key; there is none")
+            throw fail(.invalidValue, "--ca-bundle names the roots of a CA given with --ca-cert/--ca-key; there is none")
         }
-        guard certificateTTL >= .seconds(10) else { throw fail("--cert-ttl must be at least 10s") }
-        guard caTTL > certificateTTL else { throw fail("--ca-ttl must be longer than --cert-ttl") }
-        guard socketMode <= 0o777 else { throw fail("--socket-mode must be an octal mode such as 0660") }
+        guard certificateTTL >= .seconds(10) else { throw fail(.invalidValue, "--cert-ttl must be at least 10s") }
+        guard caTTL > certificateTTL else { throw fail(.invalidValue, "--ca-ttl must be longer than --cert-ttl") }
+        guard socketMode <= 0o777 else { throw fail(.invalidValue, "--socket-mode must be an octal mode such as 0660") }
         // Connecting needs write permission: without it for the owner, no sidecar could connect.
         guard socketMode & 0o600 == 0o600 else {
-            throw fail("--socket-mode \(String(socketMode, radix: 8)) lets not even the owner connect: it needs at least 0600 (usually 0660)")
+            throw fail(.invalidValue, "--socket-mode \(String(socketMode, radix: 8)) lets not even the owner connect: it needs at least 0600 (usually 0660)")
         }
         guard !workloadSecretName.isEmpty, !effectiveValidationContextNames.contains(workloadSecretName) else {
-            throw fail("--workload-secret-name must be non-empty and differ from every --validation-context-name")
+            throw fail(.conflictingSettings, "--workload-secret-name must be non-empty and differ from every --validation-context-name")
         }
         guard (caCertificateFile == nil) == (caKeyFile == nil) else {
-            throw fail("--ca-cert and --ca-key go together")
+            throw fail(.conflictingSettings, "--ca-cert and --ca-key go together")
         }
         if let upstream = upstreamCA {
             guard caCertificateFile == nil, caBundleFile == nil else {
-                throw fail("--upstream-ca and --ca-cert/--ca-bundle both name the CA; use one")
+                throw fail(.conflictingSettings, "--upstream-ca and --ca-cert/--ca-bundle both name the CA; use one")
             }
             guard !upstream.serverBundleFile.isEmpty else {
-                throw fail("--upstream-ca needs --upstream-ca-bundle: the PEM roots that verify the CA server's certificate")
+                throw fail(.missingSetting, "--upstream-ca needs --upstream-ca-bundle: the PEM roots that verify the CA server's certificate")
             }
             if upstream.credentialMode == .node && (upstream.tokenFile ?? "").isEmpty {
-                throw fail("--upstream-ca-credential node needs --upstream-ca-token-file: the agent's own projected token")
+                throw fail(.missingSetting, "--upstream-ca-credential node needs --upstream-ca-token-file: the agent's own projected token")
             }
-            guard !upstream.clusterID.isEmpty else { throw fail("--upstream-ca-cluster-id must not be empty") }
+            guard !upstream.clusterID.isEmpty else { throw fail(.invalidValue, "--upstream-ca-cluster-id must not be empty") }
         }
-        guard !tokenHeader.isEmpty else { throw fail("--token-header must not be empty") }
-        guard maxStreamsPerConnection > 0 else { throw fail("--max-streams-per-connection must be positive") }
-        guard limits.connections.maxConnections > 0 else { throw fail("--max-connections must be positive") }
-        guard limits.listenBacklog > 0 else { throw fail("--listen-backlog must be positive") }
-        guard limits.streams.maxStreams > 0 else { throw fail("--max-streams must be positive") }
-        guard limits.streams.maxStreamsPerCaller > 0 else { throw fail("--max-streams-per-caller must be positive") }
+        guard !tokenHeader.isEmpty else { throw fail(.invalidValue, "--token-header must not be empty") }
+        guard maxStreamsPerConnection > 0 else { throw fail(.invalidValue, "--max-streams-per-connection must be positive") }
+        guard limits.connections.maxConnections > 0 else { throw fail(.invalidValue, "--max-connections must be positive") }
+        guard limits.listenBacklog > 0 else { throw fail(.invalidValue, "--listen-backlog must be positive") }
+        guard limits.streams.maxStreams > 0 else { throw fail(.invalidValue, "--max-streams must be positive") }
+        guard limits.streams.maxStreamsPerCaller > 0 else { throw fail(.invalidValue, "--max-streams-per-caller must be positive") }
         guard limits.maxRequestBytes >= 64 * 1024 else {
-            throw fail("--max-request-bytes must be at least 65536: Envoy's first request carries its whole Node (about 61 KB)")
+            throw fail(.invalidValue, "--max-request-bytes must be at least 65536: Envoy's first request carries its whole Node (about 61 KB)")
         }
-        guard limits.streams.firstRequestTimeout >= .seconds(1) else { throw fail("--first-request-timeout must be at least 1s") }
-        guard limits.connections.idleTimeout >= .seconds(1) else { throw fail("--idle-connection-timeout must be at least 1s") }
-        guard (0.1...0.9).contains(rotation.fraction) else { throw fail("--rotation-fraction must be between 0.1 and 0.9") }
-        guard (0...0.5).contains(rotation.jitter) else { throw fail("--rotation-jitter must be between 0 and 0.5") }
-        guard tokenExpiryMargin >= .zero else { throw fail("--token-expiry-margin must not be negative") }
+        guard limits.streams.firstRequestTimeout >= .seconds(1) else { throw fail(.invalidValue, "--first-request-timeout must be at least 1s") }
+        guard limits.connections.idleTimeout >= .seconds(1) else { throw fail(.invalidValue, "--idle-connection-timeout must be at least 1s") }
+        guard (0.1...0.9).contains(rotation.fraction) else { throw fail(.invalidValue, "--rotation-fraction must be between 0.1 and 0.9") }
+        guard (0...0.5).contains(rotation.jitter) else { throw fail(.invalidValue, "--rotation-jitter must be between 0 and 0.5") }
+        guard tokenExpiryMargin >= .zero else { throw fail(.invalidValue, "--token-expiry-margin must not be negative") }
         if peerPolicy.requirePodBinding {
             guard FileKind.at(peerPolicy.procRoot) == .directory else {
-                throw fail("--proc-root '\(peerPolicy.procRoot)' is not a directory; --peer-pod-binding reads <proc-root>/<pid>/cgroup")
+                throw fail(.unreadableInput, "--proc-root '\(peerPolicy.procRoot)' is not a directory; --peer-pod-binding reads <proc-root>/<pid>/cgroup")
             }
         }
         if attestation.needsPods {
             let what = attestation.workloadSocketPath != nil ? "--workload-socket" : "--attestation-policy"
             guard let node = attestation.nodeName, !node.isEmpty else {
-                throw fail("\(what) needs --node-name: the pods of this node are read from the API server (Deploy/: the downward API's spec.nodeName)")
+                throw fail(.missingSetting, "\(what) needs --node-name: the pods of this node are read from the API server (Deploy/: the downward API's spec.nodeName)")
             }
             guard KubernetesName.isValid(node) || node.split(separator: ".").allSatisfy({ KubernetesName.isValid(String($0)) }) else {
-                throw fail("--node-name '\(node)' is not a Kubernetes node name")
+                throw fail(.invalidValue, "--node-name '\(node)' is not a Kubernetes node name")
             }
             guard tokens.kubernetesAPI != nil else {
-                throw fail("\(what) needs the API server: --kube-api-server https://… (in a pod, KUBERNETES_SERVICE_HOST sets it)")
+                throw fail(.missingSetting, "\(what) needs the API server: --kube-api-server https://… (in a pod, KUBERNETES_SERVICE_HOST sets it)")
             }
             guard FileKind.at(peerPolicy.procRoot) == .directory else {
-                throw fail("--proc-root '\(peerPolicy.procRoot)' is not a directory; \(what) reads <proc-root>/<pid>/cgroup")
+                throw fail(.unreadableInput, "--proc-root '\(peerPolicy.procRoot)' is not a directory; \(what) reads <proc-root>/<pid>/cgroup")
             }
         }
         if let workloadSocket = attestation.workloadSocketPath {
             guard !workloadSocket.isEmpty, workloadSocket != socketPath else {
-                throw fail("--workload-socket must be a path other than --socket")
+                throw fail(.conflictingSettings, "--workload-socket must be a path other than --socket")
             }
             if upstreamCA?.credentialMode == .forward {
-                throw fail("--workload-socket callers send no token to forward: use --upstream-ca-credential node")
+                throw fail(.conflictingSettings, "--workload-socket callers send no token to forward: use --upstream-ca-credential node")
             }
         }
         guard attestation.jwtSVIDTTL >= .seconds(10), attestation.jwtSVIDTTL <= .seconds(24 * 3600) else {
-            throw fail("--jwt-svid-ttl must be between 10s and 24h")
+            throw fail(.invalidValue, "--jwt-svid-ttl must be between 10s and 24h")
         }
         _ = try loadAttestationPolicy()
         if let rule = authorization.malformedRule() {
-            throw fail("authorization rule '\(rule)' is malformed: namespaces are NAME or PREFIX*, service accounts NAMESPACE/NAME")
+            throw fail(.invalidValue, "authorization rule '\(rule)' is malformed: namespaces are NAME or PREFIX*, service accounts NAMESPACE/NAME")
         }
     }
 }
@@ -293,7 +295,7 @@ extension AgentConfiguration {
             do {
                 _ = try InputFile.bytes(path)
             } catch {
-                throw ConfigurationError(message: "cannot read \(flag) \(path): \(error.reason)")
+                throw ConfigurationError(.unreadableInput, message: "cannot read \(flag) \(path): \(error.reason)")
             }
         }
         try readable(tokens.jwksFile, "--jwks")
@@ -303,7 +305,7 @@ extension AgentConfiguration {
         try readable(upstreamCA?.serverBundleFile, "--upstream-ca-bundle")
         for source in federatedBundles { try readable(source.file, "--federated-bundle \(source.trustDomain)=") }
         if let caDirectory, let problem = InputFile.directoryProblem(caDirectory) {
-            throw ConfigurationError(message: "cannot read --ca-dir \(caDirectory): \(problem)")
+            throw ConfigurationError(.unreadableInput, message: "cannot read --ca-dir \(caDirectory): \(problem)")
         }
         if let jwks = tokens.jwksFile {
             do {
@@ -329,7 +331,7 @@ extension AgentConfiguration {
             }
         }
         if let bundle = upstreamCA?.serverBundleFile, (try? InputFile.text(bundle)).flatMap(PEMCertificates.parse)?.isEmpty != false {
-            throw ConfigurationError(message: "--upstream-ca-bundle \(bundle) holds no PEM certificates (truncated or malformed?)")
+            throw ConfigurationError(.unreadableInput, message: "--upstream-ca-bundle \(bundle) holds no PEM certificates (truncated or malformed?)")
         }
         let sockets = [("--socket", socketPath), ("--workload-socket", attestation.workloadSocketPath), ("--admin-socket", effectiveAdminSocketPath)]
         for case let (flag, path?) in sockets where path.utf8.count > Self.maxSocketPathBytes {
@@ -339,10 +341,33 @@ extension AgentConfiguration {
     }
 }
 
-/// A configuration that cannot work; the message names the flag.
+/// A configuration that cannot work: what kind of problem (``code``), the setting at fault
+/// (``key``, its flag without dashes) and a message that names the flag. Tests match the code and
+/// the key, never the words.
 package struct ConfigurationError: Error, Sendable, CustomStringConvertible {
+    package enum Code: String, Sendable {
+        /// A value outside what the setting allows.
+        case invalidValue = "invalid_value"
+        /// A setting that another one needs is not set.
+        case missingSetting = "missing_setting"
+        /// Settings that cannot be used together.
+        case conflictingSettings = "conflicting_settings"
+        /// An input file that cannot be read or does not hold what it must.
+        case unreadableInput = "unreadable_input"
+    }
+
+    package var code: Code
+    /// The setting at fault, as its flag without the dashes (`cert-ttl`): the first flag the
+    /// message names unless given; nil when the message names none.
+    package var key: String?
     /// What is wrong, in words.
     package var message: String
-    package init(message: String) { self.message = message }
+
+    package init(_ code: Code = .invalidValue, key: String? = nil, message: String) {
+        self.code = code
+        self.message = message
+        self.key = key ?? message.firstMatch(of: /--([a-z0-9][a-z0-9-]*)/).map { String($0.1) }
+    }
+
     package var description: String { message }
 }

@@ -27,41 +27,41 @@ package enum AttestationPolicyFile {
 
     /// Reads and checks the file; the error names the file and what is wrong.
     package static func load(_ path: String) throws(ConfigurationError) -> AttestationPolicy {
-        func fail(_ message: String) -> ConfigurationError {
-            ConfigurationError(message: "--attestation-policy \(path): \(message)")
+        func fail(_ code: ConfigurationError.Code, _ message: String) -> ConfigurationError {
+            ConfigurationError(code, key: "attestation-policy", message: "--attestation-policy \(path): \(message)")
         }
         let text: String
         do {
             text = try InputFile.text(path)
         } catch {
-            throw fail("cannot read it: \(error.reason)")
+            throw fail(.unreadableInput, "cannot read it: \(error.reason)")
         }
         let document: YAMLNode?
         do {
             document = try YAMLNode.parse(text)
         } catch {
-            throw fail("not YAML the agent reads: \(error)")
+            throw fail(.invalidValue, "not YAML the agent reads: \(error)")
         }
-        guard let top = document?.mapping else { throw fail("not a YAML mapping with rules:") }
-        for entry in top where entry.key != "rules" { throw fail("unknown key '\(entry.key)' (only rules:)") }
+        guard let top = document?.mapping else { throw fail(.invalidValue, "not a YAML mapping with rules:") }
+        for entry in top where entry.key != "rules" { throw fail(.invalidValue, "unknown key '\(entry.key)' (only rules:)") }
         guard let rulesNode = document?["rules"], let list = rulesNode.sequence else {
-            throw fail("rules: must be a sequence of rules (rules: [] for none)")
+            throw fail(.invalidValue, "rules: must be a sequence of rules (rules: [] for none)")
         }
         var rules: [AttestationPolicy.Rule] = []
         for (index, node) in list.enumerated() {
             let where_ = "rule #\(index + 1)"
-            guard let mapping = node.mapping else { throw fail("\(where_) is not a mapping") }
+            guard let mapping = node.mapping else { throw fail(.invalidValue, "\(where_) is not a mapping") }
             var rule = AttestationPolicy.Rule()
             for entry in mapping {
                 func text() throws(ConfigurationError) -> String {
-                    guard let value = entry.value.scalar else { throw fail("\(where_): \(entry.key) must be a single value, not a \(entry.value.kind)") }
+                    guard let value = entry.value.scalar else { throw fail(.invalidValue, "\(where_): \(entry.key) must be a single value, not a \(entry.value.kind)") }
                     return value
                 }
                 func labels() throws(ConfigurationError) -> [String: String] {
-                    guard let pairs = entry.value.mapping else { throw fail("\(where_): \(entry.key) must be a mapping of label to value") }
+                    guard let pairs = entry.value.mapping else { throw fail(.invalidValue, "\(where_): \(entry.key) must be a mapping of label to value") }
                     var labels: [String: String] = [:]
                     for pair in pairs {
-                        guard let value = pair.value.scalar else { throw fail("\(where_): \(entry.key).\(pair.key) must be a single value") }
+                        guard let value = pair.value.scalar else { throw fail(.invalidValue, "\(where_): \(entry.key).\(pair.key) must be a single value") }
                         labels[pair.key] = value
                     }
                     return labels
@@ -73,19 +73,19 @@ package enum AttestationPolicyFile {
                 case "serviceAccount": rule.serviceAccount = try text()
                 case "images":
                     guard let images = entry.value.sequence?.compactMap(\.scalar), images.count == entry.value.sequence?.count else {
-                        throw fail("\(where_): images must be a sequence of image references")
+                        throw fail(.invalidValue, "\(where_): images must be a sequence of image references")
                     }
                     rule.images = images
                 case "labels": rule.labels = try labels()
                 case "nodeLabels": rule.nodeLabels = try labels()
                 default:
-                    throw fail("\(where_): unknown key '\(entry.key)' (keys: \(ruleKeys.sorted().joined(separator: ", ")))")
+                    throw fail(.invalidValue, "\(where_): unknown key '\(entry.key)' (keys: \(ruleKeys.sorted().joined(separator: ", ")))")
                 }
             }
             rules.append(rule)
         }
         let policy = AttestationPolicy(rules: rules)
-        if let problem = policy.problem() { throw fail(problem) }
+        if let problem = policy.problem() { throw fail(.invalidValue, problem) }
         return policy
     }
 }

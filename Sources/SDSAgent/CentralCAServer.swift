@@ -55,24 +55,26 @@ package struct CentralCAConfiguration: Sendable {
 
     /// Checks the configuration; the error names the flag.
     package func validate() throws(ConfigurationError) {
-        func fail(_ message: String) -> ConfigurationError { ConfigurationError(message: message) }
-        try tokens.validate()
-        guard !stateDirectory.isEmpty else { throw fail("--state-dir must not be empty") }
-        guard certificateTTL >= .seconds(10) else { throw fail("--cert-ttl must be at least 10s") }
-        guard maxCertificateTTL >= certificateTTL else { throw fail("--max-cert-ttl must be at least --cert-ttl") }
-        guard caTTL > maxCertificateTTL || caCertificateFile != nil else {
-            throw fail("--ca-ttl must be longer than --max-cert-ttl")
+        func fail(_ code: ConfigurationError.Code, _ message: String) -> ConfigurationError {
+            ConfigurationError(code, message: message)
         }
-        guard (caCertificateFile == nil) == (caKeyFile == nil) else { throw fail("--ca-cert and --ca-key go together") }
-        guard (tlsCertificateFile == nil) == (tlsKeyFile == nil) else { throw fail("--tls-cert and --tls-key go together") }
-        guard tlsCertificateFile != nil || !serverNames.isEmpty else { throw fail("--server-name: at least one name") }
+        try tokens.validate()
+        guard !stateDirectory.isEmpty else { throw fail(.invalidValue, "--state-dir must not be empty") }
+        guard certificateTTL >= .seconds(10) else { throw fail(.invalidValue, "--cert-ttl must be at least 10s") }
+        guard maxCertificateTTL >= certificateTTL else { throw fail(.invalidValue, "--max-cert-ttl must be at least --cert-ttl") }
+        guard caTTL > maxCertificateTTL || caCertificateFile != nil else {
+            throw fail(.invalidValue, "--ca-ttl must be longer than --max-cert-ttl")
+        }
+        guard (caCertificateFile == nil) == (caKeyFile == nil) else { throw fail(.conflictingSettings, "--ca-cert and --ca-key go together") }
+        guard (tlsCertificateFile == nil) == (tlsKeyFile == nil) else { throw fail(.conflictingSettings, "--tls-cert and --tls-key go together") }
+        guard tlsCertificateFile != nil || !serverNames.isEmpty else { throw fail(.invalidValue, "--server-name: at least one name") }
         for name in serverNames where name.isEmpty || name.contains(where: { $0.isWhitespace || $0 == "/" }) {
-            throw fail("--server-name '\(name)' is not a DNS name or an IP address")
+            throw fail(.invalidValue, "--server-name '\(name)' is not a DNS name or an IP address")
         }
         for account in trustedNodeAccounts {
             let parts = account.split(separator: "/", omittingEmptySubsequences: false)
             guard parts.count == 2, KubernetesName.isValid(String(parts[0])), KubernetesName.isValid(String(parts[1])) else {
-                throw fail("--trusted-node-account '\(account)' is not NAMESPACE/NAME")
+                throw fail(.invalidValue, "--trusted-node-account '\(account)' is not NAMESPACE/NAME")
             }
         }
     }
@@ -111,7 +113,7 @@ package struct CentralCAServer: Service {
         let needsAPI = !configuration.trustedNodeAccounts.isEmpty
         if needsAPI && configuration.tokens.kubernetesAPI == nil {
             throw ConfigurationError(
-                message: "--trusted-node-account needs the API server (--kube-api-server) to find the pods on the caller's node")
+                .missingSetting, message: "--trusted-node-account needs the API server (--kube-api-server) to find the pods on the caller's node")
         }
         // The port first: one in use is one line at start, not a server that never listens.
         let listener = try ListeningSocket(fd: TCPListener.bind(host: configuration.listenHost, port: configuration.listenPort))
@@ -141,12 +143,12 @@ package struct CentralCAServer: Service {
             do throws(InputFileError) {
                 chainPEM = try InputFile.text(certFile)
             } catch {
-                throw ConfigurationError(message: "cannot read --tls-cert \(certFile): \(error.reason)")
+                throw ConfigurationError(.unreadableInput, message: "cannot read --tls-cert \(certFile): \(error.reason)")
             }
             do throws(InputFileError) {
                 keyPEM = try InputFile.text(keyFile)
             } catch {
-                throw ConfigurationError(message: "cannot read --tls-key \(keyFile): \(error.reason)")
+                throw ConfigurationError(.unreadableInput, message: "cannot read --tls-key \(keyFile): \(error.reason)")
             }
             do {
                 servingTLS = try ServingTLS(chainPEM: chainPEM, keyPEM: keyPEM)

@@ -121,7 +121,7 @@ package struct SidecarBootstrap: Sendable {
         let listening = [("--admin-port", adminPort), ("--inbound-port", inboundPort), ("--outbound-port", outboundPort), ("--app-port", appPort)]
         for (index, (flag, port)) in listening.enumerated() {
             if let other = listening[..<index].first(where: { $0.1 == port }) {
-                throw ConfigurationError(message: "\(flag) and \(other.0) are both \(port): each listener needs its own port")
+                throw ConfigurationError(.missingSetting, message: "\(flag) and \(other.0) are both \(port): each listener needs its own port")
             }
         }
         guard let timeout = DurationText.parse(initialFetchTimeout) else {

@@ -44,33 +44,35 @@ package struct TokenVerification: Sendable {
 
     /// Checks the settings; the error names the flag.
     package func validate() throws(ConfigurationError) {
-        func fail(_ message: String) -> ConfigurationError { ConfigurationError(message: message) }
-        guard SPIFFEID.isValidTrustDomain(trustDomain) else {
-            throw fail("--trust-domain '\(trustDomain)' is not a valid trust domain (lowercase letters, digits, '.', '-', '_')")
+        func fail(_ code: ConfigurationError.Code, _ message: String) -> ConfigurationError {
+            ConfigurationError(code, message: message)
         }
-        guard !issuers.isEmpty else { throw fail("at least one --issuer is required") }
+        guard SPIFFEID.isValidTrustDomain(trustDomain) else {
+            throw fail(.invalidValue, "--trust-domain '\(trustDomain)' is not a valid trust domain (lowercase letters, digits, '.', '-', '_')")
+        }
+        guard !issuers.isEmpty else { throw fail(.missingSetting, "at least one --issuer is required") }
         if issuers.contains(where: { $0.trimmed.isEmpty }) {
-            throw fail("--issuer must not be empty (an empty ConfigMap key gives an empty value): every token would be refused")
+            throw fail(.invalidValue, "--issuer must not be empty (an empty ConfigMap key gives an empty value): every token would be refused")
         }
         guard jwksFile != nil || oidcDiscovery || tokenReview else {
-            throw fail("tokens need a verifier: --jwks FILE, --oidc-discovery or --token-review")
+            throw fail(.missingSetting, "tokens need a verifier: --jwks FILE, --oidc-discovery or --token-review")
         }
         guard !(jwksFile != nil && oidcDiscovery) else {
-            throw fail("--jwks and --oidc-discovery both name the verification keys; use one")
+            throw fail(.conflictingSettings, "--jwks and --oidc-discovery both name the verification keys; use one")
         }
         if oidcDiscovery || tokenReview {
             guard let api = kubernetesAPI, api.serverURL.hasPrefix("https://") else {
-                throw fail("--oidc-discovery and --token-review need the API server: --kube-api-server https://… (in a pod, KUBERNETES_SERVICE_HOST sets it)")
+                throw fail(.missingSetting, "--oidc-discovery and --token-review need the API server: --kube-api-server https://… (in a pod, KUBERNETES_SERVICE_HOST sets it)")
             }
         }
-        guard !audiences.isEmpty else { throw fail("at least one --audience is required") }
+        guard !audiences.isEmpty else { throw fail(.missingSetting, "at least one --audience is required") }
         if audiences.contains(where: { $0.trimmed.isEmpty }) {
-            throw fail("--audience must not be empty (an empty ConfigMap key gives an empty value): every token would be refused")
+            throw fail(.invalidValue, "--audience must not be empty (an empty ConfigMap key gives an empty value): every token would be refused")
         }
-        if let maxTokenAge, maxTokenAge <= .zero { throw fail("--max-token-age must be positive") }
+        if let maxTokenAge, maxTokenAge <= .zero { throw fail(.invalidValue, "--max-token-age must be positive") }
         // A token expired a year ago must not pass: the tolerance is for clocks, not calendars.
         guard clockSkew >= .zero, clockSkew <= Self.maxClockSkew else {
-            throw fail("--clock-skew must be between 0s and \(DurationText.format(Self.maxClockSkew))")
+            throw fail(.invalidValue, "--clock-skew must be between 0s and \(DurationText.format(Self.maxClockSkew))")
         }
     }
 

@@ -52,13 +52,29 @@ import Testing
     @Test func rejectsSettingsThatCannotWork() {
         var config = AgentConfiguration(jwksFile: "/x")
         config.trustDomain = "Bad Domain"
-        #expect(throws: ConfigurationError.self) { try config.validate() }
+        #expect(refusal(config) == "invalid_value trust-domain")
         config = AgentConfiguration(jwksFile: "/x", certificateTTL: .seconds(1))
-        #expect(throws: ConfigurationError.self) { try config.validate() }
+        #expect(refusal(config) == "invalid_value cert-ttl")
         config = AgentConfiguration(jwksFile: "/x", validationContextNames: ["default"])
-        #expect(throws: ConfigurationError.self) { try config.validate() }
+        #expect(refusal(config) == "conflicting_settings workload-secret-name")
         config = AgentConfiguration(jwksFile: "/x", caCertificateFile: "/ca.pem")
-        #expect(throws: ConfigurationError.self) { try config.validate() }
+        #expect(refusal(config) == "conflicting_settings ca-cert")
+        config = AgentConfiguration(jwksFile: "/x")
+        config.attestation.workloadSocketPath = "/tmp/workload.sock"
+        #expect(refusal(config) == "missing_setting workload-socket")
+        config = AgentConfiguration(jwksFile: "/x")
+        config.tokens.jwksFile = nil
+        #expect(refusal(config) == "missing_setting jwks")
+    }
+
+    /// The code and key of the configuration's refusal (`invalid_value cert-ttl`); nil when it is valid.
+    func refusal(_ config: AgentConfiguration) -> String? {
+        do {
+            try config.validate()
+            return nil
+        } catch {
+            return "\(error.code.rawValue) \(error.key ?? "-")"
+        }
     }
 
     func problem(_ config: AgentConfiguration) -> String? {
