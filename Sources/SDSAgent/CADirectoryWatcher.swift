@@ -15,24 +15,13 @@ struct CADirectoryWatcher: Sendable {
     let activationDelay: Duration
     let logger: Logger
     let now: @Sendable () -> Date
-    var interval: Duration = .seconds(2)
 
-    /// The files' contents, to notice a change (they are small; comparing them is exact).
-    private func fingerprint() -> [Data?] {
-        RootCAStore.CACertsFile.all.map { FileManager.default.contents(atPath: directory + "/" + $0) }
-    }
-
-    func run() async {
+    func run(clock: some Clock<Duration> = ContinuousClock()) async {
         let reloads = Counter(label: "sds_agent_ca_reloads_total")
         let failures = Counter(label: "sds_agent_ca_reload_failures_total")
-        var seen = fingerprint()
-        while !Task.isCancelled {
-            try? await Task.sleep(for: interval)
-            // An old root goes once the last leaf it signed has expired (as after a rotation).
-            ca.retireExpiredRoots()
-            let current = fingerprint()
-            guard current != seen else { continue }
-            seen = current
+        let watch = FileWatch(paths: RootCAStore.CACertsFile.all.map { directory + "/" + $0 }, clock: clock)
+        // An old root goes once the last leaf it signed has expired (as after a rotation).
+        await watch.run(tick: { ca.retireExpiredRoots() }) { _ in
             let fresh: SigningAuthority
             do {
                 fresh = try RootCAStore.load(caDirectory: directory, now: now())
@@ -41,7 +30,7 @@ struct CADirectoryWatcher: Sendable {
                 logger.error(
                     "CA FILES CHANGED BUT ARE NOT A USABLE CA; the current CA keeps signing",
                     metadata: ["ca_dir": "\(directory)", "error": "\(error)"])
-                continue
+                return
             }
             await apply(fresh)
             reloads.increment()

@@ -62,17 +62,12 @@ package final class FederatedBundles: FederatedBundleSource {
 
     package func federatedBundles() -> [String: TrustBundle] { bundles.withLock { $0 } }
 
-    /// Polls the files every `interval`; calls `changed` after a bundle changed.
-    package func watch(interval: Duration = .seconds(2), changed: @Sendable () -> Void) async {
+    /// Watches the files (``FileWatch``); calls `changed` after a bundle changed.
+    package func watch(clock: some Clock<Duration> = ContinuousClock(), changed: @Sendable () -> Void) async {
         let failures = Counter(label: "sds_agent_federated_bundle_reload_failures_total")
-        var seen = Dictionary(uniqueKeysWithValues: sources.map { ($0.file, FileManager.default.contents(atPath: $0.file)) })
-        while !Task.isCancelled {
-            try? await Task.sleep(for: interval)
-            for source in sources {
-                let content = FileManager.default.contents(atPath: source.file)
-                guard content != seen[source.file] else { continue }
-                seen[source.file] = content
-                do {
+        await FileWatch(paths: sources.map(\.file), clock: clock).run { files in
+            for source in sources where files.contains(source.file) {
+                do throws(ReadError) {
                     let bundle = try Self.read(source)
                     let previous = bundles.withLock { state -> TrustBundle? in
                         defer { state[source.trustDomain] = bundle }
