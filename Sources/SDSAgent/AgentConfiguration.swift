@@ -169,12 +169,25 @@ package struct AgentConfiguration: Sendable {
         return server
     }
 
-    /// Checks the configuration; the error says which setting is wrong and why.
+    /// Checks the configuration, section by section; the error says which setting is wrong and why.
     package func validate() throws(ConfigurationError) {
-        func fail(_ code: ConfigurationError.Code, _ message: String) -> ConfigurationError {
-            ConfigurationError(code, message: message)
-        }
         try tokens.validate()
+        try validateServing()
+        try validateCA()
+        try validateLimits()
+        try validateAttestation()
+        _ = try loadAttestationPolicy()
+        if let rule = authorization.malformedRule() {
+            throw fail(.invalidValue, "authorization rule '\(rule)' is malformed: namespaces are NAME or PREFIX*, service accounts NAMESPACE/NAME")
+        }
+    }
+
+    private func fail(_ code: ConfigurationError.Code, _ message: String) -> ConfigurationError {
+        ConfigurationError(code, message: message)
+    }
+
+    /// The sockets and the names served.
+    private func validateServing() throws(ConfigurationError) {
         guard !stateDirectory.isEmpty else {
             throw fail(.invalidValue, "--state-dir must not be empty: the CA's key would be written to the working directory")
         }
@@ -198,14 +211,6 @@ package struct AgentConfiguration: Sendable {
         else {
             throw fail(.conflictingSettings, "--all-bundles-name '\(allBundlesName)' must be non-empty and differ from every other served name")
         }
-        if caDirectory != nil && (caCertificateFile != nil || caBundleFile != nil || upstreamCA != nil) {
-            throw fail(.conflictingSettings, "--ca-dir names the CA; leave out --ca-cert, --ca-key, --ca-bundle and --upstream-ca")
-        }
-        if caBundleFile != nil && caCertificateFile == nil {
-            throw fail(.invalidValue, "--ca-bundle names the roots of a CA given with --ca-cert/--ca-key; there is none")
-        }
-        guard certificateTTL >= .seconds(10) else { throw fail(.invalidValue, "--cert-ttl must be at least 10s") }
-        guard caTTL > certificateTTL else { throw fail(.invalidValue, "--ca-ttl must be longer than --cert-ttl") }
         guard socketMode <= 0o777 else { throw fail(.invalidValue, "--socket-mode must be an octal mode such as 0660") }
         // Connecting needs write permission: without it for the owner, no sidecar could connect.
         guard socketMode & 0o600 == 0o600 else {
@@ -214,6 +219,18 @@ package struct AgentConfiguration: Sendable {
         guard !workloadSecretName.isEmpty, !effectiveValidationContextNames.contains(workloadSecretName) else {
             throw fail(.conflictingSettings, "--workload-secret-name must be non-empty and differ from every --validation-context-name")
         }
+    }
+
+    /// Who signs: the embedded CA, its files or directory, or an upstream CA; and the lifetimes.
+    private func validateCA() throws(ConfigurationError) {
+        if caDirectory != nil && (caCertificateFile != nil || caBundleFile != nil || upstreamCA != nil) {
+            throw fail(.conflictingSettings, "--ca-dir names the CA; leave out --ca-cert, --ca-key, --ca-bundle and --upstream-ca")
+        }
+        if caBundleFile != nil && caCertificateFile == nil {
+            throw fail(.invalidValue, "--ca-bundle names the roots of a CA given with --ca-cert/--ca-key; there is none")
+        }
+        guard certificateTTL >= .seconds(10) else { throw fail(.invalidValue, "--cert-ttl must be at least 10s") }
+        guard caTTL > certificateTTL else { throw fail(.invalidValue, "--ca-ttl must be longer than --cert-ttl") }
         guard (caCertificateFile == nil) == (caKeyFile == nil) else {
             throw fail(.conflictingSettings, "--ca-cert and --ca-key go together")
         }
@@ -229,6 +246,10 @@ package struct AgentConfiguration: Sendable {
             }
             guard !upstream.clusterID.isEmpty else { throw fail(.invalidValue, "--upstream-ca-cluster-id must not be empty") }
         }
+    }
+
+    /// Bounds on connections, streams and requests; the renewal schedule.
+    private func validateLimits() throws(ConfigurationError) {
         guard !tokenHeader.isEmpty else { throw fail(.invalidValue, "--token-header must not be empty") }
         guard maxStreamsPerConnection > 0 else { throw fail(.invalidValue, "--max-streams-per-connection must be positive") }
         guard limits.connections.maxConnections > 0 else { throw fail(.invalidValue, "--max-connections must be positive") }
@@ -243,6 +264,10 @@ package struct AgentConfiguration: Sendable {
         guard (0.1...0.9).contains(rotation.fraction) else { throw fail(.invalidValue, "--rotation-fraction must be between 0.1 and 0.9") }
         guard (0...0.5).contains(rotation.jitter) else { throw fail(.invalidValue, "--rotation-jitter must be between 0 and 0.5") }
         guard tokenExpiryMargin >= .zero else { throw fail(.invalidValue, "--token-expiry-margin must not be negative") }
+    }
+
+    /// Peer binding, attestation through the pods, the peer-attested socket.
+    private func validateAttestation() throws(ConfigurationError) {
         if peerPolicy.requirePodBinding {
             guard FileKind.at(peerPolicy.procRoot) == .directory else {
                 throw fail(.unreadableInput, "--proc-root '\(peerPolicy.procRoot)' is not a directory; --peer-pod-binding reads <proc-root>/<pid>/cgroup")
@@ -273,10 +298,6 @@ package struct AgentConfiguration: Sendable {
         }
         guard attestation.jwtSVIDTTL >= .seconds(10), attestation.jwtSVIDTTL <= .seconds(24 * 3600) else {
             throw fail(.invalidValue, "--jwt-svid-ttl must be between 10s and 24h")
-        }
-        _ = try loadAttestationPolicy()
-        if let rule = authorization.malformedRule() {
-            throw fail(.invalidValue, "authorization rule '\(rule)' is malformed: namespaces are NAME or PREFIX*, service accounts NAMESPACE/NAME")
         }
     }
 }
