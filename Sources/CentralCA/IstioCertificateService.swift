@@ -89,68 +89,30 @@ public struct IstioCertificateService: Istio_V1_Auth_IstioCertificateService.Ser
     private func answer(
         _ request: ServerRequest<Istio_V1_Auth_IstioCertificateRequest>, context: ServerContext
     ) async throws -> ServerResponse<Istio_V1_Auth_IstioCertificateResponse> {
-        var log: Logger.Metadata = [
-            "peer": "\(context.remotePeer)",
-            "cluster_id": "\(request.metadata[stringValues: "clusterid"].first(where: { _ in true }) ?? "-")",
-        ]
-        func refuse(_ reason: String, _ event: Logger.Message, detail: String, code: RPCError.Code = .unauthenticated) -> RPCError {
-            log["reason"] = "\(detail)"
-            logger.warning(event, metadata: log)
-            refusedCounters[reason]?.increment()
-            return RPCError(code: code, message: code == .unauthenticated ? Self.refusal : detail)
-        }
-
-        guard let token = Self.bearerToken(in: request.metadata) else {
-            // An agent's reachability probe (the probe header, no token) expects this refusal:
-            // logged at debug level, not counted as a refused CSR. A call with a token is never one.
-            if request.metadata[stringValues: Self.probeHeader].contains(where: { _ in true }) {
-                logger.debug("reachability probe answered", metadata: log)
-                throw RPCError(code: .unauthenticated, message: Self.refusal)
-            }
-            throw refuse("token", "refused CSR: no bearer token", detail: "no 'authorization: Bearer' metadata")
-        }
-        let caller: AuthenticatedCaller
-        do {
-            caller = try await authenticator.authenticate(token: token)
-        } catch {
-            log.merge(["kid": "\(error.keyID ?? "-")", "sub": "\(error.subject ?? "-")"]) { $1 }
-            if error.code.isTransient {
-                logger.error("cannot verify a CSR caller now", metadata: log.merging(["error": "\(error)"]) { $1 })
-                throw RPCError(code: .unavailable, message: "cannot verify the token now; retry")
-            }
-            throw refuse("token", "refused CSR: token failed verification", detail: "\(error)")
-        }
-        log["caller"] = "\(caller.spiffeID)"
-
-        var identity = caller.spiffeID
-        let impersonated = request.message.metadata.fields[Self.impersonatedIdentityKey]
-        if let impersonated, case .stringValue(let requested)? = impersonated.kind, !requested.isEmpty {
-            log["impersonated"] = "\(requested)"
-            identity = try await authorizeImpersonation(of: requested, by: caller) { reason in
-                refuse("impersonation", "refused CSR: impersonation not allowed", detail: reason)
-            }
-        }
-        log["spiffe_id"] = "\(identity)"
-
+        var call = CSRCall(
+            log: [
+                "peer": "\(context.remotePeer)",
+                "cluster_id": "\(request.metadata[stringValues: "clusterid"].first(where: { _ in true }) ?? "-")",
+            ], logger: logger, counters: refusedCounters)
+        let caller = try await authenticate(request.metadata, &call)
+        let identity = try await identity(asked: request.message, by: caller, &call)
         let csr: CertificateSigningRequest
         do {
-            let document = try PEMDocument(pemString: request.message.csr)
-            csr = try CertificateSigningRequest(pemDocument: document)
+            csr = try CertificateSigningRequest(pemDocument: try PEMDocument(pemString: request.message.csr))
         } catch {
-            throw refuse("csr", "refused CSR: not a PEM certificate request", detail: "the CSR is not a PEM PKCS#10 request: \(error)", code: .invalidArgument)
+            throw call.refuse("csr", "refused CSR: not a PEM certificate request", detail: "the CSR is not a PEM PKCS#10 request: \(error)", code: .invalidArgument)
         }
         let asked = request.message.validityDuration
         let ttl = asked > 0 ? min(Duration.seconds(asked), configuration.maxTTL) : configuration.defaultTTL
-
         let chain: [Certificate]
         do {
             chain = try await ca.issue(csr: csr, for: identity, ttl: ttl, csrRules: .keyOnly)
         } catch {
             if error.code.isTransient {
-                logger.error("cannot sign a CSR", metadata: log.merging(["error": "\(error)"]) { $1 })
+                logger.error("cannot sign a CSR", metadata: call.log.merging(["error": "\(error)"]) { $1 })
                 throw RPCError(code: .unavailable, message: "the CA cannot sign now")
             }
-            throw refuse("ca", "refused CSR", detail: "\(error.message)", code: .invalidArgument)
+            throw call.refuse("ca", "refused CSR", detail: "\(error.message)", code: .invalidArgument)
         }
         var response = Istio_V1_Auth_IstioCertificateResponse()
         do {
@@ -163,19 +125,62 @@ public struct IstioCertificateService: Istio_V1_Auth_IstioCertificateService.Ser
         issued.increment()
         logger.info(
             "issued certificate over the CSR API",
-            metadata: log.merging([
+            metadata: call.log.merging([
                 "serial": "\(chain[0].serialNumber.hexString)", "ttl": "\(ttl.components.seconds)s",
                 "not_after": "\(chain[0].notValidAfter.formatted(.iso8601))",
             ]) { $1 })
         return ServerResponse(message: response)
     }
 
+    /// The caller, from its bearer token; a probe (the probe header, no token) is answered the
+    /// refusal it expects, at debug level and not counted.
+    private func authenticate(_ metadata: Metadata, _ call: inout CSRCall) async throws -> AuthenticatedCaller {
+        guard let token = Self.bearerToken(in: metadata) else {
+            // A call with a token is never a probe.
+            if metadata[stringValues: Self.probeHeader].contains(where: { _ in true }) {
+                logger.debug("reachability probe answered", metadata: call.log)
+                throw RPCError(code: .unauthenticated, message: Self.refusal)
+            }
+            throw call.refuse("token", "refused CSR: no bearer token", detail: "no 'authorization: Bearer' metadata")
+        }
+        let caller: AuthenticatedCaller
+        do {
+            caller = try await authenticator.authenticate(token: token)
+        } catch {
+            call.log.merge(["kid": "\(error.keyID ?? "-")", "sub": "\(error.subject ?? "-")"]) { $1 }
+            if error.code.isTransient {
+                logger.error("cannot verify a CSR caller now", metadata: call.log.merging(["error": "\(error)"]) { $1 })
+                throw RPCError(code: .unavailable, message: "cannot verify the token now; retry")
+            }
+            throw call.refuse("token", "refused CSR: token failed verification", detail: "\(error)")
+        }
+        call.log["caller"] = "\(caller.spiffeID)"
+        return caller
+    }
+
+    /// The identity to sign: the caller's own, or the one a trusted node account asks for.
+    private func identity(
+        asked request: Istio_V1_Auth_IstioCertificateRequest, by caller: AuthenticatedCaller, _ call: inout CSRCall
+    ) async throws -> SPIFFEID {
+        var identity = caller.spiffeID
+        let impersonated = request.metadata.fields[Self.impersonatedIdentityKey]
+        if let impersonated, case .stringValue(let requested)? = impersonated.kind, !requested.isEmpty {
+            call.log["impersonated"] = "\(requested)"
+            do {
+                identity = try await authorizeImpersonation(of: requested, by: caller)
+            } catch let refused as ImpersonationRefused {
+                throw call.refuse("impersonation", "refused CSR: impersonation not allowed", detail: refused.reason)
+            }
+        }
+        call.log["spiffe_id"] = "\(identity)"
+        return identity
+    }
+
     /// istiod's `node_auth.go`: the caller's service account is a trusted node account, the
     /// requested identity is a SPIFFE ID of this trust domain, and a pod of its service account
     /// runs on the caller's node.
-    private func authorizeImpersonation(
-        of requested: String, by caller: AuthenticatedCaller, refuse: (String) -> RPCError
-    ) async throws -> SPIFFEID {
+    private func authorizeImpersonation(of requested: String, by caller: AuthenticatedCaller) async throws -> SPIFFEID {
+        func refuse(_ reason: String) -> ImpersonationRefused { ImpersonationRefused(reason: reason) }
         let account = "\(caller.namespace)/\(caller.serviceAccount)"
         guard configuration.trustedNodeAccounts.contains(account) else {
             throw refuse("\(account) is not a trusted node account (--trusted-node-account)")
@@ -202,4 +207,25 @@ public struct IstioCertificateService: Istio_V1_Auth_IstioCertificateService.Ser
     static func bearerToken(in metadata: Metadata) -> String? {
         metadata[stringValues: "authorization"].lazy.compactMap(BearerToken.token(in:)).first
     }
+}
+
+/// One CSR call's log context and refusals: each refusal logged once with it, and counted.
+struct CSRCall {
+    var log: Logger.Metadata
+    let logger: Logger
+    let counters: [String: Counter]
+
+    /// Logs and counts a refusal; the caller learns only istiod's opaque refusal unless `code`
+    /// says the request itself is wrong.
+    mutating func refuse(_ reason: String, _ event: Logger.Message, detail: String, code: RPCError.Code = .unauthenticated) -> RPCError {
+        log["reason"] = "\(detail)"
+        logger.warning(event, metadata: log)
+        counters[reason]?.increment()
+        return RPCError(code: code, message: code == .unauthenticated ? IstioCertificateService.refusal : detail)
+    }
+}
+
+/// Why a node account may not ask for an identity (answered as istiod's opaque refusal).
+struct ImpersonationRefused: Error {
+    var reason: String
 }
