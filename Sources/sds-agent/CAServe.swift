@@ -84,28 +84,14 @@ struct CAServe: AsyncParsableCommand {
 
     func run() async throws {
         let logger = bootstrapLogging(level: SharedLogLevel(logLevel), format: logFormat, label: "sds-agent-ca")
-        let effective = ConfigSources.effective
-        logger.info(
-            "effective configuration",
-            metadata: ["version": "\(BuildInfo.description)"].merging(effective.describe()) { $1 })
-        let unknown = ConfigSources.unknownVariables(flags: ConfigSources.caServeFlags)
-        if !unknown.isEmpty {
-            logger.warning(
-                "environment variables that name no setting are ignored (a typo?); settings are SDS_AGENT_ and a flag's long name",
-                metadata: ["variables": .list(unknown)])
-        }
+        ProcessRun.logStart(
+            logger, effective: ConfigSources.effective, unknownVariables: ConfigSources.unknownVariables(flags: ConfigSources.caServeFlags))
         var metrics: (address: HostPort, registry: PrometheusCollectorRegistry)?
         if let metricsAddress {
             guard let address = MetricsEndpoint.address(metricsAddress) else {
                 throw ValidationError("--metrics-address '\(metricsAddress)' is not HOST:PORT such as 0.0.0.0:9102")
             }
-            let registry = PrometheusCollectorRegistry()
-            MetricsSystem.bootstrap(PrometheusMetricsFactory(registry: registry))
-            Gauge(
-                label: "sds_agent_build_info",
-                dimensions: [("version", BuildInfo.version), ("commit", BuildInfo.commit), ("swift", BuildInfo.swiftVersion)]
-            ).record(1)
-            metrics = (address, registry)
+            metrics = (address, ProcessRun.bootstrapMetrics())
         }
         // `:PORT` is every address, as for `serve --metrics-address`.
         guard let address = HostPort(listen, emptyHost: "0.0.0.0") else {
@@ -124,7 +110,7 @@ struct CAServe: AsyncParsableCommand {
         configuration.tlsCertificateFile = tlsCert
         configuration.tlsKeyFile = tlsKey
         configuration.trustedNodeAccounts = trustedNodeAccount
-        do {
+        try await ProcessRun.runUntilSignalled({
             let server = try await CentralCAServer.make(configuration: configuration, logger: logger)
             var services: [ServiceGroupConfiguration.ServiceConfiguration] = [.init(service: server)]
             if let metrics {
@@ -133,14 +119,7 @@ struct CAServe: AsyncParsableCommand {
                     address: metrics.address, registry: metrics.registry, logger: logger,
                     readiness: { server.readiness.notReadyReason })))
             }
-            let group = ServiceGroup(
-                configuration: .init(
-                    services: services,
-                    gracefulShutdownSignals: [.sigterm, .sigint, .sigquit], cancellationSignals: [], logger: logger))
-            try await group.run()
-        } catch {
-            logger.critical("sds-agent ca stopped: \(error)")
-            throw ExitCode.failure
-        }
+            return services
+        }, logger: logger, stopped: "sds-agent ca stopped")
     }
 }

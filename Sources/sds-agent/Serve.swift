@@ -251,30 +251,27 @@ struct Serve: AsyncParsableCommand {
         let sharedLevel = SharedLogLevel(logLevel)
         let logger = bootstrapLogging(level: sharedLevel, format: logFormat, label: "sds-agent")
         let merged = ConfigSources.effective
-        logger.info(
-            "effective configuration",
-            metadata: ["version": "\(BuildInfo.description)"].merging(merged.describe()) { $1 })
-        let unknown = ConfigSources.unknownVariables()
-        if !unknown.isEmpty {
-            logger.warning(
-                "environment variables that name no setting are ignored (a typo?); settings are SDS_AGENT_ and a flag's long name",
-                metadata: ["variables": .list(unknown)])
-        }
+        ProcessRun.logStart(logger, effective: merged, unknownVariables: ConfigSources.unknownVariables())
         var metricsEndpoint: MetricsEndpoint?
         let readiness = AgentReadiness()
         if let metricsAddress, let address = MetricsEndpoint.address(metricsAddress) {
-            let registry = PrometheusCollectorRegistry()
-            MetricsSystem.bootstrap(PrometheusMetricsFactory(registry: registry))
-            Gauge(
-                label: "sds_agent_build_info",
-                dimensions: [("version", BuildInfo.version), ("commit", BuildInfo.commit), ("swift", BuildInfo.swiftVersion)]
-            ).record(1)
             metricsEndpoint = MetricsEndpoint(
-                address: address, registry: registry, logger: logger, readiness: { readiness.notReadyReason })
+                address: address, registry: ProcessRun.bootstrapMetrics(), logger: logger, readiness: { readiness.notReadyReason })
         }
-        // SIGHUP: the file and the environment are read again; the live settings (the log level)
-        // change, a file that no longer parses changes nothing.
-        let reload: @Sendable () async -> AgentConfiguration? = {
+        let reload = Self.reloader(merged: merged, level: sharedLevel, logger: logger)
+        try await ProcessRun.runUntilSignalled({
+            let agent = try await Agent.make(configuration: configuration, logger: logger, readiness: readiness, reloadSettings: reload)
+            return [.init(service: agent)] + (metricsEndpoint.map { [.init(service: $0)] } ?? [])
+        }, logger: logger, stopped: "sds-agent stopped")
+    }
+
+    /// SIGHUP: the file and the environment are read again; the live settings (the log level)
+    /// change, a file that no longer parses changes nothing. What changed but needs a restart is
+    /// said once.
+    static func reloader(
+        merged: ConfigSources.Effective, level sharedLevel: SharedLogLevel, logger: Logger
+    ) -> @Sendable () async -> AgentConfiguration? {
+        {
             do {
                 let (arguments, sources) = try ConfigSources.merge(arguments: merged.commandLine)
                 let fresh = try Serve.parse(arguments)
@@ -295,20 +292,6 @@ struct Serve: AsyncParsableCommand {
                 logger.error("reload refused; keeping the settings in use", metadata: ["error": "\(Serve.message(for: error))"])
                 return nil
             }
-        }
-        do {
-            let agent = try await Agent.make(
-                configuration: configuration, logger: logger, readiness: readiness, reloadSettings: reload)
-            var groupConfiguration = ServiceGroupConfiguration(
-                services: [.init(service: agent)] + (metricsEndpoint.map { [.init(service: $0)] } ?? []),
-                gracefulShutdownSignals: [.sigterm, .sigint, .sigquit], cancellationSignals: [], logger: logger)
-            // SIGTERM drains within a bound, well inside the DaemonSet's 10 s grace period.
-            groupConfiguration.maximumGracefulShutdownDuration = .seconds(8)
-            let group = ServiceGroup(configuration: groupConfiguration)
-            try await group.run()
-        } catch {
-            logger.critical("sds-agent stopped: \(error)")
-            throw ExitCode.failure
         }
     }
 }
