@@ -67,20 +67,44 @@ package struct SidecarBootstrap: Sendable {
         self.upstreamIDs = upstreamIDs
     }
 
-    /// The placeholder values, keyed by placeholder name.
-    package func values() throws(ConfigurationError) -> [String: String] {
-        let strings: [String: String] = [
+    private var strings: [String: String] {
+        [
             "SDS_SOCKET": sdsSocket, "TOKEN_FILE": tokenFile, "TOKEN_HEADER": tokenHeader, "NODE_ID": nodeID,
             "NODE_CLUSTER": nodeCluster, "INBOUND_ADDRESS": inboundAddress, "UPSTREAM_ADDRESS": upstreamAddress,
             "VALIDATION_CONTEXT_NAME": validationContextName, "WORKLOAD_SECRET_NAME": workloadSecretName,
             "INITIAL_FETCH_TIMEOUT": initialFetchTimeout, "SDS_API_TYPE": sdsAPIType,
         ]
+    }
+
+    private var ports: [String: Int] {
+        ["ADMIN_PORT": adminPort, "INBOUND_PORT": inboundPort, "APP_PORT": appPort, "OUTBOUND_PORT": outboundPort, "UPSTREAM_PORT": upstreamPort]
+    }
+
+    /// The placeholder values, keyed by placeholder name.
+    package func values() throws(ConfigurationError) -> [String: String] {
+        try checkShapes()
+        try checkWhatEnvoyRefuses()
+        guard let timeout = DurationText.parse(initialFetchTimeout) else {
+            throw ConfigurationError(message: "--initial-fetch-timeout '\(initialFetchTimeout)' is not \(DurationText.expected)")
+        }
+        var values = strings
+        // Envoy's protobuf Duration in YAML is seconds with an `s` ("300s", "0.500s"), never "5m".
+        let milliseconds = timeout.components.seconds * 1000 + timeout.components.attoseconds / 1_000_000_000_000_000
+        values["INITIAL_FETCH_TIMEOUT"] =
+            milliseconds % 1000 == 0 ? "\(milliseconds / 1000)s" : "\(milliseconds / 1000)." + String(String(milliseconds % 1000 + 1000).dropFirst()) + "s"
+        for (name, port) in ports { values[name] = String(port) }
+        values["UPSTREAM_MAX_REQUESTS_PER_CONNECTION"] = String(upstreamMaxRequestsPerConnection)
+        values["INBOUND_SAN_MATCHERS"] = try Self.sanMatchers(inboundAllowedIDs)
+        values["UPSTREAM_SAN_MATCHERS"] = try Self.sanMatchers(upstreamIDs)
+        return values
+    }
+
+    /// Every value has a shape YAML and Envoy can take: no quote or newline, ports, the API type.
+    private func checkShapes() throws(ConfigurationError) {
         for (name, value) in strings {
             guard !value.isEmpty, !value.contains(where: { $0 == "\"" || $0 == "\\" || $0.isNewline || $0 == "{" || $0 == "}" })
             else { throw ConfigurationError(message: "bootstrap value \(name) '\(value)' is empty or has a quote, backslash, brace or newline") }
         }
-        let ports = ["ADMIN_PORT": adminPort, "INBOUND_PORT": inboundPort, "APP_PORT": appPort,
-                     "OUTBOUND_PORT": outboundPort, "UPSTREAM_PORT": upstreamPort]
         for (name, port) in ports where !(1...65535).contains(port) {
             throw ConfigurationError(message: "bootstrap value \(name) \(port) is not a TCP port")
         }
@@ -90,6 +114,11 @@ package struct SidecarBootstrap: Sendable {
         guard upstreamMaxRequestsPerConnection >= 1 else {
             throw ConfigurationError(message: "upstream max requests per connection must be at least 1")
         }
+    }
+
+    /// What Envoy itself would refuse, and values it accepts that can never work: each refused
+    /// here with a sentence (exit 1, no file written).
+    private func checkWhatEnvoyRefuses() throws(ConfigurationError) {
         // What Envoy itself would refuse, refused here with a sentence (exit 1, no file written).
         guard SigningAuthority.addressBytes(inboundAddress) != nil else {
             throw ConfigurationError(
@@ -121,22 +150,9 @@ package struct SidecarBootstrap: Sendable {
         let listening = [("--admin-port", adminPort), ("--inbound-port", inboundPort), ("--outbound-port", outboundPort), ("--app-port", appPort)]
         for (index, (flag, port)) in listening.enumerated() {
             if let other = listening[..<index].first(where: { $0.1 == port }) {
-                throw ConfigurationError(.missingSetting, message: "\(flag) and \(other.0) are both \(port): each listener needs its own port")
+                throw ConfigurationError(.conflictingSettings, message: "\(flag) and \(other.0) are both \(port): each listener needs its own port")
             }
         }
-        guard let timeout = DurationText.parse(initialFetchTimeout) else {
-            throw ConfigurationError(message: "--initial-fetch-timeout '\(initialFetchTimeout)' is not \(DurationText.expected)")
-        }
-        var values = strings
-        // Envoy's protobuf Duration in YAML is seconds with an `s` ("300s", "0.500s"), never "5m".
-        let milliseconds = timeout.components.seconds * 1000 + timeout.components.attoseconds / 1_000_000_000_000_000
-        values["INITIAL_FETCH_TIMEOUT"] =
-            milliseconds % 1000 == 0 ? "\(milliseconds / 1000)s" : "\(milliseconds / 1000)." + String(String(milliseconds % 1000 + 1000).dropFirst()) + "s"
-        for (name, port) in ports { values[name] = String(port) }
-        values["UPSTREAM_MAX_REQUESTS_PER_CONNECTION"] = String(upstreamMaxRequestsPerConnection)
-        values["INBOUND_SAN_MATCHERS"] = try Self.sanMatchers(inboundAllowedIDs)
-        values["UPSTREAM_SAN_MATCHERS"] = try Self.sanMatchers(upstreamIDs)
-        return values
     }
 
     /// Replaces every `{{NAME}}` in `template`; fails on a placeholder it has no value for.
