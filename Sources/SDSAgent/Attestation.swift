@@ -49,44 +49,59 @@ package enum AttestationPolicyFile {
         }
         var rules: [AttestationPolicy.Rule] = []
         for (index, node) in list.enumerated() {
-            let where_ = "rule #\(index + 1)"
-            guard let mapping = node.mapping else { throw fail(.invalidValue, "\(where_) is not a mapping") }
-            var rule = AttestationPolicy.Rule()
-            for entry in mapping {
-                func text() throws(ConfigurationError) -> String {
-                    guard let value = entry.value.scalar else { throw fail(.invalidValue, "\(where_): \(entry.key) must be a single value, not a \(entry.value.kind)") }
-                    return value
-                }
-                func labels() throws(ConfigurationError) -> [String: String] {
-                    guard let pairs = entry.value.mapping else { throw fail(.invalidValue, "\(where_): \(entry.key) must be a mapping of label to value") }
-                    var labels: [String: String] = [:]
-                    for pair in pairs {
-                        guard let value = pair.value.scalar else { throw fail(.invalidValue, "\(where_): \(entry.key).\(pair.key) must be a single value") }
-                        labels[pair.key] = value
-                    }
-                    return labels
-                }
-                switch entry.key {
-                case "name": rule.name = try text()
-                case "spiffeID": rule.spiffeID = try text()
-                case "namespace": rule.namespace = try text()
-                case "serviceAccount": rule.serviceAccount = try text()
-                case "images":
-                    guard let images = entry.value.sequence?.compactMap(\.scalar), images.count == entry.value.sequence?.count else {
-                        throw fail(.invalidValue, "\(where_): images must be a sequence of image references")
-                    }
-                    rule.images = images
-                case "labels": rule.labels = try labels()
-                case "nodeLabels": rule.nodeLabels = try labels()
-                default:
-                    throw fail(.invalidValue, "\(where_): unknown key '\(entry.key)' (keys: \(ruleKeys.sorted().joined(separator: ", ")))")
-                }
+            do throws(RuleError) {
+                rules.append(try rule(node))
+            } catch {
+                throw fail(.invalidValue, "rule #\(index + 1)\(error.message)")
             }
-            rules.append(rule)
         }
         let policy = AttestationPolicy(rules: rules)
         if let problem = policy.problem() { throw fail(.invalidValue, problem) }
         return policy
+    }
+
+    /// What is wrong with one rule, said after its number (`: images must be …`).
+    struct RuleError: Error {
+        var message: String
+    }
+
+    /// One entry of `rules:`.
+    static func rule(_ node: YAMLNode) throws(RuleError) -> AttestationPolicy.Rule {
+        guard let mapping = node.mapping else { throw RuleError(message: " is not a mapping") }
+        var rule = AttestationPolicy.Rule()
+        for entry in mapping {
+            func text() throws(RuleError) -> String {
+                guard let value = entry.value.scalar else {
+                    throw RuleError(message: ": \(entry.key) must be a single value, not a \(entry.value.kind)")
+                }
+                return value
+            }
+            func labels() throws(RuleError) -> [String: String] {
+                guard let pairs = entry.value.mapping else { throw RuleError(message: ": \(entry.key) must be a mapping of label to value") }
+                var labels: [String: String] = [:]
+                for pair in pairs {
+                    guard let value = pair.value.scalar else { throw RuleError(message: ": \(entry.key).\(pair.key) must be a single value") }
+                    labels[pair.key] = value
+                }
+                return labels
+            }
+            switch entry.key {
+            case "name": rule.name = try text()
+            case "spiffeID": rule.spiffeID = try text()
+            case "namespace": rule.namespace = try text()
+            case "serviceAccount": rule.serviceAccount = try text()
+            case "images":
+                guard let images = entry.value.sequence?.compactMap(\.scalar), images.count == entry.value.sequence?.count else {
+                    throw RuleError(message: ": images must be a sequence of image references")
+                }
+                rule.images = images
+            case "labels": rule.labels = try labels()
+            case "nodeLabels": rule.nodeLabels = try labels()
+            default:
+                throw RuleError(message: ": unknown key '\(entry.key)' (keys: \(ruleKeys.sorted().joined(separator: ", ")))")
+            }
+        }
+        return rule
     }
 }
 
