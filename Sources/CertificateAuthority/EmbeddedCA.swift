@@ -177,20 +177,7 @@ public final class EmbeddedCA: CertificateIssuer {
     public func issue(csr: CertificateSigningRequest, for identity: SPIFFEID, ttl: Duration, csrRules: CSRRules)
         async throws(IssuanceError) -> [Certificate]
     {
-        guard identity.trustDomain == trustDomain else {
-            throw IssuanceError(code: .identityRejected, message: "\(identity) is outside trust domain \(trustDomain)")
-        }
-        switch csrRules {
-        case .strict:
-            if let reason = CSRPolicy.evaluate(csr, for: identity) {
-                throw IssuanceError(code: .csrRejected, message: reason)
-            }
-        case .keyOnly:
-            guard csr.publicKey.isValidSignature(csr.signature, for: csr) else {
-                throw IssuanceError(code: .csrRejected, message: "the CSR's signature does not verify with its own public key")
-            }
-            if let reason = CSRPolicy.keyTypeRefusal(csr) { throw IssuanceError(code: .csrRejected, message: reason) }
-        }
+        try check(csr, for: identity, csrRules)
         let (authority, roots) = state.withLock { ($0.active, $0.roots) }
         let now = self.now()
         guard authority.certificate.notValidAfter > now else {
@@ -201,27 +188,7 @@ public final class EmbeddedCA: CertificateIssuer {
         let notBefore = now.addingTimeInterval(-60)
         let notAfter = min(now.addingTimeInterval(ttl.timeInterval), CertificateProfile.latestNotAfter(under: authority))
 
-        let leaf: Certificate
-        do {
-            let extensions = try Certificate.Extensions {
-                Critical(BasicConstraints.notCertificateAuthority)
-                Critical(CertificateProfile.leafKeyUsage(for: csr.publicKey))
-                try ExtendedKeyUsage([.serverAuth, .clientAuth])
-                // The subject is empty, so the SAN must be critical (RFC 5280 4.2.1.6, SPIFFE X509-SVID).
-                Critical(SubjectAlternativeNames([.uniformResourceIdentifier(identity.description)]))
-                SubjectKeyIdentifier(hash: csr.publicKey)
-                if let ski = try authority.certificate.extensions.subjectKeyIdentifier {
-                    AuthorityKeyIdentifier(keyIdentifier: ski.keyIdentifier)
-                }
-            }
-            leaf = try Certificate(
-                version: .v3, serialNumber: CertificateProfile.serialNumber(), publicKey: csr.publicKey,
-                notValidBefore: notBefore, notValidAfter: notAfter, issuer: authority.certificate.subject,
-                subject: DistinguishedName(), extensions: extensions, issuerPrivateKey: authority.privateKey)
-        } catch {
-            throw IssuanceError(code: .unavailable, message: "signing failed: \(error)")
-        }
-
+        let leaf = try Self.leaf(for: identity, key: csr.publicKey, notBefore: notBefore, notAfter: notAfter, signedBy: authority)
         let chain = [leaf] + authority.chainAboveLeaf
         try await verify(chain: chain, roots: roots, identity: identity, at: now)
         state.withLock { state in
@@ -239,6 +206,50 @@ public final class EmbeddedCA: CertificateIssuer {
                 "not_after": "\(notAfter.formatted(.iso8601))",
             ])
         return chain
+    }
+
+    /// The CSR's checks before anything is signed: the identity is ours, and the CSR passes `csrRules`.
+    private func check(_ csr: CertificateSigningRequest, for identity: SPIFFEID, _ csrRules: CSRRules) throws(IssuanceError) {
+        guard identity.trustDomain == trustDomain else {
+            throw IssuanceError(code: .identityRejected, message: "\(identity) is outside trust domain \(trustDomain)")
+        }
+        switch csrRules {
+        case .strict:
+            if let reason = CSRPolicy.evaluate(csr, for: identity) {
+                throw IssuanceError(code: .csrRejected, message: reason)
+            }
+        case .keyOnly:
+            guard csr.publicKey.isValidSignature(csr.signature, for: csr) else {
+                throw IssuanceError(code: .csrRejected, message: "the CSR's signature does not verify with its own public key")
+            }
+            if let reason = CSRPolicy.keyTypeRefusal(csr) { throw IssuanceError(code: .csrRejected, message: reason) }
+        }
+    }
+
+    /// The workload leaf (``CertificateProfile``): empty subject, the identity as its only and
+    /// critical SAN, serverAuth + clientAuth.
+    private static func leaf(
+        for identity: SPIFFEID, key: Certificate.PublicKey, notBefore: Date, notAfter: Date, signedBy authority: SigningAuthority
+    ) throws(IssuanceError) -> Certificate {
+        do {
+            let extensions = try Certificate.Extensions {
+                Critical(BasicConstraints.notCertificateAuthority)
+                Critical(CertificateProfile.leafKeyUsage(for: key))
+                try ExtendedKeyUsage([.serverAuth, .clientAuth])
+                // The subject is empty, so the SAN must be critical (RFC 5280 4.2.1.6, SPIFFE X509-SVID).
+                Critical(SubjectAlternativeNames([.uniformResourceIdentifier(identity.description)]))
+                SubjectKeyIdentifier(hash: key)
+                if let ski = try authority.certificate.extensions.subjectKeyIdentifier {
+                    AuthorityKeyIdentifier(keyIdentifier: ski.keyIdentifier)
+                }
+            }
+            return try Certificate(
+                version: .v3, serialNumber: CertificateProfile.serialNumber(), publicKey: key,
+                notValidBefore: notBefore, notValidAfter: notAfter, issuer: authority.certificate.subject,
+                subject: DistinguishedName(), extensions: extensions, issuerPrivateKey: authority.privateKey)
+        } catch {
+            throw IssuanceError(code: .unavailable, message: "signing failed: \(error)")
+        }
     }
 
     private func verify(chain: [Certificate], roots: [Certificate], identity: SPIFFEID, at time: Date)

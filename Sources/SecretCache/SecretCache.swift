@@ -235,45 +235,57 @@ public actor SecretCache {
         }
         do {
             let secret = try await Self.value(of: task)
-            let previous = entries[identity]?.secret
-            entries[identity, default: Entry(lastWatched: now())].secret = secret
-            entries[identity]?.issuing = nil
-            entries[identity]?.failures = 0
-            entries[identity]?.nextAttempt = .distantPast
-            // Measured from issuance, not from the backdated notBefore: with a short lifetime the
-            // backdating would otherwise put the renewal point in the past.
-            entries[identity]?.renewAt = configuration.rotation.renewalTime(
-                notBefore: max(secret.notBefore, issuedAt), notAfter: secret.notAfter)
-            issuedCount += 1
-            (previous == nil ? metrics.issued : metrics.renewed).increment()
-            logger.info(
-                previous == nil ? "issued workload certificate" : "rotated workload certificate",
-                metadata: [
-                    "spiffe_id": "\(identity)", "serial": "\(secret.serialNumberHex)", "reason": "\(reason)",
-                    "not_after": "\(secret.notAfter.formatted(.iso8601))",
-                    "renew_at": "\(entries[identity]?.renewAt.formatted(.iso8601) ?? "-")",
-                ])
-            if previous != nil { updates.certificateChanged(for: identity) }
+            record(secret, for: identity, issuedAt: issuedAt, reason: reason)
             return secret
         } catch {
-            metrics.failures.increment()
-            entries[identity]?.issuing = nil
-            if let current = entries[identity]?.secret {
-                let failures = (entries[identity]?.failures ?? 0) + 1
-                let delay = RotationPolicy.retryDelay(afterFailure: failures)
-                entries[identity]?.failures = failures
-                entries[identity]?.nextAttempt = now().addingTimeInterval(delay.timeInterval)
-                logger.error(
-                    "CERTIFICATE RENEWAL FAILED; still serving the current certificate while it is valid",
-                    metadata: [
-                        "spiffe_id": "\(identity)", "error": "\(error.message)", "attempt": "\(failures)",
-                        "retry_in": "\(delay)", "current_not_after": "\(current.notAfter.formatted(.iso8601))",
-                    ])
-            } else {
-                entries[identity] = nil
-                logger.error("cannot issue workload certificate", metadata: ["spiffe_id": "\(identity)", "error": "\(error.message)"])
-            }
+            recordFailure(error, for: identity)
             throw error
+        }
+    }
+
+    /// A new secret in the cache: its renewal time, the counts, the log line, and a push to the
+    /// identity's streams when it replaces one.
+    private func record(_ secret: WorkloadSecret, for identity: SPIFFEID, issuedAt: Date, reason: String) {
+        let previous = entries[identity]?.secret
+        entries[identity, default: Entry(lastWatched: now())].secret = secret
+        entries[identity]?.issuing = nil
+        entries[identity]?.failures = 0
+        entries[identity]?.nextAttempt = .distantPast
+        // Measured from issuance, not from the backdated notBefore: with a short lifetime the
+        // backdating would otherwise put the renewal point in the past.
+        entries[identity]?.renewAt = configuration.rotation.renewalTime(
+            notBefore: max(secret.notBefore, issuedAt), notAfter: secret.notAfter)
+        issuedCount += 1
+        (previous == nil ? metrics.issued : metrics.renewed).increment()
+        logger.info(
+            previous == nil ? "issued workload certificate" : "rotated workload certificate",
+            metadata: [
+                "spiffe_id": "\(identity)", "serial": "\(secret.serialNumberHex)", "reason": "\(reason)",
+                "not_after": "\(secret.notAfter.formatted(.iso8601))",
+                "renew_at": "\(entries[identity]?.renewAt.formatted(.iso8601) ?? "-")",
+            ])
+        if previous != nil { updates.certificateChanged(for: identity) }
+    }
+
+    /// A failed issuance: a renewal keeps serving the current secret and retries with backoff; a
+    /// first issuance leaves nothing behind.
+    private func recordFailure(_ error: SecretError, for identity: SPIFFEID) {
+        metrics.failures.increment()
+        entries[identity]?.issuing = nil
+        if let current = entries[identity]?.secret {
+            let failures = (entries[identity]?.failures ?? 0) + 1
+            let delay = RotationPolicy.retryDelay(afterFailure: failures)
+            entries[identity]?.failures = failures
+            entries[identity]?.nextAttempt = now().addingTimeInterval(delay.timeInterval)
+            logger.error(
+                "CERTIFICATE RENEWAL FAILED; still serving the current certificate while it is valid",
+                metadata: [
+                    "spiffe_id": "\(identity)", "error": "\(error.message)", "attempt": "\(failures)",
+                    "retry_in": "\(delay)", "current_not_after": "\(current.notAfter.formatted(.iso8601))",
+                ])
+        } else {
+            entries[identity] = nil
+            logger.error("cannot issue workload certificate", metadata: ["spiffe_id": "\(identity)", "error": "\(error.message)"])
         }
     }
 
