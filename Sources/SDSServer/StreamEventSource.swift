@@ -30,6 +30,40 @@ package final class StreamEventSource<Request: Sendable>: AsyncSequence, Sendabl
         var reader: CheckedContinuation<Void, Never>?
 
         /// Whether ``next()`` has something to return (an event, a failure, or the end).
+        /// What ``StreamEventSource/next()`` does now, in a fixed order: a request, an update, the
+        /// token deadline, the first-request deadline, a failure, the end of the requests; else wait.
+        mutating func take() -> Step {
+            // Finished: nothing more is delivered, whatever was pending.
+            if cancelled { return .end }
+            if let pending = request {
+                request = nil
+                defer { reader = nil }
+                return .event(.request(pending), wake: reader)
+            }
+            if updated {
+                updated = false
+                return .event(.updated, wake: nil)
+            }
+            if credentialExpiring {
+                credentialExpiring = false
+                return .event(.credentialExpiring, wake: nil)
+            }
+            if firstRequestDue {
+                firstRequestDue = false
+                return .event(.firstRequestDue, wake: nil)
+            }
+            if let pending = failure {
+                failure = nil
+                endReported = true
+                return .fail(pending)
+            }
+            if requestsEnded && !endReported {
+                endReported = true
+                return .event(.requestsEnded, wake: nil)
+            }
+            return .wait
+        }
+
         var isReady: Bool {
             cancelled || request != nil || updated || credentialExpiring || firstRequestDue || failure != nil
                 || (requestsEnded && !endReported)
@@ -124,37 +158,7 @@ package final class StreamEventSource<Request: Sendable>: AsyncSequence, Sendabl
     private func next() async throws -> StreamEvent<Request>? {
         while true {
             try Task.checkCancellation()
-            let step = state.withLock { state -> Step in
-                // Finished: nothing more is delivered, whatever was pending.
-                if state.cancelled { return .end }
-                if let request = state.request {
-                    state.request = nil
-                    defer { state.reader = nil }
-                    return .event(.request(request), wake: state.reader)
-                }
-                if state.updated {
-                    state.updated = false
-                    return .event(.updated, wake: nil)
-                }
-                if state.credentialExpiring {
-                    state.credentialExpiring = false
-                    return .event(.credentialExpiring, wake: nil)
-                }
-                if state.firstRequestDue {
-                    state.firstRequestDue = false
-                    return .event(.firstRequestDue, wake: nil)
-                }
-                if let failure = state.failure {
-                    state.failure = nil
-                    state.endReported = true
-                    return .fail(failure)
-                }
-                if state.requestsEnded && !state.endReported {
-                    state.endReported = true
-                    return .event(.requestsEnded, wake: nil)
-                }
-                return .wait
-            }
+            let step = state.withLock { $0.take() }
             switch step {
             case .event(let event, let wake):
                 wake?.resume()
@@ -164,23 +168,28 @@ package final class StreamEventSource<Request: Sendable>: AsyncSequence, Sendabl
             case .end:
                 return nil
             case .wait:
-                await withTaskCancellationHandler {
-                    await withCheckedContinuation { (continuation: CheckedContinuation<Void, Never>) in
-                        let ready = state.withLock { state -> Bool in
-                            let ready = Task.isCancelled || state.isReady
-                            if !ready { state.waiter = continuation }
-                            return ready
-                        }
-                        if ready { continuation.resume() }
-                    }
-                } onCancel: {
-                    let waiter = state.withLock { state in
-                        defer { state.waiter = nil }
-                        return state.waiter
-                    }
-                    waiter?.resume()
-                }
+                await waitUntilReady()
             }
+        }
+    }
+
+    /// Suspends until an event is pending or the task is cancelled.
+    private func waitUntilReady() async {
+        await withTaskCancellationHandler {
+            await withCheckedContinuation { (continuation: CheckedContinuation<Void, Never>) in
+                let ready = state.withLock { state -> Bool in
+                    let ready = Task.isCancelled || state.isReady
+                    if !ready { state.waiter = continuation }
+                    return ready
+                }
+                if ready { continuation.resume() }
+            }
+        } onCancel: {
+            let waiter = state.withLock { state in
+                defer { state.waiter = nil }
+                return state.waiter
+            }
+            waiter?.resume()
         }
     }
 

@@ -94,6 +94,28 @@ public struct KubernetesTokenVerifier: WorkloadAuthenticator {
         {
             return try check(hit.claims, keyID: hit.keyID)
         }
+        let (kid, keySet) = try await key(for: token)
+        let claims: ServiceAccountClaims
+        do {
+            claims = try await keySet.collection.verify(token, as: ServiceAccountClaims.self)
+        } catch let error as JWTError where error.errorType == .malformedToken {
+            throw AuthenticationError(code: .malformedToken, message: "token payload is not valid JSON claims", keyID: kid)
+        } catch is DecodingError {
+            throw AuthenticationError(code: .malformedToken, message: "token claims have unexpected types", keyID: kid)
+        } catch {
+            throw AuthenticationError(code: .badSignature, message: "signature does not verify with key '\(kid)'", keyID: kid)
+        }
+        let caller = try check(claims, keyID: kid)
+        // Only a token that passed every check is kept, until it expires (plus the skew).
+        verified.insert(
+            .init(claims: claims, keyID: kid, validUntil: caller.credentialExpiry.addingTimeInterval(configuration.clockSkew.timeInterval)),
+            for: cacheKey, now: now())
+        return caller
+    }
+
+    /// The token's key ID and a key set holding it (fetched again once for an unknown ID), after
+    /// the header's algorithm is checked against the allow-list: no signature work before that.
+    private func key(for token: String) async throws(AuthenticationError) -> (String, VerificationKeySet) {
         guard let header = JWTHeaderFields.decode(compactToken: token[...]) else {
             throw AuthenticationError(
                 code: .malformedToken, message: "not a JWT (expected three base64url parts with a JSON header)")
@@ -120,23 +142,7 @@ public struct KubernetesTokenVerifier: WorkloadAuthenticator {
             throw AuthenticationError(
                 code: .unknownKey, message: "key ID '\(kid)' is not in the verification key set", keyID: kid)
         }
-
-        let claims: ServiceAccountClaims
-        do {
-            claims = try await keySet.collection.verify(token, as: ServiceAccountClaims.self)
-        } catch let error as JWTError where error.errorType == .malformedToken {
-            throw AuthenticationError(code: .malformedToken, message: "token payload is not valid JSON claims", keyID: kid)
-        } catch is DecodingError {
-            throw AuthenticationError(code: .malformedToken, message: "token claims have unexpected types", keyID: kid)
-        } catch {
-            throw AuthenticationError(code: .badSignature, message: "signature does not verify with key '\(kid)'", keyID: kid)
-        }
-        let caller = try check(claims, keyID: kid)
-        // Only a token that passed every check is kept, until it expires (plus the skew).
-        verified.insert(
-            .init(claims: claims, keyID: kid, validUntil: caller.credentialExpiry.addingTimeInterval(configuration.clockSkew.timeInterval)),
-            for: cacheKey, now: now())
-        return caller
+        return (kid, keySet)
     }
 
     private func check(_ claims: ServiceAccountClaims, keyID: String) throws(AuthenticationError) -> AuthenticatedCaller {
