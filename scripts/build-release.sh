@@ -8,12 +8,15 @@ export PATH="/opt/swift/usr/bin:$PATH"
 out=${1:?usage: build-release.sh OUT_DIR}
 source scripts/release-flags.sh
 
-# The commit goes into the binary (`sds-agent version`) for the build only; the file is restored after.
-commit_file=Sources/SDSAgent/BuildCommit.swift
+# The commit goes into the binary (`sds-agent version`) for the build only; the file is restored
+# after. It is the executable's, so only that small module is compiled again; the copy is kept
+# outside Sources/, where SwiftPM would see one more file.
+commit_file=Sources/sds-agent/BuildCommit.swift
 if commit=$(git rev-parse --short=12 HEAD 2>/dev/null); then
   [ -z "$(git status --porcelain 2>/dev/null)" ] || commit="$commit-dirty"
-  cp "$commit_file" "$commit_file.orig"
-  trap 'mv -f "$commit_file.orig" "$commit_file"' EXIT
+  saved=$(mktemp)
+  cp "$commit_file" "$saved"
+  trap 'cat "$saved" > "$commit_file"; rm -f "$saved"' EXIT
   printf '// Rewritten by scripts/build-release.sh for the duration of a release build; keep it one line.\nlet buildCommit = "%s"\n' "$commit" > "$commit_file"
 fi
 swift build "${release_flags[@]}" --product sds-agent

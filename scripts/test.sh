@@ -45,8 +45,10 @@ phase "install tools, check generated code and scripts" \
 scripts/setup-venv.sh > run/setup-venv.log 2>&1 &
 venv_pid=$!
 
-phase "release build with tests (every module, once)" swift build "${release_flags[@]}" --build-tests
-phase "swift test (Swift unit and socket suites, release build)" swift test "${release_flags[@]}" --skip-build
+# The products first, then the tests on the same objects: without testable imports (no test
+# uses them) the modules are compiled once, with the flags the image's build uses.
+phase "release build (every module, once)" swift build "${release_flags[@]}"
+phase "swift test (Swift unit and socket suites, release build)" swift test "${release_flags[@]}" --disable-testable-imports
 phase "fuzz corpus replayed (plain build)" "$(swift build "${release_flags[@]}" --show-bin-path)/sds-agent-fuzz" replay Fuzz/corpus/*
 
 # bench.sh and build-release.sh find their products built; the image build recompiles only the

@@ -16,7 +16,7 @@ enum ProcessRun {
     static func logStart(_ logger: Logger, effective: ConfigSources.Effective, unknownVariables unknown: [String]) {
         logger.info(
             "effective configuration",
-            metadata: ["version": "\(BuildInfo.description)"].merging(effective.describe()) { $1 })
+            metadata: ["version": "\(Build.description)"].merging(effective.describe()) { $1 })
         if !unknown.isEmpty {
             logger.warning(
                 "environment variables that name no setting are ignored (a typo?); settings are SDS_AGENT_ and a flag's long name",
@@ -30,7 +30,7 @@ enum ProcessRun {
         MetricsSystem.bootstrap(PrometheusMetricsFactory(registry: registry))
         Gauge(
             label: "sds_agent_build_info",
-            dimensions: [("version", BuildInfo.version), ("commit", BuildInfo.commit), ("swift", BuildInfo.swiftVersion)]
+            dimensions: [("version", BuildInfo.version), ("commit", Build.commit), ("swift", BuildInfo.swiftVersion)]
         ).record(1)
         return registry
     }

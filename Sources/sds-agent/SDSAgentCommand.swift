@@ -12,7 +12,7 @@ struct SDSAgentCommand: AsyncParsableCommand {
     static let configuration = CommandConfiguration(
         commandName: "sds-agent",
         abstract: "Envoy SDS node agent: SPIFFE workload certificates for the sidecars on this node.",
-        version: BuildInfo.description,
+        version: Build.description,
         subcommands: [Serve.self, Bootstrap.self, Check.self, Inspect.self, ConfigCommand.self, CA.self, Version.self]
     )
 
@@ -85,7 +85,7 @@ struct Version: ParsableCommand {
     static let configuration = CommandConfiguration(abstract: "Print the version, the commit and the Swift version it was built with.")
 
     func run() {
-        print(BuildInfo.description)
+        print(Build.description)
     }
 }
 

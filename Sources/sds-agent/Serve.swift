@@ -251,7 +251,7 @@ struct Serve: AsyncParsableCommand {
         let sharedLevel = SharedLogLevel(logLevel)
         let logger = bootstrapLogging(level: sharedLevel, format: logFormat, label: "sds-agent")
         let merged = ConfigSources.effective
-        ProcessRun.logStart(logger, effective: merged, unknownVariables: ConfigSources.unknownVariables())
+        ProcessRun.logStart(logger, effective: merged, unknownVariables: ConfigSources.unknownVariables(flags: ConfigSources.serveFlags))
         var metricsEndpoint: MetricsEndpoint?
         let readiness = AgentReadiness()
         if let metricsAddress, let address = MetricsEndpoint.address(metricsAddress) {
@@ -273,10 +273,10 @@ struct Serve: AsyncParsableCommand {
     ) -> @Sendable () async -> AgentConfiguration? {
         {
             do {
-                let (arguments, sources) = try ConfigSources.merge(arguments: merged.commandLine)
+                let (arguments, sources) = try ConfigSources.merge(arguments: merged.commandLine, flags: merged.flags)
                 let fresh = try Serve.parse(arguments)
                 let configuration = try fresh.makeConfiguration()
-                let changed = ConfigSources.Effective(commandLine: merged.commandLine, merged: arguments, sources: sources)
+                let changed = ConfigSources.Effective(commandLine: merged.commandLine, merged: arguments, sources: sources, flags: merged.flags)
                     .changedSettings(since: merged).subtracting(Serve.reloadableSettings)
                 if !changed.isEmpty {
                     logger.warning(

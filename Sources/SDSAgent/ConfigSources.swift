@@ -1,9 +1,6 @@
-import ArgumentParser
 import FoundationEssentials
 import Glibc
 import Logging
-import SDSAgent
-import Synchronization
 import SDSModel
 
 /// `serve`'s settings from a YAML file (`--config FILE`) and the environment (`SDS_AGENT_<FLAG>`),
@@ -18,74 +15,53 @@ import SDSModel
 /// Looked at first: apple/swift-configuration (readers over files, environment and arguments with
 /// reload). Its model reads values key by key; ours must feed ArgumentParser, whose parsing and
 /// checks are the contract, so the sources are merged as arguments and `YAMLNode` reads the file.
-struct ConfigSources {
+package struct ConfigSources {
     /// Where one setting came from (for the start log).
-    enum Source: String { case flag, environment, file }
+    package enum Source: String, Sendable { case flag, environment, file }
 
     /// The flags of `serve`, by kind.
-    struct Flags {
-        var single: Set<String>
-        var repeatable: Set<String>
-        var switches: Set<String>
-        var all: Set<String> { single.union(repeatable).union(switches) }
-    }
+    package struct Flags: Sendable {
+        package var single: Set<String>
+        package var repeatable: Set<String>
+        package var switches: Set<String>
+        package var all: Set<String> { single.union(repeatable).union(switches) }
 
-    /// Read from `Serve`'s own definition, so a new flag is a config key and a variable at once.
-    static let serveFlags = flags(of: Serve.self)
-    /// `ca serve`'s, the same way: its `--config` and `SDS_AGENT_*` follow `serve`'s conventions.
-    static let caServeFlags = flags(of: CAServe.self)
-
-    /// The long options and switches of `command`, from ArgumentParser's own model of it (the
-    /// JSON of `--experimental-dump-help`: each argument's kind and whether it repeats), not its
-    /// help text. The library's `ToolInfoV0` types are not a product, so the few fields used are
-    /// decoded here.
-    static func flags(of command: any ParsableCommand.Type) -> Flags {
-        struct ToolInfo: Decodable {
-            struct Command: Decodable { var arguments: [Argument]? }
-            struct Argument: Decodable {
-                struct Name: Decodable {
-                    var kind: String
-                    var name: String
-                }
-                var kind: String
-                var isRepeating: Bool
-                var preferredName: Name?
-            }
-            var command: Command
+        package init(single: Set<String>, repeatable: Set<String>, switches: Set<String>) {
+            self.single = single
+            self.repeatable = repeatable
+            self.switches = switches
         }
-        var flags = Flags(single: [], repeatable: [], switches: [])
-        guard let info = try? JSONDecoder().decode(ToolInfo.self, from: Data(command._dumpHelp().utf8)) else { return flags }
-        for argument in info.command.arguments ?? [] {
-            guard let name = argument.preferredName, name.kind == "long",
-                !["help", "version", "config", "experimental-dump-help", "generate-completion-script"].contains(name.name)
-            else { continue }
-            switch argument.kind {
-            case "flag": flags.switches.insert(name.name)
-            case "option" where argument.isRepeating: flags.repeatable.insert(name.name)
-            case "option": flags.single.insert(name.name)
-            default: continue
-            }
-        }
-        return flags
     }
 
     /// A setting that cannot be read; the message names the source, the key and the value.
-    struct Failure: Error, CustomStringConvertible {
-        var description: String
+    package struct Failure: Error, CustomStringConvertible {
+        package var description: String
+        package init(description: String) { self.description = description }
     }
 
     /// What `serve` was started with: its own arguments, the merged ones, and each setting's source.
-    struct Effective: Sendable {
-        var commandLine: [String] = []
-        var merged: [String] = []
-        var sources: [String: Source] = [:]
+    package struct Effective: Sendable {
+        package var commandLine: [String] = []
+        package var merged: [String] = []
+        package var sources: [String: Source] = [:]
         /// The command's flags (`serve`'s or `ca serve`'s).
-        var flags = ConfigSources.serveFlags
+        package var flags = Flags(single: [], repeatable: [], switches: [])
         /// The command whose settings were merged (`serve` or `ca serve`), for messages.
-        var command = "serve"
+        package var command = "serve"
+
+        package init(
+            commandLine: [String] = [], merged: [String] = [], sources: [String: Source] = [:],
+            flags: Flags = Flags(single: [], repeatable: [], switches: []), command: String = "serve"
+        ) {
+            self.commandLine = commandLine
+            self.merged = merged
+            self.sources = sources
+            self.flags = flags
+            self.command = command
+        }
 
         /// Every setting not left at its default, with its values (URL credentials redacted).
-        func values() -> [String: [String]] {
+        package func values() -> [String: [String]] {
             var values: [String: [String]] = [:]
             var index = 0
             while index < merged.count {
@@ -118,7 +94,7 @@ struct ConfigSources {
         }
 
         /// `key: value (source)` for every setting not left at its default; URL credentials redacted.
-        func describe() -> Logger.Metadata {
+        package func describe() -> Logger.Metadata {
             var metadata: Logger.Metadata = [:]
             for (key, list) in values() {
                 let source = sources[key]?.rawValue ?? "flag"
@@ -128,31 +104,23 @@ struct ConfigSources {
         }
 
         /// The settings whose values differ from `earlier`'s (set, changed or removed).
-        func changedSettings(since earlier: Effective) -> Set<String> {
+        package func changedSettings(since earlier: Effective) -> Set<String> {
             let (now, before) = (values(), earlier.values())
             return Set(now.keys).union(before.keys).filter { now[$0] != before[$0] }
         }
 
         /// `https://user:secret@host` → `https://REDACTED@host`.
-        static func redacted(_ value: String) -> String { URLText.redactingUserinfo(value) }
-    }
-
-    private static let effectiveState = Mutex(Effective())
-    /// Set by `main` before `serve` runs.
-    static var effective: Effective {
-        get { effectiveState.withLock { $0 } }
-        set { effectiveState.withLock { $0 = newValue } }
+        package static func redacted(_ value: String) -> String { URLText.redactingUserinfo(value) }
     }
 
     /// Where the value an ArgumentParser error `message` quotes came from, when that was the
     /// environment (`SDS_AGENT_CERT_TTL`) or the file (`--config FILE: cert-ttl`), with the flag.
-    static func origin(of message: String) -> (origin: String, flag: String)? {
-        let current = effective
-        for (flag, source) in current.sources where source != .flag {
+    package static func origin(of message: String, in effective: Effective) -> (origin: String, flag: String)? {
+        for (flag, source) in effective.sources where source != .flag {
             guard message.contains("'--\(flag) <") || message.contains("'--\(flag)'") else { continue }
             switch source {
             case .environment: return (environmentName(flag), flag)
-            case .file: return ("--config \(value(of: "config", in: current.commandLine) ?? "file"): \(flag)", flag)
+            case .file: return ("--config \(value(of: "config", in: effective.commandLine) ?? "file"): \(flag)", flag)
             case .flag: continue
             }
         }
@@ -161,7 +129,7 @@ struct ConfigSources {
 
     /// ArgumentParser's message about `--flag` said of a value the flag did not carry:
     /// `The value 'x' is invalid for '--cert-ttl <duration>'` → `the value 'x' is invalid: it must be a duration …`.
-    static func withoutFlag(_ message: String, flag: String) -> String {
+    package static func withoutFlag(_ message: String, flag: String) -> String {
         var text = message
         while let start = text.firstRange(of: " for '--\(flag)"),
             let end = text[start.upperBound...].firstIndex(of: "'")
@@ -173,7 +141,7 @@ struct ConfigSources {
     }
 
     /// `SDS_AGENT_*` variables that name no setting (a typo would otherwise be silently ignored).
-    static func unknownVariables(in environment: [String: String] = ProcessInfo.processInfo.environment, flags: Flags = serveFlags)
+    package static func unknownVariables(in environment: [String: String] = ProcessInfo.processInfo.environment, flags: Flags)
         -> [String]
     {
         let known = Set((flags.all.union(["config"])).map(environmentName))
@@ -181,14 +149,14 @@ struct ConfigSources {
     }
 
     /// The environment variable for `flag`: `trust-domain` → `SDS_AGENT_TRUST_DOMAIN`.
-    static func environmentName(_ flag: String) -> String {
+    package static func environmentName(_ flag: String) -> String {
         "SDS_AGENT_" + flag.uppercased().replacing("-", with: "_")
     }
 
     /// `arguments` (after the subcommand) with the file's and the environment's settings before
     /// them, and where each setting came from.
-    static func merge(
-        arguments: [String], environment: [String: String] = ProcessInfo.processInfo.environment, flags: Flags = serveFlags
+    package static func merge(
+        arguments: [String], environment: [String: String] = ProcessInfo.processInfo.environment, flags: Flags
     ) throws -> (arguments: [String], sources: [String: Source]) {
         var sources: [String: Source] = [:]
         for key in flagsGiven(in: arguments, flags: flags) { sources[key] = .flag }
@@ -228,7 +196,7 @@ struct ConfigSources {
     }
 
     /// The settings in a YAML file, as flag values.
-    static func read(file path: String, flags: Flags) throws -> [(String, [String])] {
+    package static func read(file path: String, flags: Flags) throws -> [(String, [String])] {
         let text: String
         do {
             text = try InputFile.text(path)
@@ -263,14 +231,14 @@ struct ConfigSources {
     /// The settings that name files or directories: relative in a config file, they are taken
     /// from the file's own directory (as a manifest or a Helm values file is read), not from the
     /// working directory the agent happened to start in.
-    static let pathSettings: Set<String> = [
+    package static let pathSettings: Set<String> = [
         "socket", "state-dir", "federated-bundle", "ca-dir", "ca-cert", "ca-key", "ca-bundle", "proc-root", "workload-socket",
         "attestation-policy", "upstream-ca-bundle", "upstream-ca-token-file", "admin-socket", "jwks", "kube-ca-file",
         "kube-token-file",
     ]
 
     /// `value` (a path, or `TD=PATH` for `federated-bundle`) made absolute against `file`'s directory.
-    static func resolve(_ value: String, key: String, against file: String) -> String {
+    package static func resolve(_ value: String, key: String, against file: String) -> String {
         if key == "federated-bundle", let equals = value.firstIndex(of: "=") {
             return String(value[...equals]) + resolve(String(value[value.index(after: equals)...]), key: "", against: file)
         }
@@ -316,7 +284,7 @@ struct ConfigSources {
     }
 
     /// The long flags present in `arguments` (`--name value` or `--name=value`).
-    static func flagsGiven(in arguments: [String], flags: Flags) -> Set<String> {
+    package static func flagsGiven(in arguments: [String], flags: Flags) -> Set<String> {
         Set(arguments.compactMap { argument -> String? in
             guard argument.hasPrefix("--") else { return nil }
             let name = String(argument.dropFirst(2).prefix(while: { $0 != "=" }))
@@ -325,7 +293,7 @@ struct ConfigSources {
     }
 
     /// The value of `--name VALUE` or `--name=VALUE` in `arguments`.
-    static func value(of name: String, in arguments: [String]) -> String? {
+    package static func value(of name: String, in arguments: [String]) -> String? {
         for (index, argument) in arguments.enumerated() {
             if argument == "--\(name)", index + 1 < arguments.count { return arguments[index + 1] }
             if argument.hasPrefix("--\(name)=") { return String(argument.dropFirst(name.count + 3)) }
@@ -334,36 +302,3 @@ struct ConfigSources {
     }
 }
 
-/// `sds-agent config check FILE`: the file's settings checked as `serve` would check them.
-struct ConfigCommand: ParsableCommand {
-    static let configuration = CommandConfiguration(
-        commandName: "config", abstract: "Configuration files for serve.", subcommands: [ConfigCheck.self])
-}
-
-struct ConfigCheck: AsyncParsableCommand {
-    static let configuration = CommandConfiguration(
-        commandName: "check",
-        abstract: "Check a serve --config file: keys, values and the configuration they make (with the environment and defaults). Exit 0 ok, 1 not.")
-
-    @Argument(help: "The YAML file.")
-    var file: String
-
-    func run() async throws {
-        do {
-            let (arguments, _) = try ConfigSources.merge(arguments: ["--config", file])
-            let serve: Serve
-            do {
-                serve = try Serve.parse(arguments)
-            } catch {
-                throw ConfigSources.Failure(description: "\(file): \(Serve.message(for: error))")
-            }
-            let configuration = try serve.makeConfiguration()
-            try configuration.validate()
-            try await configuration.checkInputs()
-        } catch {
-            printToStandardError("sds-agent config check: \(error)")
-            throw ExitCode.failure
-        }
-        print("\(file): ok")
-    }
-}
