@@ -114,6 +114,29 @@ final class FlakyIssuer: CertificateIssuer, @unchecked Sendable {
         #expect(await otherUpdates.next() != nil)  // `other` was due too
     }
 
+    @Test(.timeLimit(.minutes(1))) func theRotatorRenewsWhatIsDueAtItsNextTickOnItsClock() async throws {
+        let clock = ManualClock()
+        let ticks = TestClock()
+        let cache = SecretCache(
+            issuer: TestPKI.ca(now: { clock.now }),
+            configuration: .init(certificateTTL: .seconds(1000), rotation: .init(fraction: 0.5, jitter: 0)),
+            logger: TestPKI.quietLogger, now: { clock.now })
+        let identity = TestPKI.identity()
+        let first = try await cache.workloadSecret(for: identity)
+        var updates = cache.updates(for: identity).makeAsyncIterator()
+        let rotator = Task { try await Rotator(cache: cache, interval: .seconds(1), clock: ticks).run() }
+        defer { rotator.cancel() }
+
+        #expect(await ticks.sleeping())
+        clock.advance(501)  // due, but the rotator has not ticked yet
+        #expect(try await cache.workloadSecret(for: identity) == first)
+        ticks.advance(by: .seconds(1))
+        #expect(await updates.next() != nil, "the renewal reaches the identity's streams")
+        #expect(try await cache.workloadSecret(for: identity).serialNumberHex != first.serialNumberHex)
+        rotator.cancel()
+        _ = await rotator.result
+    }
+
     @Test func identitiesNobodyWatchesAreDropped() async throws {
         let clock = ManualClock()
         let cache = SecretCache(
