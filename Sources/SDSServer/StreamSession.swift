@@ -76,6 +76,16 @@ struct StreamContext<Response: Sendable>: Sendable {
     let rejections: Counter
     var node: NodeSummary?
     var logger: Logger { resolver.logger }
+
+    /// Envoy rejected what was sent (a NACK): counted, and one warning with its error and node.
+    func rejected(_ event: Logger.Message, names: [String], nonce: String, envoyError: String) {
+        rejections.increment()
+        logger.warning(
+            event,
+            metadata: [
+                "names": .list(names), "nonce": "\(nonce)", "envoy_error": "\(envoyError)", "node": "\(node?.description ?? "?")",
+            ])
+    }
 }
 
 /// StreamSecrets: ``StreamStateMachine``'s rules; a change is pushed as the whole subscribed set.
@@ -106,13 +116,8 @@ struct SotW: XDSProtocol {
         case .acknowledged(let version):
             stream.logger.debug("Envoy accepted secrets", metadata: ["version": "\(version)"])
         case .rejected(let nonce, let message):
-            stream.rejections.increment()
-            stream.logger.warning(
-                "Envoy rejected secrets (NACK); not resending that version",
-                metadata: [
-                    "names": .list(subscribed), "nonce": "\(nonce)", "envoy_error": "\(message)",
-                    "node": "\(stream.node?.description ?? "?")",
-                ])
+            stream.rejected(
+                "Envoy rejected secrets (NACK); not resending that version", names: subscribed, nonce: nonce, envoyError: message)
         case .stale(let nonce):
             stream.logger.debug("ignored a request for an older response", metadata: ["nonce": "\(nonce)"])
         }
@@ -168,10 +173,8 @@ struct Delta: XDSProtocol {
         case .acknowledged(let nonce):
             stream.logger.debug("Envoy accepted secrets (delta)", metadata: ["nonce": "\(nonce)"])
         case .rejected(let nonce, let message):
-            stream.rejections.increment()
-            stream.logger.warning(
-                "Envoy rejected secrets (delta NACK); not resending that version",
-                metadata: ["names": .list(subscribed), "nonce": "\(nonce)", "envoy_error": "\(message)"])
+            stream.rejected(
+                "Envoy rejected secrets (delta NACK); not resending that version", names: subscribed, nonce: nonce, envoyError: message)
         case .none:
             break
         }
