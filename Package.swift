@@ -138,6 +138,7 @@ let package = Package(
             name: "CertificateAuthority",
             dependencies: [
                 "SDSModel",
+                .product(name: "JWTKit", package: "jwt-kit"),
                 .product(name: "Crypto", package: "swift-crypto"),
                 .product(name: "_CryptoExtras", package: "swift-crypto"),
                 .product(name: "X509", package: "swift-certificates"),

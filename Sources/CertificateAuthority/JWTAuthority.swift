@@ -1,6 +1,7 @@
 import Crypto
 import FoundationEssentials
 import Glibc
+import JWTKit
 import SDSModel
 
 /// The CA module's JWT-SVID signer (SPIFFE JWT-SVID: ES256, `sub` the SPIFFE ID, `aud` the
@@ -11,6 +12,8 @@ import SDSModel
 /// is a JWKS with that key, `use: jwt-svid`, as SPIFFE bundles carry it.
 public final class JWTAuthority: Sendable {
     private let key: P256.Signing.PrivateKey
+    /// jwt-kit's signer and verifier for that one key, by its ID.
+    private let keys: JWTKeyCollection
     public let trustDomain: String
     /// The key ID in every token's header and in the bundle.
     public let keyID: String
@@ -18,37 +21,41 @@ public final class JWTAuthority: Sendable {
     /// The file name of the key in the state directory.
     public static let keyFileName = "jwt-signing-key.pem"
 
-    public init(key: P256.Signing.PrivateKey, trustDomain: String) {
+    public init(key: P256.Signing.PrivateKey, trustDomain: String) async {
         self.key = key
         self.trustDomain = trustDomain
-        self.keyID = Self.thumbprint(key.publicKey)
+        let keyID = Self.thumbprint(key.publicKey)
+        self.keyID = keyID
+        // A P-256 key from swift-crypto is always one jwt-kit takes.
+        let signer = try! ES256PrivateKey(backing: key)
+        self.keys = await JWTKeyCollection().add(ecdsa: signer, kid: JWKIdentifier(string: keyID))
     }
 
     /// Loads the key from `stateDirectory`, or makes and keeps one.
-    public static func loadOrCreate(stateDirectory: String, trustDomain: String) throws(CAStoreError) -> JWTAuthority {
+    public static func loadOrCreate(stateDirectory: String, trustDomain: String) async throws(CAStoreError) -> JWTAuthority {
         let path = URL(fileURLWithPath: stateDirectory).appendingPathComponent(keyFileName).path
         if let pem = try? String(contentsOfFile: path, encoding: .utf8) {
+            let key: P256.Signing.PrivateKey
             do {
-                return JWTAuthority(key: try P256.Signing.PrivateKey(pemRepresentation: pem), trustDomain: trustDomain)
+                key = try P256.Signing.PrivateKey(pemRepresentation: pem)
             } catch {
                 throw CAStoreError("\(path) is not a P-256 private key in PEM: \(error); remove it to make a new one")
             }
+            return await JWTAuthority(key: key, trustDomain: trustDomain)
         }
         let key = P256.Signing.PrivateKey()
         try RootCAStore.makeDirectory(stateDirectory, mode: 0o700)
         try RootCAStore.writeAtomically(key.pemRepresentation, to: path, mode: 0o600)
-        return JWTAuthority(key: key, trustDomain: trustDomain)
+        return await JWTAuthority(key: key, trustDomain: trustDomain)
     }
 
-    /// A JWT-SVID for `subject`, for `audience`, valid for `ttl` from `now`.
-    public func sign(subject: SPIFFEID, audience: [String], ttl: Duration, now: Date) throws -> (token: String, expiry: Date) {
+    /// A JWT-SVID for `subject`, for `audience`, valid for `ttl` from `now`, signed by jwt-kit.
+    public func sign(subject: SPIFFEID, audience: [String], ttl: Duration, now: Date) async throws -> (token: String, expiry: Date) {
         let issuedAt = Int64(now.timeIntervalSince1970)
         let expiry = issuedAt + ttl.components.seconds
-        let header = Header(alg: "ES256", kid: keyID, typ: "JWT")
         let claims = Claims(sub: subject.description, aud: audience, exp: expiry, iat: issuedAt)
-        let signingInput = Base64URL.encode(try Self.json(header)) + "." + Base64URL.encode(try Self.json(claims))
-        let signature = try key.signature(for: Data(signingInput.utf8))
-        return (signingInput + "." + Base64URL.encode(signature.rawRepresentation), Date(timeIntervalSince1970: TimeInterval(expiry)))
+        let token = try await keys.sign(claims, kid: JWKIdentifier(string: keyID), header: ["typ": "JWT"])
+        return (token, Date(timeIntervalSince1970: TimeInterval(expiry)))
     }
 
     /// The JWT bundle: a JWKS with the signing key.
@@ -61,21 +68,22 @@ public final class JWTAuthority: Sendable {
     }
 
     /// Checks a JWT-SVID of this trust domain for `audience`: header, signature, `sub`, `aud`,
-    /// `exp`. Returns the SPIFFE ID and the claims (the payload's JSON).
-    public func validateSVID(_ token: String, audience: String, now: Date) throws(JWTSVIDError) -> (subject: SPIFFEID, claims: Data) {
+    /// `exp`. Returns the SPIFFE ID and the claims (the payload's JSON). jwt-kit parses and checks
+    /// the signature; the header is checked first, so nothing is verified with an algorithm or a
+    /// key the token chose.
+    public func validateSVID(_ token: String, audience: String, now: Date) async throws(JWTSVIDError) -> (subject: SPIFFEID, claims: Data) {
         let parts = token.split(separator: ".", omittingEmptySubsequences: false)
-        guard token.utf8.count <= 16 * 1024, parts.count == 3, let headerData = Base64URL.decode(parts[0]),
-            let payload = Base64URL.decode(parts[1]), let signatureData = Base64URL.decode(parts[2])
+        guard token.utf8.count <= 16 * 1024, parts.count == 3, let payload = Base64URL.decode(parts[1]),
+            let header = try? DefaultJWTParser().parse(Array(token.utf8), as: ReadClaims.self).header
         else { throw JWTSVIDError("not a JWS in compact serialization") }
-        guard let header = try? JSONDecoder().decode(ReadHeader.self, from: Data(headerData)) else {
-            throw JWTSVIDError("the header is not a JSON object with alg and kid")
-        }
         guard header.alg == "ES256" else { throw JWTSVIDError("alg '\(header.alg ?? "none")' is not ES256") }
         guard header.kid == keyID else { throw JWTSVIDError("kid '\(header.kid ?? "none")' is not a key of this trust domain") }
-        guard let signature = try? P256.Signing.ECDSASignature(rawRepresentation: signatureData),
-            key.publicKey.isValidSignature(signature, for: Data("\(parts[0]).\(parts[1])".utf8))
-        else { throw JWTSVIDError("the signature does not verify") }
-        guard let claims = try? JSONDecoder().decode(ReadClaims.self, from: Data(payload)) else {
+        let claims: ReadClaims
+        do {
+            claims = try await keys.verify(token, as: ReadClaims.self)
+        } catch let error as JWTError where error.errorType == .signatureVerificationFailed {
+            throw JWTSVIDError("the signature does not verify")
+        } catch {
             throw JWTSVIDError("the claims are not a JSON object of JWT-SVID claims")
         }
         guard let sub = claims.sub, let subject = try? SPIFFEID(parsing: sub) else { throw JWTSVIDError("sub is not a SPIFFE ID") }
@@ -100,24 +108,30 @@ public final class JWTAuthority: Sendable {
         return try encoder.encode(value)
     }
 
-    private struct Header: Encodable { var alg, kid, typ: String }
-    private struct Claims: Encodable {
+    /// The claims signed: checked by the Workload API before signing, so nothing to verify here.
+    private struct Claims: JWTPayload {
         var sub: String
         var aud: [String]
         var exp: Int64
         var iat: Int64
+        func verify(using algorithm: some JWTAlgorithm) {}
     }
     private struct JWK: Encodable { var kty, crv, x, y, kid, use, alg: String }
     private struct JWKS: Encodable { var keys: [JWK] }
-    private struct ReadHeader: Decodable { var alg: String?; var kid: String? }
-    private struct ReadClaims: Decodable {
+    /// The claims read back, each checked by `validateSVID` with its own reason.
+    private struct ReadClaims: JWTPayload {
         var sub: String?
         var aud: Audience?
         var exp: Double?
+        func verify(using algorithm: some JWTAlgorithm) {}
     }
     /// `aud` is a string or an array of strings.
-    private struct Audience: Decodable {
+    private struct Audience: Codable {
         var values: [String]
+        func encode(to encoder: any Encoder) throws {
+            var container = encoder.singleValueContainer()
+            try container.encode(values)
+        }
         init(from decoder: any Decoder) throws {
             let container = try decoder.singleValueContainer()
             if let list = try? container.decode([String].self) {

@@ -59,7 +59,7 @@ package struct Agent: Service {
             logger: logger, now: now, needsAPI: configuration.attestation.needsPods)
         let issuance: Issuance
         do {
-            issuance = try Issuance.make(configuration, logger: logger, now: now)
+            issuance = try await Issuance.make(configuration, logger: logger, now: now)
         } catch {
             await verifiers.api?.shutdown()
             throw error

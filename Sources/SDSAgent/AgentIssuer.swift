@@ -20,7 +20,7 @@ struct Issuance: Sendable {
 
     /// Builds the issuer `configuration` asks for; nothing is generated or persisted before the
     /// inputs it needs have loaded.
-    static func make(_ configuration: AgentConfiguration, logger: Logger, now: @escaping @Sendable () -> Date) throws -> Issuance {
+    static func make(_ configuration: AgentConfiguration, logger: Logger, now: @escaping @Sendable () -> Date) async throws -> Issuance {
         let (changes, sink) = AsyncStream.makeStream(of: IssuerChange.self)
         if let upstream = configuration.upstreamCA {
             let client = try makeUpstream(upstream, configuration, logger: logger, now: now) { sink.yield($0) }
@@ -30,7 +30,7 @@ struct Issuance: Sendable {
         let fromFiles = configuration.caCertificateFile != nil || configuration.caDirectory != nil
         let ca = try makeEmbedded(configuration, logger: logger, now: now) { change, _ in sink.yield(change) }
         let jwt = configuration.attestation.workloadSocketPath == nil
-            ? nil : try JWTAuthority.loadOrCreate(stateDirectory: configuration.stateDirectory, trustDomain: configuration.trustDomain)
+            ? nil : try await JWTAuthority.loadOrCreate(stateDirectory: configuration.stateDirectory, trustDomain: configuration.trustDomain)
         return Issuance(
             issuer: ca, ca: ca, upstream: nil, jwt: jwt, changes: changes, canRotate: !fromFiles, kind: fromFiles ? "files" : "embedded")
     }

@@ -14,11 +14,11 @@ public protocol JWTSVIDSigner: Sendable {
     /// The trust domain whose JWT bundle this is.
     var trustDomain: String { get }
     /// A JWT-SVID for `subject` and `audience`.
-    func sign(subject: SPIFFEID, audience: [String], ttl: Duration, now: Date) throws -> (token: String, expiry: Date)
+    func sign(subject: SPIFFEID, audience: [String], ttl: Duration, now: Date) async throws -> (token: String, expiry: Date)
     /// The trust domain's JWT bundle (a JWKS document).
     func bundleJWKS() -> Data
     /// The SPIFFE ID and claims (JSON) of a valid JWT-SVID for `audience`; throws with a reason.
-    func validateSVID(_ token: String, audience: String, now: Date) throws -> (subject: SPIFFEID, claims: Data)
+    func validateSVID(_ token: String, audience: String, now: Date) async throws -> (subject: SPIFFEID, claims: Data)
 }
 
 /// The SPIFFE Workload API (`/SpiffeWorkloadAPI/*`) on the peer-attested socket: the caller is
@@ -117,7 +117,7 @@ public struct SpiffeWorkloadAPIService: SpiffeWorkloadAPI.ServiceProtocol {
                 throw RPCError(code: .permissionDenied, message: "this workload is not entitled to \(wanted); it is \(caller.spiffeID)")
             }
             let signer = try requireJWT()
-            let (token, expiry) = try signer.sign(subject: caller.spiffeID, audience: audience, ttl: jwtTTL, now: now())
+            let (token, expiry) = try await signer.sign(subject: caller.spiffeID, audience: audience, ttl: jwtTTL, now: now())
             logger.info(
                 "Workload API: JWT-SVID issued",
                 metadata: ["spiffe_id": "\(caller.spiffeID)", "audience": "\(audience)", "expires": "\(expiry.formatted(.iso8601))"])
@@ -157,7 +157,7 @@ public struct SpiffeWorkloadAPIService: SpiffeWorkloadAPI.ServiceProtocol {
             let signer = try requireJWT()
             let result: (subject: SPIFFEID, claims: Data)
             do {
-                result = try signer.validateSVID(request.message.svid, audience: request.message.audience, now: now())
+                result = try await signer.validateSVID(request.message.svid, audience: request.message.audience, now: now())
             } catch {
                 logger.info("Workload API: JWT-SVID did not validate", metadata: ["caller": "\(caller.spiffeID)", "reason": "\(error)"])
                 throw RPCError(code: .invalidArgument, message: "JWT-SVID does not validate: \(error)")

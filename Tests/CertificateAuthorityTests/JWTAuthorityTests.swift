@@ -9,20 +9,20 @@ import Testing
     let now = Date(timeIntervalSince1970: 1_800_000_000)
     let id = try! SPIFFEID(trustDomain: "cluster.local", namespace: "payments", serviceAccount: "api")
 
-    func failure(_ body: () throws -> Void) -> String? {
+    func failure(_ body: () async throws -> Void) async -> String? {
         do {
-            try body()
+            try await body()
             return nil
         } catch {
             return (error as? JWTSVIDError)?.message ?? "\(error)"
         }
     }
 
-    @Test func signsWhatItValidatesForTheAudienceAskedFor() throws {
-        let authority = JWTAuthority(key: P256.Signing.PrivateKey(), trustDomain: "cluster.local")
-        let (token, expiry) = try authority.sign(subject: id, audience: ["db", "cache"], ttl: .seconds(300), now: now)
+    @Test func signsWhatItValidatesForTheAudienceAskedFor() async throws {
+        let authority = await JWTAuthority(key: P256.Signing.PrivateKey(), trustDomain: "cluster.local")
+        let (token, expiry) = try await authority.sign(subject: id, audience: ["db", "cache"], ttl: .seconds(300), now: now)
         #expect(expiry == now.addingTimeInterval(300))
-        let (subject, claims) = try authority.validateSVID(token, audience: "cache", now: now)
+        let (subject, claims) = try await authority.validateSVID(token, audience: "cache", now: now)
         #expect(subject == id)
         let object = try #require(try JSONSerialization.jsonObject(with: claims) as? [String: Any])
         #expect(object["sub"] as? String == id.description && object["aud"] as? [String] == ["db", "cache"])
@@ -31,28 +31,28 @@ import Testing
         #expect(header == ["alg": "ES256", "kid": authority.keyID, "typ": "JWT"])
     }
 
-    @Test func refusesAnythingElse() throws {
-        let authority = JWTAuthority(key: P256.Signing.PrivateKey(), trustDomain: "cluster.local")
-        let stranger = JWTAuthority(key: P256.Signing.PrivateKey(), trustDomain: "cluster.local")
-        let (token, _) = try authority.sign(subject: id, audience: ["db"], ttl: .seconds(300), now: now)
-        #expect(failure { _ = try authority.validateSVID(token, audience: "other", now: now) }?.contains("audience") == true)
-        #expect(failure { _ = try authority.validateSVID(token, audience: "db", now: now.addingTimeInterval(301)) } == "expired")
-        #expect(failure { _ = try stranger.validateSVID(token, audience: "db", now: now) }?.contains("kid") == true)
+    @Test func refusesAnythingElse() async throws {
+        let authority = await JWTAuthority(key: P256.Signing.PrivateKey(), trustDomain: "cluster.local")
+        let stranger = await JWTAuthority(key: P256.Signing.PrivateKey(), trustDomain: "cluster.local")
+        let (token, _) = try await authority.sign(subject: id, audience: ["db"], ttl: .seconds(300), now: now)
+        #expect(await failure { _ = try await authority.validateSVID(token, audience: "other", now: now) }?.contains("audience") == true)
+        #expect(await failure { _ = try await authority.validateSVID(token, audience: "db", now: now.addingTimeInterval(301)) } == "expired")
+        #expect(await failure { _ = try await stranger.validateSVID(token, audience: "db", now: now) }?.contains("kid") == true)
         let parts = token.split(separator: ".").map(String.init)
         let forged = [parts[0], parts[1], String(parts[2].reversed())].joined(separator: ".")
-        #expect(failure { _ = try authority.validateSVID(forged, audience: "db", now: now) } != nil)
+        #expect(await failure { _ = try await authority.validateSVID(forged, audience: "db", now: now) } != nil)
         let none = Base64URL.encode(Data(#"{"alg":"none","kid":"\#(authority.keyID)"}"#.utf8))
-        #expect(failure { _ = try authority.validateSVID("\(none).\(parts[1]).", audience: "db", now: now) }?.contains("ES256") == true)
-        #expect(failure { _ = try authority.validateSVID("x.y", audience: "db", now: now) } != nil)
-        let otherDomain = JWTAuthority(key: P256.Signing.PrivateKey(), trustDomain: "other.example")
-        let (foreign, _) = try otherDomain.sign(subject: id, audience: ["db"], ttl: .seconds(300), now: now)
-        #expect(failure { _ = try otherDomain.validateSVID(foreign, audience: "db", now: now) }?.contains("trust domain") == true)
+        #expect(await failure { _ = try await authority.validateSVID("\(none).\(parts[1]).", audience: "db", now: now) }?.contains("ES256") == true)
+        #expect(await failure { _ = try await authority.validateSVID("x.y", audience: "db", now: now) } != nil)
+        let otherDomain = await JWTAuthority(key: P256.Signing.PrivateKey(), trustDomain: "other.example")
+        let (foreign, _) = try await otherDomain.sign(subject: id, audience: ["db"], ttl: .seconds(300), now: now)
+        #expect(await failure { _ = try await otherDomain.validateSVID(foreign, audience: "db", now: now) }?.contains("trust domain") == true)
     }
 
-    @Test func theKeyIsKeptInTheStateDirectoryWithMode0600() throws {
+    @Test func theKeyIsKeptInTheStateDirectoryWithMode0600() async throws {
         let directory = TestPKI.temporaryDirectory()
-        let first = try JWTAuthority.loadOrCreate(stateDirectory: directory, trustDomain: "cluster.local")
-        let again = try JWTAuthority.loadOrCreate(stateDirectory: directory, trustDomain: "cluster.local")
+        let first = try await JWTAuthority.loadOrCreate(stateDirectory: directory, trustDomain: "cluster.local")
+        let again = try await JWTAuthority.loadOrCreate(stateDirectory: directory, trustDomain: "cluster.local")
         #expect(first.keyID == again.keyID)
         let attributes = try FileManager.default.attributesOfItem(atPath: directory + "/" + JWTAuthority.keyFileName)
         #expect((attributes[.posixPermissions] as? NSNumber)?.intValue == 0o600)
