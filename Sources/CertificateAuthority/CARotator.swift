@@ -12,7 +12,10 @@ import SDSModel
 /// life (½), activate it once only `activateAt` of the life remains (⅙). A manual rotation
 /// prepares at once and activates after `activationDelay`, the time for the new bundle to reach
 /// every stream (pushes are immediate; the delay covers Envoys that are reconnecting).
-public struct CARotator: Service {
+///
+/// It looks every `interval` of `clock` (tests move a clock of their own); the schedule itself
+/// is in wall time (`now`), the time certificates carry.
+public struct CARotator<C: Clock<Duration>>: Service {
     /// When to rotate.
     public struct Schedule: Sendable {
         /// Fraction of the active root's life after which the next root is prepared.
@@ -36,17 +39,19 @@ public struct CARotator: Service {
     private let logger: Logger
     private let now: @Sendable () -> Date
     private let interval: Duration
+    private let clock: C
 
     /// `triggers` yields once per manual rotation request.
     public init(
         ca: EmbeddedCA, schedule: Schedule, triggers: AsyncStream<Void>, logger: Logger, interval: Duration = .seconds(1),
-        now: @escaping @Sendable () -> Date = { Date() }
+        clock: C, now: @escaping @Sendable () -> Date = { Date() }
     ) {
         self.ca = ca
         self.schedule = schedule
         self.triggers = triggers
         self.logger = logger
         self.interval = interval
+        self.clock = clock
         self.now = now
     }
 
@@ -66,7 +71,7 @@ public struct CARotator: Service {
                 }
                 group.addTask {
                     // Cancellation (graceful shutdown) ends the loop normally: it is not an error.
-                    while (try? await Task.sleep(for: interval)) != nil {
+                    while (try? await clock.sleep(for: interval)) != nil {
                         tick(manualActivation: manual)
                     }
                 }
@@ -94,6 +99,16 @@ public struct CARotator: Service {
             }
         }
         ca.retireExpiredRoots()
+    }
+}
+
+extension CARotator where C == ContinuousClock {
+    /// On the real clock.
+    public init(
+        ca: EmbeddedCA, schedule: Schedule, triggers: AsyncStream<Void>, logger: Logger, interval: Duration = .seconds(1),
+        now: @escaping @Sendable () -> Date = { Date() }
+    ) {
+        self.init(ca: ca, schedule: schedule, triggers: triggers, logger: logger, interval: interval, clock: ContinuousClock(), now: now)
     }
 }
 

@@ -75,6 +75,44 @@ import X509
         #expect(ca.activeCertificate == prepared && ca.preparedCertificate == nil)
     }
 
+    @Test(.timeLimit(.minutes(1))) func theRunningLoopPreparesAndActivatesAsItsClockTicks() async throws {
+        let wall = ManualClock()
+        let ticks = TestClock()
+        let (changes, change) = AsyncStream.makeStream(of: EmbeddedCA.Change.self)
+        let ca = EmbeddedCA(
+            authority: TestPKI.authority(now: wall.now, ttl: .seconds(600)), trustDomain: TestPKI.trustDomain,
+            logger: TestPKI.quietLogger, now: { wall.now }, onChange: { new, _ in change.yield(new) })
+        var seen = changes.makeAsyncIterator()
+        let (triggers, trigger) = AsyncStream.makeStream(of: Void.self)
+        let rotator = CARotator(
+            ca: ca, schedule: .init(rootTTL: .seconds(600), activationDelay: .seconds(30)), triggers: triggers,
+            logger: TestPKI.quietLogger, interval: .seconds(1), clock: ticks, now: { wall.now })
+        let original = ca.activeCertificate
+        let loop = Task { try await rotator.run() }
+        defer { loop.cancel() }
+        #expect(await ticks.sleeping())
+        wall.advance(320)  // past half of the root's life, but no tick yet: nothing happens
+        #expect(ca.preparedCertificate == nil)
+        ticks.advance(by: .seconds(1))
+        #expect(await ticks.sleeping())
+        let prepared = try #require(ca.preparedCertificate, "the tick after half its life prepares the next root")
+        #expect(ca.activeCertificate == original)
+        #expect(await seen.next() == .bundleChanged)
+
+        // SIGUSR1 with a root already prepared: a newer one is made, and activated after the
+        // delay, in wall time. (The change is announced once the trigger is handled.)
+        trigger.yield()
+        #expect(await seen.next() == .bundleChanged)
+        wall.advance(29)
+        ticks.advance(by: .seconds(1))
+        #expect(await ticks.sleeping())
+        #expect(ca.activeCertificate == original)
+        wall.advance(2)
+        ticks.advance(by: .seconds(1))
+        #expect(await ticks.sleeping())
+        #expect(ca.activeCertificate != original && ca.activeCertificate != prepared, "the manual rotation made and activated a newer root")
+    }
+
     @Test func aRotatedRootIsPersistedAndTheOldOneStillTrustedAfterARestart() throws {
         let dir = TestPKI.temporaryDirectory()
         defer { try? FileManager.default.removeItem(atPath: dir) }
