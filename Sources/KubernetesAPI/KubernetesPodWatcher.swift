@@ -35,9 +35,12 @@ public final class KubernetesPodWatcher: Sendable {
     private let client: KubernetesAPIClient
     private let logger: Logger
     private let state = Mutex(State())
+    private let clock: any Clock<Duration>
 
-    public init(client: KubernetesAPIClient, configuration: Configuration, logger: Logger) {
+    /// The relist backoff and the node refresh wait on `clock` (tests move one of their own).
+    public init(client: KubernetesAPIClient, configuration: Configuration, clock: any Clock<Duration> = ContinuousClock(), logger: Logger) {
         self.client = client
+        self.clock = clock
         self.configuration = configuration
         self.logger = logger
     }
@@ -98,7 +101,7 @@ public final class KubernetesPodWatcher: Sendable {
                 logger.warning(
                     "cannot list or watch this node's pods; attestation waits for them",
                     metadata: ["node": "\(configuration.nodeName)", "error": "\(error)", "retry_in": "\(backoff)"])
-                try? await Task.sleep(for: backoff)
+                try? await clock.sleep(for: backoff)
                 backoff = min(backoff * 2, .seconds(10))
             }
         }
@@ -170,7 +173,7 @@ public final class KubernetesPodWatcher: Sendable {
                     "cannot read this node's labels; node-label rules use the last ones read",
                     metadata: ["node": "\(configuration.nodeName)", "error": "\(error)"])
             }
-            try? await Task.sleep(for: configuration.nodeRefreshInterval)
+            try? await clock.sleep(for: configuration.nodeRefreshInterval)
         }
     }
 }

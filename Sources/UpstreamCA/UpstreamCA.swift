@@ -98,6 +98,7 @@ public final class UpstreamCA: CertificateIssuer {
     private let client: GRPCClient<HTTP2ClientTransport.Posix>
     private let logger: Logger
     private let now: @Sendable () -> Date
+    private let clock: any Clock<Duration>
     private let onChange: @Sendable (IssuerChange) -> Void
     private let state: Mutex<State>
     private let metrics: Metrics
@@ -123,11 +124,13 @@ public final class UpstreamCA: CertificateIssuer {
     }
 
     /// Builds the client (the TLS bundle is loaded here, so a bad file fails at start); calls
-    /// wait for ``run()``, which keeps the connection.
+    /// wait for ``run()``, which keeps the connection and probes on `clock`.
     public init(
         configuration: Configuration, logger: Logger, metrics: any MetricsFactory = MetricsSystem.factory,
-        now: @escaping @Sendable () -> Date = { Date() }, onChange: @escaping @Sendable (IssuerChange) -> Void = { _ in }
+        now: @escaping @Sendable () -> Date = { Date() }, clock: any Clock<Duration> = ContinuousClock(),
+        onChange: @escaping @Sendable (IssuerChange) -> Void = { _ in }
     ) throws(UpstreamCAError) {
+        self.clock = clock
         let target: any ResolvableTarget
         let isAddress = Self.isIPAddress(configuration.host)
         if configuration.host.contains(":") {
@@ -197,7 +200,7 @@ public final class UpstreamCA: CertificateIssuer {
             group.addTask {
                 while !Task.isCancelled {
                     if self.isReachable != true { await self.probe() }
-                    try? await Task.sleep(for: self.isReachable == true ? .seconds(10) : .seconds(2))
+                    try? await self.clock.sleep(for: self.isReachable == true ? .seconds(10) : .seconds(2))
                 }
             }
         }

@@ -18,6 +18,7 @@ public actor OIDCDiscoveryKeySource: VerificationKeySource {
     private let refreshInterval: Duration
     private let minimumRefreshInterval: Duration
     private let logger: Logger
+    private let clock: any Clock<Duration>
     private var keys: VerificationKeySet? {
         didSet { loaded.store(keys != nil, ordering: .relaxed) }
     }
@@ -31,8 +32,13 @@ public actor OIDCDiscoveryKeySource: VerificationKeySource {
     /// Fetch attempts so far (for tests and logs).
     package private(set) var fetchAttempts = 0
 
-    public init(api: KubernetesAPIClient, refreshInterval: Duration = .seconds(3600), minimumRefreshInterval: Duration = .seconds(30), logger: Logger) {
+    /// The refresh loop waits on `clock` (tests move one of their own).
+    public init(
+        api: KubernetesAPIClient, refreshInterval: Duration = .seconds(3600), minimumRefreshInterval: Duration = .seconds(30),
+        clock: any Clock<Duration> = ContinuousClock(), logger: Logger
+    ) {
         self.api = api
+        self.clock = clock
         self.refreshInterval = refreshInterval
         self.minimumRefreshInterval = minimumRefreshInterval
         self.logger = logger
@@ -62,7 +68,7 @@ public actor OIDCDiscoveryKeySource: VerificationKeySource {
             await refresh(reason: keys == nil ? "start" : "schedule", cancelsFetch: true)
             failures = keys == nil ? failures + 1 : 0
             let wait = keys == nil ? min(minimumRefreshInterval, .seconds(1 << min(failures - 1, 5))) : refreshInterval
-            try? await Task.sleep(for: wait)
+            try? await clock.sleep(for: wait)
         }
     }
 

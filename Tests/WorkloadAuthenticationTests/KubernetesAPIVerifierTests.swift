@@ -190,6 +190,34 @@ import WorkloadAuthentication
         }
     }
 
+    /// The refresh loop on a test clock: it retries after 1 s while the API server is down at
+    /// start, then refreshes once per interval, and never sooner; no real wait.
+    @Test(.timeLimit(.minutes(1))) func theRefreshLoopRetriesThenKeepsItsIntervalOnItsClock() async throws {
+        let discovery = Discovery([k1])
+        discovery.failing.withLock { $0 = true }
+        try await withAPI(discovery.answer) { _, api in
+            let clock = TestClock()
+            let source = OIDCDiscoveryKeySource(
+                api: api, refreshInterval: .seconds(3600), minimumRefreshInterval: .seconds(30), clock: clock, logger: TestPKI.quietLogger)
+            let loop = Task { await source.run() }
+            defer { loop.cancel() }
+            #expect(await clock.sleeping(within: .seconds(20)))
+            #expect(await source.fetchAttempts == 1 && !source.hasKeys)
+
+            discovery.failing.withLock { $0 = false }
+            clock.advance(by: .seconds(1))  // the first retry, 1 s after a failure at start
+            #expect(await clock.sleeping(within: .seconds(20)))
+            #expect(await source.fetchAttempts == 2 && source.hasKeys)
+
+            clock.advance(by: .seconds(3599))
+            #expect(await clock.sleeping(within: .seconds(20)))
+            #expect(await source.fetchAttempts == 2, "refreshed before its interval")
+            clock.advance(by: .seconds(1))
+            #expect(await clock.sleeping(within: .seconds(20)))
+            #expect(await source.fetchAttempts == 3)
+        }
+    }
+
     @Test func theClientTrustsOnlyTheConfiguredCA() async throws {
         try await withAPI(Discovery([k1]).answer) { server, _ in
             let other = TestPKI.temporaryDirectory()
