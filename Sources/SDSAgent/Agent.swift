@@ -95,7 +95,7 @@ package struct Agent: Service {
         if let keySource = verifiers.keySource {
             readiness.add { keySource.hasKeys ? nil : "no token verification keys yet: OIDC discovery has not answered" }
         }
-        let upstreamAddress = configuration.upstreamCA.map { "\($0.host):\($0.port)" }
+        let upstreamAddress = configuration.upstreamCA.map(\.endpointsText)
         for check in issuance.readinessChecks(upstreamAddress: upstreamAddress, now: now) { readiness.add(check) }
     }
 

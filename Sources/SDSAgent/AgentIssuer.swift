@@ -51,7 +51,7 @@ struct Issuance: Sendable {
         logger.info(
             "upstream CA configured",
             metadata: [
-                "ca": "\(upstream.host):\(upstream.port)", "credential": "\(upstream.credentialMode)",
+                "ca": "\(upstream.endpointsText)", "credential": "\(upstream.credentialMode)",
                 "cluster_id": "\(upstream.clusterID)",
             ])
         // istiod and `ca serve` accept tokens for `istio-ca` unless told otherwise: a forwarded

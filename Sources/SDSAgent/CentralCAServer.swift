@@ -22,8 +22,12 @@ package struct CentralCAConfiguration: Sendable {
     package var listenPort: Int
     /// How callers' tokens are verified (the same verifiers as `serve`).
     package var tokens: TokenVerification
-    /// Directory of the CA's root (`<dir>/ca/root-cert.pem`, as `serve` keeps it).
-    package var stateDirectory: String
+    /// Directory of a root it generates (`<dir>/ca/root-cert.pem`, as `serve` keeps it): one
+    /// replica only, since the root and its rotation live in that directory.
+    package var stateDirectory: String?
+    /// A CA in Istio's `cacerts` layout (`--ca-dir`), watched: any number of replicas that read
+    /// the same directory (one Kubernetes Secret) are one CA, and keep no state of their own.
+    package var caDirectory: String?
     /// Lifetime of a root it generates.
     package var caTTL: Duration = Defaults.Certificates.caTTL
     /// Key type of a root it generates.
@@ -46,12 +50,15 @@ package struct CentralCAConfiguration: Sendable {
     /// `NAMESPACE/NAME` service accounts that may ask for identities on their node.
     package var trustedNodeAccounts: [String] = []
 
-    package init(listenHost: String, listenPort: Int, tokens: TokenVerification, stateDirectory: String) {
+    package init(listenHost: String, listenPort: Int, tokens: TokenVerification, stateDirectory: String?) {
         self.listenHost = listenHost
         self.listenPort = listenPort
         self.tokens = tokens
         self.stateDirectory = stateDirectory
     }
+
+    /// Whether it makes (and rotates) its own root in `stateDirectory`.
+    var generatesRoot: Bool { caDirectory == nil && caCertificateFile == nil }
 
     /// Checks the configuration; the error names the flag.
     package func validate() throws(ConfigurationError) {
@@ -59,10 +66,20 @@ package struct CentralCAConfiguration: Sendable {
             ConfigurationError(code, message: message)
         }
         try tokens.validate()
-        guard !stateDirectory.isEmpty else { throw fail(.invalidValue, "--state-dir must not be empty") }
+        if caDirectory != nil {
+            guard caCertificateFile == nil else { throw fail(.conflictingSettings, "--ca-dir and --ca-cert: give one CA") }
+            guard stateDirectory == nil else {
+                throw fail(.conflictingSettings, "--ca-dir and --state-dir: a CA from --ca-dir keeps no state; drop --state-dir")
+            }
+        } else if caCertificateFile == nil {
+            guard let stateDirectory else {
+                throw fail(.missingSetting, "--state-dir (a generated root, one replica) or --ca-dir (Istio's cacerts, any number of replicas) is needed")
+            }
+            guard !stateDirectory.isEmpty else { throw fail(.invalidValue, "--state-dir must not be empty") }
+        }
         guard certificateTTL >= .seconds(10) else { throw fail(.invalidValue, "--cert-ttl must be at least 10s") }
         guard maxCertificateTTL >= certificateTTL else { throw fail(.invalidValue, "--max-cert-ttl must be at least --cert-ttl") }
-        guard caTTL > maxCertificateTTL || caCertificateFile != nil else {
+        guard caTTL > maxCertificateTTL || !generatesRoot else {
             throw fail(.invalidValue, "--ca-ttl must be longer than --max-cert-ttl")
         }
         guard (caCertificateFile == nil) == (caKeyFile == nil) else { throw fail(.conflictingSettings, "--ca-cert and --ca-key go together") }
@@ -119,8 +136,8 @@ package struct CentralCAServer: Service {
         let listener = try ListeningSocket(fd: TCPListener.bind(host: configuration.listenHost, port: configuration.listenPort))
         // One CA per generated root: a second process on the same directory would rotate and
         // persist the same root behind the first one's back.
-        let stateLock = configuration.caCertificateFile == nil
-            ? try StateDirectoryLock(directory: configuration.stateDirectory) : nil
+        let stateLock = configuration.generatesRoot
+            ? try StateDirectoryLock(directory: configuration.stateDirectory ?? "") : nil
         let verifiers = try await configuration.tokens.makeAuthenticator(logger: logger, now: now, needsAPI: needsAPI)
         do {
             return try make(
@@ -156,22 +173,13 @@ package struct CentralCAServer: Service {
                 throw ConfigurationError(message: "--tls-cert/--tls-key: \(certFile) and \(keyFile) are not a PEM certificate chain and its key")
             }
         }
-        let authority: SigningAuthority
-        if let certFile = configuration.caCertificateFile, let keyFile = configuration.caKeyFile {
-            authority = try RootCAStore.load(certificateFile: certFile, keyFile: keyFile)
-        } else {
-            authority = try RootCAStore.loadOrCreate(
-                stateDirectory: configuration.stateDirectory, trustDomain: configuration.tokens.trustDomain,
-                ttl: configuration.caTTL, now: now(), logger: logger, keyType: configuration.caKeyType)
-        }
+        let (authority, additionalRoots) = try loadAuthority(configuration, logger: logger, now: now())
         if let reason = CertificateProfile.outlivesRoot(authority) {
             logger.warning("CA certificate outlives its root", metadata: ["reason": "\(reason)"])
         }
         let (caChanges, changeSink) = AsyncStream.makeStream(of: IssuerChange.self)
         let ca = EmbeddedCA(
-            authority: authority, trustDomain: configuration.tokens.trustDomain, logger: logger,
-            additionalRoots: configuration.caCertificateFile == nil
-                ? RootCAStore.additionalRoots(stateDirectory: configuration.stateDirectory, now: now()) : [],
+            authority: authority, trustDomain: configuration.tokens.trustDomain, logger: logger, additionalRoots: additionalRoots,
             retireAfter: now().addingTimeInterval(configuration.maxCertificateTTL.timeInterval),
             now: now, rootKeyType: configuration.caKeyType, onChange: { change, _ in changeSink.yield(change) })
         let issuesOwnTLS = servingTLS == nil
@@ -185,9 +193,27 @@ package struct CentralCAServer: Service {
             authenticator: authenticator, ca: ca, nodes: api.map { KubernetesNodeAuthorizer(api: $0) }, logger: logger)
         return CentralCAServer(
             configuration: configuration, service: service, ca: ca, caChanges: caChanges,
-            canRotate: configuration.caCertificateFile == nil, servingTLS: tls, issuesOwnTLS: issuesOwnTLS,
+            canRotate: configuration.generatesRoot, servingTLS: tls, issuesOwnTLS: issuesOwnTLS,
             keySource: keySource, fileKeys: verifiers.fileKeys, api: api, listener: listener, stateLock: stateLock, logger: logger,
             now: now)
+    }
+
+    /// The CA it signs with: the `cacerts` directory, the operator's files, or a root kept in the
+    /// state directory (made the first time), with the older roots still trusted there.
+    private static func loadAuthority(
+        _ configuration: CentralCAConfiguration, logger: Logger, now: Date
+    ) throws -> (SigningAuthority, additionalRoots: [Certificate]) {
+        if let directory = configuration.caDirectory {
+            return (try RootCAStore.load(caDirectory: directory, now: now), [])
+        }
+        if let certFile = configuration.caCertificateFile, let keyFile = configuration.caKeyFile {
+            return (try RootCAStore.load(certificateFile: certFile, keyFile: keyFile), [])
+        }
+        let stateDirectory = configuration.stateDirectory ?? ""
+        let authority = try RootCAStore.loadOrCreate(
+            stateDirectory: stateDirectory, trustDomain: configuration.tokens.trustDomain,
+            ttl: configuration.caTTL, now: now, logger: logger, keyType: configuration.caKeyType)
+        return (authority, RootCAStore.additionalRoots(stateDirectory: stateDirectory, now: now))
     }
 
     private init(
@@ -236,14 +262,23 @@ package struct CentralCAServer: Service {
                 ca: ca, schedule: .init(rootTTL: configuration.caTTL, activationDelay: configuration.caActivationDelay),
                 triggers: triggers, logger: logger, now: now)
             loops.append(NamedService("ca rotator") { try await rotator.run() })
-            loops.append(NamedService("ca change relay") { [self] in await persistChanges() })
         }
+        if let directory = configuration.caDirectory {
+            let watcher = CADirectoryWatcher(
+                directory: directory, ca: ca, activationDelay: configuration.caActivationDelay, logger: logger, now: now)
+            loops.append(NamedService("ca directory watch") { await watcher.run() })
+        }
+        loops.append(NamedService("ca change relay") { [self] in await followChanges() })
         let gauge = CAExpiryGauge(notAfter: { ca.activeCertificate.notValidAfter }, now: now, clock: ContinuousClock())
         loops.append(NamedService("ca expiry gauge") { await gauge.run() })
         var reload: (@Sendable () async -> Void)?
         if let fileKeys { reload = { _ = await fileKeys.reload(logger: logger) } }
         let signals = SignalHandling(
-            rotationRefusal: canRotate ? nil : "a CA loaded from --ca-cert is rotated by replacing its files",
+            rotationRefusal: canRotate
+                ? nil
+                : configuration.caDirectory != nil
+                    ? "a CA from --ca-dir is rotated by updating its files (the Secret every replica mounts)"
+                    : "a CA loaded from --ca-cert is rotated by replacing its files",
             rotate: { trigger.yield() }, reloading: "the JWKS file", reload: reload, carryingOn: "the CA", logger: logger)
         loops += signals.services
         let listener = NamedService("ca listener") { [readiness] in
@@ -264,22 +299,29 @@ package struct CentralCAServer: Service {
         return loops.map { .init(service: $0, successTerminationBehavior: .ignore) } + [.init(service: listener)]
     }
 
-    /// After a rotation step: `root-cert.pem` holds every root trusted now, the active one first,
-    /// so it verifies the TLS chain served before and after the new root signs; once the new root
-    /// signs, a TLS certificate the CA issued itself is issued again under it.
-    private func persistChanges() async {
+    /// After a rotation step: with a generated root, `root-cert.pem` holds every root trusted
+    /// now, the active one first, so it verifies the TLS chain served before and after the new
+    /// root signs; once a new CA signs (a rotation, or new files in `--ca-dir`), a TLS certificate
+    /// the CA issued itself is issued again under it.
+    private func followChanges() async {
         for await change in caChanges {
-            do {
-                try RootCAStore.persist(active: ca.activeAuthority, roots: ca.roots, stateDirectory: configuration.stateDirectory)
-            } catch {
-                logger.error("CA rotation: cannot persist the roots", metadata: ["error": "\(error)"])
+            if canRotate, let stateDirectory = configuration.stateDirectory {
+                do {
+                    try RootCAStore.persist(active: ca.activeAuthority, roots: ca.roots, stateDirectory: stateDirectory)
+                } catch {
+                    logger.error("CA rotation: cannot persist the roots", metadata: ["error": "\(error)"])
+                }
             }
             guard change == .signerChanged, issuesOwnTLS else { continue }
             do {
                 servingTLS.replace(with: try Self.issueServingTLS(authority: ca.activeAuthority, configuration: configuration, now: now()))
-                logger.notice("CA rotation: TLS certificate issued again under the new root")
+                if canRotate {
+                    logger.notice("CA rotation: TLS certificate issued again under the new root")
+                } else {
+                    logger.notice("CA change: TLS certificate issued again under the new CA", metadata: ["subject": "\(ca.activeCertificate.subject)"])
+                }
             } catch {
-                logger.error("CA rotation: cannot issue the TLS certificate under the new root", metadata: ["error": "\(error)"])
+                logger.error("cannot issue the TLS certificate under the new CA", metadata: ["error": "\(error)"])
             }
         }
     }

@@ -20,6 +20,14 @@ package struct Inspection: Codable, Sendable, Equatable {
         package var ca: String
         package var ready: Bool
         package var notReadyReason: String?
+        /// Upstream mode: each replica of the CA and whether its last call reached it (nil before
+        /// the first).
+        package var upstreamEndpoints: [UpstreamEndpoint]?
+    }
+
+    package struct UpstreamEndpoint: Codable, Sendable, Equatable {
+        package var endpoint: String
+        package var reachable: Bool?
     }
 
     package struct Identity: Codable, Sendable, Equatable {
@@ -108,8 +116,11 @@ package struct Inspection: Codable, Sendable, Equatable {
         var lines = [
             "\(agent.version) pid \(agent.pid) socket \(agent.socket) trust domain \(agent.trustDomain) CA \(agent.ca)",
             agent.ready ? "ready" : "NOT READY: \(agent.notReadyReason ?? "-")",
-            "",
         ]
+        for upstream in agent.upstreamEndpoints ?? [] {
+            lines.append("  upstream CA replica \(upstream.endpoint): \(upstream.reachable.map { $0 ? "answers" : "DOES NOT ANSWER" } ?? "not called yet")")
+        }
+        lines.append("")
         let header = ["IDENTITY", "SERIAL", "NOT AFTER", "RENEW AT", "STREAMS", "PODS"]
         var rows = [header]
         for identity in identities {
@@ -150,13 +161,14 @@ extension Agent {
     /// What `sds-agent inspect` shows.
     package func inspection() async -> Inspection {
         let ca =
-            configuration.upstreamCA.map { "upstream \($0.host):\($0.port)" }
+            configuration.upstreamCA.map { "upstream \($0.endpointsText)" }
             ?? (configuration.caCertificateFile != nil ? "files" : "embedded")
         let reason = readiness.notReadyReason
         return await Inspection.make(
             agent: .init(
                 version: BuildInfo.version, pid: getpid(), socket: configuration.socketPath,
-                trustDomain: configuration.trustDomain, ca: ca, ready: reason == nil, notReadyReason: reason),
+                trustDomain: configuration.trustDomain, ca: ca, ready: reason == nil, notReadyReason: reason,
+                upstreamEndpoints: issuance.upstream?.endpoints.map { .init(endpoint: $0.endpoint, reachable: $0.reachable) }),
             cache: cache, streams: service.openStreams.snapshot, bundle: await cache.trustBundle(),
             bundleNames: configuration.effectiveValidationContextNames.sorted())
     }

@@ -19,6 +19,20 @@ public struct HostPort: Sendable, Hashable, CustomStringConvertible {
         self.port = port
     }
 
+    public init(host: String, port: Int) {
+        self.host = host
+        self.port = port
+    }
+
+    /// A comma-separated list of `HOST:PORT` (`a:15012,b:15012`); nil when any entry is not one
+    /// or the list is empty.
+    public static func list(_ text: String) -> [HostPort]? {
+        let entries = text.split(separator: ",", omittingEmptySubsequences: false).map { String($0).trimmed }
+        let parsed = entries.compactMap { HostPort($0) }
+        guard !entries.isEmpty, parsed.count == entries.count else { return nil }
+        return parsed
+    }
+
     public var description: String { host.contains(":") ? "[\(host)]:\(port)" : "\(host):\(port)" }
 }
 

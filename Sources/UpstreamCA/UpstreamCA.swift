@@ -37,13 +37,14 @@ public final class UpstreamCA: CertificateIssuer {
 
     /// Where the CA is and how to talk to it.
     public struct Configuration: Sendable {
-        /// Host name or IP address of the CA.
-        public var host: String
-        /// Its port.
-        public var port: Int
+        /// The CA's replicas: each an IP address or a name (every address it resolves to is a
+        /// replica), with a port.
+        public var endpoints: [HostPort]
+        /// The endpoints as configured, for logs (`a:15012,b:15012`).
+        public var endpointsText: String { endpoints.map(\.description).joined(separator: ",") }
         /// PEM roots that verify the CA server's TLS certificate.
         public var serverBundleFile: String
-        /// The name verified in its certificate (default: `host`, an IP SAN for an address).
+        /// The name verified in its certificate (default: each endpoint's host, an IP SAN for an address).
         public var serverName: String?
         /// Which token goes with each call.
         public var credentialMode: CredentialMode
@@ -61,13 +62,12 @@ public final class UpstreamCA: CertificateIssuer {
         public var bundleCacheFile: String?
 
         public init(
-            host: String, port: Int, serverBundleFile: String, serverName: String? = nil,
+            endpoints: [HostPort], serverBundleFile: String, serverName: String? = nil,
             credentialMode: CredentialMode = .forward, tokenFile: String? = nil, clusterID: String = "Kubernetes",
             trustDomain: String, callTimeout: Duration = .seconds(4), issueDeadline: Duration = .seconds(8),
             bundleCacheFile: String? = nil
         ) {
-            self.host = host
-            self.port = port
+            self.endpoints = endpoints
             self.serverBundleFile = serverBundleFile
             self.serverName = serverName
             self.credentialMode = credentialMode
@@ -77,6 +77,19 @@ public final class UpstreamCA: CertificateIssuer {
             self.callTimeout = callTimeout
             self.issueDeadline = issueDeadline
             self.bundleCacheFile = bundleCacheFile
+        }
+
+        /// One endpoint.
+        public init(
+            host: String, port: Int, serverBundleFile: String, serverName: String? = nil,
+            credentialMode: CredentialMode = .forward, tokenFile: String? = nil, clusterID: String = "Kubernetes",
+            trustDomain: String, callTimeout: Duration = .seconds(4), issueDeadline: Duration = .seconds(8),
+            bundleCacheFile: String? = nil
+        ) {
+            self.init(
+                endpoints: [HostPort(host: host, port: port)], serverBundleFile: serverBundleFile, serverName: serverName,
+                credentialMode: credentialMode, tokenFile: tokenFile, clusterID: clusterID, trustDomain: trustDomain,
+                callTimeout: callTimeout, issueDeadline: issueDeadline, bundleCacheFile: bundleCacheFile)
         }
     }
 
@@ -95,14 +108,13 @@ public final class UpstreamCA: CertificateIssuer {
     private let configuration: Configuration
     /// Only in forward mode does the caller's token go to the CA.
     public var usesCallerCredential: Bool { configuration.credentialMode == .forward }
-    private let client: GRPCClient<HTTP2ClientTransport.Posix>
+    private let replicas: UpstreamReplicas
     private let logger: Logger
     private let now: @Sendable () -> Date
     private let clock: any Clock<Duration>
     private let onChange: @Sendable (IssuerChange) -> Void
     private let state: Mutex<State>
     private let metrics: Metrics
-    private let serverVerifier: UpstreamServerVerifier
 
     private struct Metrics: Sendable {
         let up: Gauge
@@ -131,17 +143,8 @@ public final class UpstreamCA: CertificateIssuer {
         onChange: @escaping @Sendable (IssuerChange) -> Void = { _ in }
     ) throws(UpstreamCAError) {
         self.clock = clock
-        let target: any ResolvableTarget
-        let isAddress = Self.isIPAddress(configuration.host)
-        if configuration.host.contains(":") {
-            target = .ipv6(address: configuration.host, port: configuration.port)
-        } else if isAddress {
-            target = .ipv4(address: configuration.host, port: configuration.port)
-        } else {
-            target = .dns(host: configuration.host, port: configuration.port)
-        }
+        guard !configuration.endpoints.isEmpty else { throw UpstreamCAError("--upstream-ca names no endpoint") }
         let bundle = configuration.serverBundleFile
-        let serverName = configuration.serverName
         let bundleText: String
         do {
             bundleText = try InputFile.text(bundle)
@@ -151,29 +154,7 @@ public final class UpstreamCA: CertificateIssuer {
         guard let serverRoots = PEMCertificates.parse(bundleText), !serverRoots.isEmpty else {
             throw UpstreamCAError("--upstream-ca-bundle \(bundle) holds no PEM certificates (truncated or malformed?)")
         }
-        let serverVerifier = UpstreamServerVerifier(
-            roots: serverRoots, referenceName: serverName ?? configuration.host, now: now)
-        self.serverVerifier = serverVerifier
-        do {
-            let transport = try HTTP2ClientTransport.Posix(
-                target: target,
-                transportSecurity: .tls { tls in
-                    tls.trustRoots = .certificates([.file(path: bundle, format: .pem)])
-                    tls.serverCertificateVerification = .fullVerification
-                    // Our own check replaces BoringSSL's: the configured name is the only identity.
-                    tls.customVerificationCallback = serverVerifier.callback
-                },
-                config: .defaults { config in
-                    // Back soon after an outage: the default backoff grows to two minutes.
-                    config.backoff = .init(initial: .milliseconds(250), max: .seconds(5), multiplier: 1.6, jitter: 0.2)
-                    config.connection.maxIdleTime = .seconds(24 * 3600)
-                    // A name other than the address: verified in the certificate and sent as SNI.
-                    if let serverName, !Self.isIPAddress(serverName) { config.http2.authority = serverName }
-                })
-            client = GRPCClient(transport: transport)
-        } catch {
-            throw UpstreamCAError("cannot set up the client for \(configuration.host):\(configuration.port): \(error)")
-        }
+        replicas = try UpstreamReplicas(configuration: configuration, roots: serverRoots, logger: logger, metrics: metrics, now: now)
         self.configuration = configuration
         self.logger = logger
         self.now = now
@@ -191,45 +172,52 @@ public final class UpstreamCA: CertificateIssuer {
         state = Mutex(initial)
     }
 
-    /// Keeps the connection to the CA (reconnecting as needed) until cancelled; until the CA has
-    /// answered, and while it does not, probes it every couple of seconds, so readiness and
-    /// `sds_agent_upstream_ca_up` tell the truth before any workload asks.
+    /// Keeps the connections to the CA's replicas (reconnecting as needed, names resolved again)
+    /// until cancelled; probes every replica not known to answer every couple of seconds, so
+    /// readiness and `sds_agent_upstream_ca_up` tell the truth before any workload asks, and a
+    /// replica that comes back is used again.
     public func run() async throws {
-        try await withThrowingDiscardingTaskGroup { group in
-            group.addTask { try await self.client.runConnections() }
+        await withDiscardingTaskGroup { group in
+            group.addTask { await self.replicas.run(clock: self.clock) }
             group.addTask {
                 while !Task.isCancelled {
-                    if self.isReachable != true { await self.probe() }
-                    try? await self.clock.sleep(for: self.isReachable == true ? .seconds(10) : .seconds(2))
+                    let waiting = self.replicas.all.filter { $0.reachable != true }
+                    await withDiscardingTaskGroup { probes in
+                        for replica in waiting { probes.addTask { await self.probe(replica) } }
+                    }
+                    try? await self.clock.sleep(for: self.replicas.all.allSatisfy { $0.reachable == true } ? .seconds(10) : .seconds(2))
                 }
             }
         }
     }
 
-    /// A call with no token: any answer but "cannot reach" proves the CA is there (istiod and
-    /// `ca serve` refuse it with `unauthenticated`).
-    func probe() async {
+    /// Every replica and whether its last call reached it (nil before the first), for `inspect`.
+    public var endpoints: [(endpoint: String, reachable: Bool?)] { replicas.all.map { ($0.endpoint, $0.reachable) } }
+
+    /// A call with no token: any answer but "cannot reach" proves the replica is there (istiod
+    /// and `ca serve` refuse it with `unauthenticated`).
+    func probe(_ replica: UpstreamReplicas.Replica) async {
         var metadata = Metadata()
         metadata.addString(configuration.clusterID, forKey: "ClusterID")
         // `ca serve` answers it without counting a refused CSR; istiod ignores the key.
         metadata.addString("1", forKey: "x-sds-agent-probe")
         var options = CallOptions.defaults
         options.timeout = configuration.callTimeout
-        let ca = Istio_V1_Auth_IstioCertificateService.Client(wrapping: client)
+        let ca = Istio_V1_Auth_IstioCertificateService.Client(wrapping: replica.client)
         do {
             _ = try await ca.createCertificate(Istio_V1_Auth_IstioCertificateRequest(), metadata: metadata, options: options)
-            markReachable(true, error: nil)
+            markReachable(replica, true, error: nil)
         } catch let error as RPCError where [.unavailable, .deadlineExceeded, .cancelled, .unknown].contains(error.code) {
-            markReachable(false, error: unreachable(error))
+            markReachable(replica, false, error: unreachable(error, replica))
         } catch is RPCError {
-            markReachable(true, error: nil)
+            markReachable(replica, true, error: nil)
         } catch {
-            markReachable(false, error: IssuanceError(code: .unavailable, message: "\(error)"))
+            markReachable(replica, false, error: IssuanceError(code: .unavailable, message: "\(error)"))
         }
     }
 
-    /// Closes the connection; calls in flight finish first.
-    public func shutdown() { client.beginGracefulShutdown() }
+    /// Closes the connections; calls in flight finish first.
+    public func shutdown() { replicas.shutdown() }
 
     /// When the earliest root from the CA's answers expires (nil before the first answer).
     public var earliestRootNotAfter: Date? { state.withLock { $0.roots.map(\.notValidAfter).min() } }
@@ -245,8 +233,9 @@ public final class UpstreamCA: CertificateIssuer {
         }
     }
 
-    /// Whether the last call reached the CA (nil before the first).
-    public var isReachable: Bool? { state.withLock { $0.reachable } }
+    /// Whether a replica answered its last call (false once every replica failed its last; nil
+    /// before any answer).
+    public var isReachable: Bool? { replicas.reachable }
 
     /// The roots from the CA's last answer. Before the first answer (and with none kept from a
     /// previous run) it waits up to `issueDeadline` for one, then returns an empty bundle.
@@ -271,50 +260,73 @@ public final class UpstreamCA: CertificateIssuer {
         let started = ContinuousClock.now
         let deadline = started + configuration.issueDeadline
         var attempt = 0
+        var round = 0
+        // Replicas tried in this round: a transient failure moves on to the next one at once;
+        // once all were tried, a pause (backoff with jitter) and a new round.
+        var tried = Set<String>()
         while true {
+            guard let replica = replicas.next(excluding: tried) else {
+                round += 1
+                tried = []
+                let base = min(2.0, 0.2 * pow(2, Double(round - 1)))
+                let pause = Duration.milliseconds(Int64(Double.random(in: base / 2...base) * 1000))
+                guard ContinuousClock.now + pause < deadline - .milliseconds(200) else {
+                    throw IssuanceError(
+                        code: .unavailable,
+                        message: "the upstream CA \(configuration.endpointsText) did not answer in \(attempt) attempt(s) over \(started.duration(to: .now)): \(lastFailure(of: replicas.all))")
+                }
+                try? await Task.sleep(for: pause)
+                continue
+            }
             attempt += 1
+            tried.insert(replica.endpoint)
             do {
-                let chainPEM = try await call(request, token: token, timeout: min(configuration.callTimeout, deadline - .now))
+                let chainPEM = try await call(request, token: token, timeout: min(configuration.callTimeout, deadline - .now), on: replica)
                 let (chain, roots) = try await verify(answer: chainPEM, for: identity, key: csr.publicKey)
                 metrics.ok.increment()
                 state.withLock {
                     $0.issued += 1
                     $0.refusalBeforeAnyIssue = nil
                 }
-                markReachable(true, error: nil)
+                markReachable(replica, true, error: nil)
                 adopt(roots: roots)
                 return chain
             } catch {
                 switch error.code {
                 case .unavailable:
                     metrics.unavailable.increment()
-                    markReachable(false, error: error)
-                    // Backoff with full jitter, bounded by what is left of the deadline.
-                    let base = min(2.0, 0.2 * pow(2, Double(attempt - 1)))
-                    let pause = Duration.milliseconds(Int64(Double.random(in: base / 2...base) * 1000))
-                    guard ContinuousClock.now + pause < deadline - .milliseconds(200) else {
+                    markReachable(replica, false, error: error)
+                    guard ContinuousClock.now < deadline - .milliseconds(200) else {
                         throw IssuanceError(
                             code: .unavailable,
-                            message: "the upstream CA \(configuration.host):\(configuration.port) did not answer in \(attempt) attempt(s) over \(started.duration(to: .now)): \(error.message)")
+                            message: "the upstream CA \(configuration.endpointsText) did not answer in \(attempt) attempt(s) over \(started.duration(to: .now)): \(error.message)")
                     }
-                    try? await Task.sleep(for: pause)
                 case .verificationFailed:
                     metrics.invalid.increment()
-                    markReachable(true, error: nil)
+                    markReachable(replica, true, error: nil)
                     logger.error(
                         "upstream CA: REFUSED ITS ANSWER; no certificate issued",
-                        metadata: ["spiffe_id": "\(identity)", "reason": "\(error.message)"])
+                        metadata: ["spiffe_id": "\(identity)", "reason": "\(error.message)", "endpoint": "\(replica.endpoint)"])
                     throw error
                 default:
                     metrics.refused.increment()
                     if error.code == .callerRefused, configuration.credentialMode == .forward {
                         state.withLock { if $0.issued == 0 { $0.refusalBeforeAnyIssue = error.message } }
                     }
-                    markReachable(true, error: nil)
+                    markReachable(replica, true, error: nil)
                     throw error
                 }
             }
         }
+    }
+
+    /// Why the replicas did not answer, for the caller's status: each one's TLS refusal if any,
+    /// else that it did not answer.
+    private func lastFailure(of replicas: [UpstreamReplicas.Replica]) -> String {
+        let reasons = replicas.map { replica in
+            "\(replica.endpoint): " + (replica.verifier.failure.map { Self.tlsRefusedPrefix + $0 } ?? "no answer")
+        }
+        return reasons.joined(separator: "; ")
     }
 
     // MARK: - The call
@@ -351,7 +363,7 @@ public final class UpstreamCA: CertificateIssuer {
         }
     }
 
-    private func call(_ request: Istio_V1_Auth_IstioCertificateRequest, token: String, timeout: Duration)
+    private func call(_ request: Istio_V1_Auth_IstioCertificateRequest, token: String, timeout: Duration, on replica: UpstreamReplicas.Replica)
         async throws(IssuanceError) -> [String]
     {
         var metadata = Metadata()
@@ -359,7 +371,9 @@ public final class UpstreamCA: CertificateIssuer {
         metadata.addString(configuration.clusterID, forKey: "ClusterID")
         var options = CallOptions.defaults
         options.timeout = max(timeout, .milliseconds(100))
-        let ca = Istio_V1_Auth_IstioCertificateService.Client(wrapping: client)
+        // A replica that is down fails at once, so the next one is tried within the deadline.
+        options.waitForReady = false
+        let ca = Istio_V1_Auth_IstioCertificateService.Client(wrapping: replica.client)
         do {
             return try await ca.createCertificate(request, metadata: metadata, options: options).certChain
         } catch let error as RPCError {
@@ -367,7 +381,7 @@ public final class UpstreamCA: CertificateIssuer {
             case .unauthenticated, .permissionDenied, .invalidArgument, .failedPrecondition:
                 throw IssuanceError(code: .callerRefused, message: "the upstream CA refused: \(error.code): \(error.message)")
             default:
-                throw unreachable(error)
+                throw unreachable(error, replica)
             }
         } catch {
             throw IssuanceError(code: .unavailable, message: "\(error)")
@@ -438,31 +452,44 @@ public final class UpstreamCA: CertificateIssuer {
 
     /// The CA could not be reached: a refused TLS handshake (which gRPC reports as a closed
     /// connection) says why it was refused.
-    private func unreachable(_ error: RPCError) -> IssuanceError {
-        if let refusal = serverVerifier.failure {
+    private func unreachable(_ error: RPCError, _ replica: UpstreamReplicas.Replica) -> IssuanceError {
+        if let refusal = replica.verifier.failure {
             return IssuanceError(code: .unavailable, message: Self.tlsRefusedPrefix + refusal)
         }
         return IssuanceError(code: .unavailable, message: "\(error.code): \(error.message)")
     }
 
-    private func markReachable(_ reachable: Bool, error: IssuanceError?) {
-        // A refused TLS handshake looks like a closed connection to gRPC: say why it was refused.
-        let tlsRefusal = error?.message.hasPrefix(Self.tlsRefusedPrefix) == true
+    /// Records a replica's outcome; the CA as a whole is reachable while one replica is, and its
+    /// transitions are what the log and `sds_agent_upstream_ca_up` report.
+    private func markReachable(_ replica: UpstreamReplicas.Replica, _ reachable: Bool, error: IssuanceError?) {
+        let replicaWas = replica.mark(reachable)
+        let several = replicas.all.count > 1
+        if several, replicaWas != reachable, replicaWas != nil || !reachable {
+            if reachable {
+                logger.info("upstream CA replica answers again", metadata: ["endpoint": "\(replica.endpoint)"])
+            } else {
+                logger.warning(
+                    "upstream CA replica does not answer; the others are tried",
+                    metadata: ["endpoint": "\(replica.endpoint)", "error": "\(error?.message ?? "-")"])
+            }
+        }
+        guard let now = replicas.reachable else { return }
         let previous = state.withLock { state -> Bool? in
-            defer { state.reachable = reachable }
+            defer { state.reachable = now }
             return state.reachable
         }
-        metrics.up.record(reachable ? 1 : 0)
-        guard previous != reachable else { return }
-        if reachable {
-            logger.notice(
-                "upstream CA reachable", metadata: ["ca": "\(configuration.host):\(configuration.port)"])
+        metrics.up.record(now ? 1 : 0)
+        guard previous != now else { return }
+        // A refused TLS handshake looks like a closed connection to gRPC: say why it was refused.
+        let tlsRefusal = error?.message.hasPrefix(Self.tlsRefusedPrefix) == true
+        if now {
+            logger.notice("upstream CA reachable", metadata: ["ca": "\(configuration.endpointsText)"])
         } else {
             logger.error(
                 tlsRefusal
                     ? "UPSTREAM CA REFUSED AT TLS: its certificate does not pass --upstream-ca-bundle/--upstream-ca-server-name; current certificates are served until they expire; new identities get unavailable"
                     : "UPSTREAM CA UNREACHABLE: current certificates are served until they expire; new identities get unavailable",
-                metadata: ["ca": "\(configuration.host):\(configuration.port)", "error": "\(error?.message ?? "-")"])
+                metadata: ["ca": "\(configuration.endpointsText)", "error": "\(error?.message ?? "-")"])
         }
     }
 
@@ -496,8 +523,6 @@ public final class UpstreamCA: CertificateIssuer {
         state.withLock { _ = $0.expiredWaiters.remove(id) }
     }
 
-    /// An IPv4 or IPv6 literal (the same test the serving certificate uses for IP SANs).
-    private static func isIPAddress(_ text: String) -> Bool { SigningAuthority.addressBytes(text) != nil }
 }
 
 /// A setting of the upstream CA that cannot work; the message names it.

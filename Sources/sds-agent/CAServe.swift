@@ -16,7 +16,7 @@ import SDSModel
 struct CA: AsyncParsableCommand {
     static let configuration = CommandConfiguration(
         abstract: "A central CA speaking Istio's CSR API, for agents in --upstream-ca mode.",
-        subcommands: [CAServe.self])
+        subcommands: [CAServe.self, CAInit.self])
 }
 
 /// `sds-agent ca serve`: its flags are a public contract (scripts, manifests).
@@ -34,8 +34,11 @@ struct CAServe: AsyncParsableCommand {
     @OptionGroup(title: "Token verification")
     var tokenOptions: TokenOptions
 
-    @Option(help: "Directory of the CA's root: DIR/ca/root-cert.pem (as `serve` keeps it; key mode 0600).")
-    var stateDir: String
+    @Option(help: "Directory of a root it generates: DIR/ca/root-cert.pem (as `serve` keeps it; key mode 0600). Single replica: the root and its rotation live here. For replicas use --ca-dir.")
+    var stateDir: String?
+
+    @Option(help: "A CA in Istio's cacerts layout (ca-cert.pem, ca-key.pem, cert-chain.pem, root-cert.pem), watched for changes: every replica that mounts the same directory (one Secret) is the same CA; no --state-dir. `sds-agent ca init` makes one.")
+    var caDir: String?
 
     @Option(help: ArgumentHelp("Lifetime of a root it generates, e.g. 8760h.", valueName: "duration"))
     var caTtl: Duration = Defaults.Certificates.caTTL
@@ -99,6 +102,7 @@ struct CAServe: AsyncParsableCommand {
         }
         let tokens = tokenOptions.verification(trustDomain: trustDomain, defaultAudience: Defaults.Tokens.istioCAAudience)
         var configuration = CentralCAConfiguration(listenHost: address.host, listenPort: address.port, tokens: tokens, stateDirectory: stateDir)
+        configuration.caDirectory = caDir
         configuration.caTTL = caTtl
         configuration.caKeyType = caKeyType
         configuration.caCertificateFile = caCert

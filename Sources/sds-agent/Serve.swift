@@ -140,7 +140,7 @@ struct Serve: AsyncParsableCommand {
     @Option(help: ArgumentHelp("Close a connection that has had no open stream for this long.", valueName: "duration"))
     var idleConnectionTimeout: Duration = AgentConfiguration.Limits.defaults.connections.idleTimeout
 
-    @Option(help: "Istio CSR API endpoint over TLS, HOST:PORT (istiod, cert-manager istio-csr, sds-agent ca serve); absent = embedded CA.")
+    @Option(help: "Istio CSR API endpoint over TLS, HOST:PORT (istiod, cert-manager istio-csr, sds-agent ca serve), or a comma-separated list of replicas; a name that resolves to several addresses (a headless Service) is one replica per address. Calls are balanced, and a failed one is retried at once on another replica. Absent = embedded CA.")
     var upstreamCa: String?
 
     @Option(help: "PEM roots that verify the upstream CA server's TLS certificate.")
@@ -227,11 +227,12 @@ struct Serve: AsyncParsableCommand {
         configuration.attestation.policyFile = attestationPolicy
         configuration.attestation.jwtSVIDTTL = jwtSvidTtl
         if let upstreamCa {
-            guard let address = HostPort(upstreamCa) else {
-                throw ValidationError("--upstream-ca '\(upstreamCa.callerText(limit: 128))' is not HOST:PORT such as istiod.istio-system.svc:15012")
+            guard let endpoints = HostPort.list(upstreamCa) else {
+                throw ValidationError(
+                    "--upstream-ca '\(upstreamCa.callerText(limit: 128))' is not HOST:PORT such as istiod.istio-system.svc:15012 (or a comma-separated list of them)")
             }
             configuration.upstreamCA = .init(
-                host: address.host, port: address.port, serverBundleFile: upstreamCaBundle ?? "", serverName: upstreamCaServerName,
+                endpoints: endpoints, serverBundleFile: upstreamCaBundle ?? "", serverName: upstreamCaServerName,
                 credentialMode: upstreamCaCredential, tokenFile: upstreamCaTokenFile, clusterID: upstreamCaClusterId,
                 trustDomain: trustDomain)
         } else if upstreamCaBundle != nil || upstreamCaServerName != nil || upstreamCaTokenFile != nil {

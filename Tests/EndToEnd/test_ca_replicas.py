@@ -1,0 +1,232 @@
+"""`ca serve --ca-dir` replicas over one cacerts directory made by `ca init`, and agents that balance
+across them and fail over (issue 24).
+
+Three replicas listen on 127.0.0.1, 127.0.0.2 and 127.0.0.3 (Linux routes all of 127/8 to the
+loopback device): they stand for three pods behind a Service, mounting one Secret, which is
+written here as the kubelet writes a Secret volume (a new `..N` directory, then an atomic swap of
+the `..data` symlink). No Kubernetes runs here; the processes, the TLS, the CSR API and the Envoys
+are the real ones.
+"""
+import os
+import re
+import shutil
+import signal
+import stat
+import subprocess
+import time
+
+import grpc
+import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives.serialization import Encoding
+from envoy.extensions.transport_sockets.tls.v3 import secret_pb2
+
+from conftest import AGENT_BIN, ENVOY_BIN, TD
+from sdsdemo.devtokens import TokenSigner
+from sdsdemo.node import Load, Node, Process, free_port, wait_until
+from test_upstream_ca import fetch
+
+FILES = ("ca-cert.pem", "ca-key.pem", "cert-chain.pem", "root-cert.pem")
+HOSTS = ("127.0.0.1", "127.0.0.2", "127.0.0.3")
+
+
+def ca_init(directory, *extra):
+    return subprocess.run([AGENT_BIN, "ca", "init", directory, "--trust-domain", "cluster.local", *extra],
+                          capture_output=True, text=True, timeout=30)
+
+
+def publish(secret, version, source):
+    """Puts `source`'s cacerts files into the Secret volume `secret` as the kubelet does."""
+    data = os.path.join(secret, f"..{version}")
+    os.makedirs(data)
+    for name in FILES:
+        shutil.copy2(os.path.join(source, name), os.path.join(data, name))
+    tmp = os.path.join(secret, "..data_tmp")
+    os.symlink(f"..{version}", tmp)
+    os.replace(tmp, os.path.join(secret, "..data"))
+    for name in FILES:
+        path = os.path.join(secret, name)
+        if not os.path.islink(path):
+            os.symlink(os.path.join("..data", name), path)
+
+
+def start_replica(workdir, secret, jwks, host, port):
+    name = f"ca-{host}"
+    process = Process(name, [AGENT_BIN, "ca", "serve", "--listen", f"{host}:{port}", "--trust-domain", "cluster.local",
+                             "--jwks", jwks, "--ca-dir", secret, "--server-name", "ca.mesh.test",
+                             "--ca-activation-delay", "3s"],
+                      os.path.join(workdir, f"{name}.log"))
+    wait_until(lambda: "serving Istio's CSR API" in process.output() or not process.alive(), 30, f"{name} listening")
+    assert process.alive(), process.output()
+    return process
+
+
+def issued_serials(process):
+    return set(re.findall(r"serial=([0-9a-f]+) spiffe_id=", process.output()))
+
+
+def served_leaf_issuer(node, signer, account):
+    """The issuer of the leaf the agent serves for demo/`account` (its chain's first certificate)."""
+    resources = fetch(node, signer.token("demo", account, audience="istio-ca")).resources
+    secret = secret_pb2.Secret()
+    resources[0].Unpack(secret)
+    chain = x509.load_pem_x509_certificates(secret.tls_certificate.certificate_chain.inline_bytes)
+    return chain[0].issuer, chain
+
+
+def test_ca_init_writes_istios_layout_with_safe_modes_and_never_overwrites(workdir):
+    out = os.path.join(workdir, "cacerts")
+    made = ca_init(out)
+    assert made.returncode == 0, made.stderr
+    assert sorted(os.listdir(out)) == sorted(FILES), "only the CA: ready for kubectl create secret --from-file"
+    assert stat.S_IMODE(os.stat(out).st_mode) == 0o700
+    assert stat.S_IMODE(os.stat(os.path.join(out, "ca-key.pem")).st_mode) == 0o600
+    root_key = out + "-root-key.pem"
+    assert stat.S_IMODE(os.stat(root_key).st_mode) == 0o600, "the root key is kept beside, never in, the Secret"
+    assert root_key in made.stdout
+
+    (root,) = x509.load_pem_x509_certificates(open(os.path.join(out, "root-cert.pem"), "rb").read())
+    (intermediate,) = x509.load_pem_x509_certificates(open(os.path.join(out, "ca-cert.pem"), "rb").read())
+    chain = x509.load_pem_x509_certificates(open(os.path.join(out, "cert-chain.pem"), "rb").read())
+    assert chain == [intermediate, root], "as Istio writes it: the signing certificate, then the root"
+    intermediate.verify_directly_issued_by(root)
+    constraints = intermediate.extensions.get_extension_for_class(x509.BasicConstraints).value
+    assert constraints.ca and constraints.path_length == 0
+    uris = intermediate.extensions.get_extension_for_class(x509.SubjectAlternativeName).value.get_values_for_type(
+        x509.UniformResourceIdentifier)
+    assert uris == ["spiffe://cluster.local"]
+
+    again = ca_init(out)
+    assert again.returncode == 1 and "exists: a CA is never overwritten" in again.stderr
+    assert open(os.path.join(out, "ca-cert.pem"), "rb").read() == intermediate.public_bytes(Encoding.PEM)
+
+    # Intermediate rotation: a new intermediate under the same root, from the kept root key.
+    rotated = ca_init(os.path.join(workdir, "cacerts-2"), "--root-cert", os.path.join(out, "root-cert.pem"),
+                      "--root-key", root_key)
+    assert rotated.returncode == 0, rotated.stderr
+    (second,) = x509.load_pem_x509_certificates(open(os.path.join(workdir, "cacerts-2", "ca-cert.pem"), "rb").read())
+    second.verify_directly_issued_by(root)
+    assert second.serial_number != intermediate.serial_number
+    assert open(os.path.join(workdir, "cacerts-2", "root-cert.pem"), "rb").read() == open(
+        os.path.join(out, "root-cert.pem"), "rb").read()
+
+    # Bad input: one line, exit 1 (or ArgumentParser's usage error, 64), nothing written.
+    for args, expected in ((["--root-cert", os.path.join(out, "root-cert.pem")], "--root-cert and --root-key go together"),
+                           (["--root-cert", os.path.join(out, "ca-cert.pem"), "--root-key", root_key],
+                            "does not match")):
+        bad = ca_init(os.path.join(workdir, "cacerts-bad"), *args)
+        assert bad.returncode != 0 and expected in bad.stderr, bad.stderr
+        assert not os.path.exists(os.path.join(workdir, "cacerts-bad", "ca-cert.pem"))
+
+
+def test_ca_serve_refuses_ca_dir_with_state_dir_or_ca_cert_and_needs_one_of_them(workdir):
+    out = os.path.join(workdir, "cacerts")
+    assert ca_init(out).returncode == 0
+    jwks = TokenSigner().write_jwks(os.path.join(workdir, "jwks.json"))
+    base = [AGENT_BIN, "ca", "serve", "--listen", f"127.0.0.1:{free_port()}", "--trust-domain", "cluster.local",
+            "--jwks", jwks]
+    for extra, expected in (
+            (["--ca-dir", out, "--state-dir", os.path.join(workdir, "state")], "--ca-dir and --state-dir"),
+            (["--ca-dir", out, "--ca-cert", os.path.join(out, "ca-cert.pem"), "--ca-key", os.path.join(out, "ca-key.pem")],
+             "--ca-dir and --ca-cert"),
+            ([], "--state-dir (a generated root, one replica) or --ca-dir")):
+        result = subprocess.run(base + extra, capture_output=True, text=True, timeout=30)
+        assert result.returncode == 1 and expected in result.stderr, (extra, result.stderr)
+        assert not os.path.exists(os.path.join(workdir, "state"))
+
+
+def test_replicas_over_one_secret_are_one_ca_and_agents_balance_fail_over_and_recover(workdir):
+    source = os.path.join(workdir, "ca-v1")
+    assert ca_init(source).returncode == 0
+    root_key = source + "-root-key.pem"
+    secret = os.path.join(workdir, "secret")
+    os.makedirs(secret)
+    publish(secret, 1, source)
+    root = os.path.join(secret, "root-cert.pem")
+    signer = TokenSigner()
+    jwks = signer.write_jwks(os.path.join(workdir, "jwks.json"))
+    port = free_port()
+    replicas = {host: start_replica(workdir, secret, jwks, host, port) for host in HOSTS}
+    endpoints = ",".join(f"{host}:{port}" for host in HOSTS)
+    nodes = []
+    try:
+        for name in ("a", "b"):
+            node = Node(os.path.join(workdir, name), AGENT_BIN, ENVOY_BIN)
+            node.signer = signer
+            node.jwks = jwks
+            node.start_agent("--upstream-ca", endpoints, "--upstream-ca-bundle", root,
+                             "--upstream-ca-server-name", "ca.mesh.test", "--audience", "istio-ca",
+                             "--cert-ttl", "10s", "--metrics-address", "127.0.0.1:0")
+            nodes.append(node)
+        a, b = nodes
+        app = a.start_app("backend")
+        backend = a.start_envoy("backend", a.token_file("backend", "demo", "backend", audience="istio-ca"),
+                                app_port=app, allow_ids=[f"{TD}/ns/demo/sa/frontend"])
+        frontend = b.start_envoy("frontend", b.token_file("frontend", "demo", "frontend", audience="istio-ca"),
+                                 upstream_port=backend.inbound_port, upstream_ids=[f"{TD}/ns/demo/sa/backend"])
+        assert frontend.get("/hello")[0] == 200
+        load = Load(frontend)
+
+        # Balanced: renewals (every ~5 s) reach every replica; all sign under the one root.
+        wait_until(lambda: all(issued_serials(r) for r in replicas.values()), 40, "every replica to sign a renewal")
+        (v1,) = x509.load_pem_x509_certificates(open(os.path.join(source, "ca-cert.pem"), "rb").read())
+        assert served_leaf_issuer(a, signer, "backend")[0] == v1.subject
+
+        # The intermediate rotated through the Secret, under traffic: every replica signs with
+        # the new one and presents a TLS certificate under it; leaves follow.
+        rotated = os.path.join(workdir, "ca-v2")
+        assert ca_init(rotated, "--root-cert", os.path.join(source, "root-cert.pem"), "--root-key", root_key).returncode == 0
+        publish(secret, 2, rotated)
+        for replica in replicas.values():
+            wait_until(lambda: "TLS certificate issued again under the new CA" in replica.output(), 30,
+                       "each replica to follow the Secret")
+        (v2,) = x509.load_pem_x509_certificates(open(os.path.join(rotated, "ca-cert.pem"), "rb").read())
+        wait_until(lambda: served_leaf_issuer(b, signer, "frontend")[0] == v2.subject, 30, "leaves under the new intermediate")
+
+        # kill -9 one replica during renewals: the others sign; no request fails.
+        killed = replicas["127.0.0.2"]
+        os.kill(killed.pid, signal.SIGKILL)
+        killed.popen.wait(timeout=10)
+        before = {h: issued_serials(r) for h, r in replicas.items() if h != "127.0.0.2"}
+        wait_until(lambda: sum(len(issued_serials(r) - before[h]) for h, r in replicas.items() if h in before) >= 6,
+                   60, "renewals after the kill")
+        dead = f"127.0.0.2:{port}"
+        wait_until(lambda: a.agent_metrics().get(f'sds_agent_upstream_ca_endpoint_up{{endpoint="{dead}"}}') == 0, 20,
+                   "the killed replica marked down")
+        metrics = a.agent_metrics()
+        assert metrics.get("sds_agent_upstream_ca_up") == 1, "reachable while one replica answers"
+        assert metrics.get(f'sds_agent_upstream_ca_endpoint_up{{endpoint="127.0.0.1:{port}"}}') == 1
+        table = subprocess.run([AGENT_BIN, "inspect", "--admin-socket", os.path.join(a.workdir, "state", "admin.sock")],
+                               capture_output=True, text=True, timeout=30).stdout
+        assert f"upstream CA replica {dead}: DOES NOT ANSWER" in table, table
+        assert f"upstream CA replica 127.0.0.1:{port}: answers" in table, table
+        result = load.stop()
+        assert set(result) == {200} and result[200] > 20, (result, load.errors)
+
+        # Every replica down: what is held is still served; a new identity hears `unavailable`
+        # within the deadline; a replica back on its address serves again, with no restart.
+        for host in ("127.0.0.1", "127.0.0.3"):
+            os.kill(replicas[host].pid, signal.SIGKILL)
+            replicas[host].popen.wait(timeout=10)
+        assert len(fetch(a, signer.token("demo", "backend", audience="istio-ca")).resources) == 1
+        started = time.monotonic()
+        with pytest.raises(grpc.RpcError) as down:
+            fetch(a, signer.token("demo", "newcomer", audience="istio-ca"), timeout=30)
+        assert down.value.code() == grpc.StatusCode.UNAVAILABLE, down.value.details()
+        assert time.monotonic() - started < 10
+        assert f"127.0.0.1:{port}" in down.value.details() and dead in down.value.details(), down.value.details()
+        replicas["127.0.0.3"] = start_replica(workdir, secret, jwks, "127.0.0.3", port)
+        token = signer.token("demo", "newcomer", audience="istio-ca")
+
+        def served():
+            try:
+                return len(fetch(a, token).resources) == 1
+            except grpc.RpcError:
+                return False
+        wait_until(served, 30, "a new identity once a replica is back")
+        assert a.agent.alive() and b.agent.alive()
+    finally:
+        for node in nodes:
+            node.stop_all()
+        for replica in replicas.values():
+            replica.stop()
