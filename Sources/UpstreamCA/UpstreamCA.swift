@@ -169,6 +169,7 @@ public final class UpstreamCA: CertificateIssuer {
                 "upstream CA: serving the trust bundle kept from its last answer until it answers again",
                 metadata: ["path": "\(file)", "roots": .number(roots.count)])
         }
+        replicas.trust(answered: initial.roots)
         state = Mutex(initial)
     }
 
@@ -432,6 +433,7 @@ public final class UpstreamCA: CertificateIssuer {
         }
         for waiter in waiters { waiter.resume() }
         guard changed else { return }
+        replicas.trust(answered: roots)
         logger.notice(
             "upstream CA: trust bundle changed; pushing it to every stream",
             metadata: [

@@ -55,6 +55,8 @@ final class UpstreamReplicas: Sendable {
     private struct State {
         var replicas: [Replica] = []
         var next = 0
+        /// The roots of the CA's last answer, trusted for its TLS beside the bundle's.
+        var answered: [Certificate] = []
     }
 
     let configuration: UpstreamCA.Configuration
@@ -132,6 +134,15 @@ final class UpstreamReplicas: Sendable {
         }
     }
 
+    /// Trusts the roots of the CA's last answer for every replica's TLS, now and later.
+    func trust(answered roots: [Certificate]) {
+        let replicas = state.withLock { state in
+            state.answered = roots
+            return state.replicas
+        }
+        for replica in replicas { replica.verifier.trust(answered: roots) }
+    }
+
     /// Closes every connection; calls in flight finish first.
     func shutdown() {
         for replica in all { replica.client.beginGracefulShutdown() }
@@ -181,6 +192,7 @@ final class UpstreamReplicas: Sendable {
         }
         let referenceName = configuration.serverName ?? configured.host
         let verifier = UpstreamServerVerifier(roots: roots, referenceName: referenceName, now: now)
+        verifier.trust(answered: state.withLock { $0.answered })
         let bundle = configuration.serverBundleFile
         do {
             let transport = try HTTP2ClientTransport.Posix(

@@ -19,6 +19,11 @@ import X509
 final class UpstreamServerVerifier: Sendable {
     /// Roots from `--upstream-ca-bundle`.
     let roots: [Certificate]
+    /// Roots the CA sent in its last answer (over a connection this verifier passed): a root
+    /// rotation at the CA moves its TLS certificate to the new root, and the agents, which
+    /// learnt that root from the answers before it signs, keep connecting with no restart and no
+    /// new bundle file.
+    private let learned = Mutex<[Certificate]>([])
     /// The only identity the CA's certificate must carry.
     let referenceName: String
     private let now: @Sendable () -> Date
@@ -33,6 +38,9 @@ final class UpstreamServerVerifier: Sendable {
     /// Why the last TLS verification failed; nil once one succeeds. Calls on a channel in
     /// transient failure make no new handshake, so the reason is kept until one passes.
     var failure: String? { lastFailure.withLock { $0 } }
+
+    /// Trusts `roots` (the CA's last answer) beside the bundle's.
+    func trust(answered roots: [Certificate]) { learned.withLock { $0 = roots } }
 
     /// NIOSSL's custom verification callback.
     @Sendable func callback(_ presented: [NIOSSLCertificate], _ promise: EventLoopPromise<NIOSSLVerificationResultWithMetadata>) {
@@ -72,6 +80,7 @@ final class UpstreamServerVerifier: Sendable {
         let intermediates = CertificateStore(presented.dropFirst())
         let isAddress = SigningAuthority.addressBytes(referenceName) != nil
         let identity = ServerIdentityPolicy(serverHostname: isAddress ? nil : referenceName, serverIP: isAddress ? referenceName : nil)
+        let roots = self.roots + learned.withLock { $0 }
         var verifier = Verifier(rootCertificates: CertificateStore(roots)) {
             RFC5280Policy(fixedValidationTime: time)
             identity
@@ -82,7 +91,7 @@ final class UpstreamServerVerifier: Sendable {
         // Which of the two failed, for the log line.
         var trust = Verifier(rootCertificates: CertificateStore(roots)) { RFC5280Policy(fixedValidationTime: time) }
         guard case .validCertificate = await trust.validate(leaf: leaf, intermediates: intermediates) else {
-            return .failure(Refusal(message: "certificate not trusted: the CA's TLS certificate (\(leaf.subject)) does not verify to --upstream-ca-bundle"))
+            return .failure(Refusal(message: "certificate not trusted: the CA's TLS certificate (\(leaf.subject)) does not verify to --upstream-ca-bundle (nor to a root the CA sent)"))
         }
         let names = (try? leaf.extensions.subjectAlternativeNames).map { Array($0).map { "\($0)" } } ?? []
         return .failure(Refusal(message: "name does not match: the CA's TLS certificate names \(names), not \(referenceName)"))

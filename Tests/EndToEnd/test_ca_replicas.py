@@ -230,3 +230,93 @@ def test_replicas_over_one_secret_are_one_ca_and_agents_balance_fail_over_and_re
             node.stop_all()
         for replica in replicas.values():
             replica.stop()
+
+
+def root_serials(envoy):
+    import json
+    return {cert["serial_number"] for entry in json.loads(envoy.admin("/certs")[1])["certificates"]
+            for cert in entry.get("ca_cert", [])}
+
+
+def test_a_root_rotated_through_the_secret_reaches_every_envoy_with_no_restart_and_no_new_agent_bundle(workdir):
+    """Istio's plug-in CA procedure: root-cert.pem first lists the new root and the old one with the
+    new intermediate, later the new root alone. The agents' --upstream-ca-bundle holds only the
+    old root throughout: they learn the new one from the replicas' answers and trust it for the
+    replicas' TLS too, so a replica restarted under the new root is reached with no restart."""
+    v1 = os.path.join(workdir, "ca-v1")
+    assert ca_init(v1).returncode == 0
+    secret = os.path.join(workdir, "secret")
+    os.makedirs(secret)
+    publish(secret, 1, v1)
+    old_root_file = os.path.join(workdir, "old-root.pem")
+    shutil.copy(os.path.join(v1, "root-cert.pem"), old_root_file)
+    signer = TokenSigner()
+    jwks = signer.write_jwks(os.path.join(workdir, "jwks.json"))
+    port = free_port()
+    hosts = HOSTS[:2]
+    replicas = {host: start_replica(workdir, secret, jwks, host, port) for host in hosts}
+    node = Node(os.path.join(workdir, "node"), AGENT_BIN, ENVOY_BIN)
+    node.signer = signer
+    node.jwks = jwks
+    try:
+        node.start_agent("--upstream-ca", ",".join(f"{h}:{port}" for h in hosts), "--upstream-ca-bundle", old_root_file,
+                         "--upstream-ca-server-name", "ca.mesh.test", "--audience", "istio-ca", "--cert-ttl", "10s")
+        app = node.start_app("backend")
+        backend = node.start_envoy("backend", node.token_file("backend", "demo", "backend", audience="istio-ca"),
+                                   app_port=app, allow_ids=[f"{TD}/ns/demo/sa/frontend"])
+        frontend = node.start_envoy("frontend", node.token_file("frontend", "demo", "frontend", audience="istio-ca"),
+                                    upstream_port=backend.inbound_port, upstream_ids=[f"{TD}/ns/demo/sa/backend"])
+        assert frontend.get("/hello")[0] == 200
+        (old_root,) = root_serials(backend)
+        load = Load(frontend)
+
+        # Step 1: the new root and intermediate, root-cert.pem = new + old.
+        v2 = os.path.join(workdir, "ca-v2")
+        assert ca_init(v2).returncode == 0
+        with open(os.path.join(v2, "root-cert.pem"), "ab") as f:
+            f.write(open(old_root_file, "rb").read())
+        publish(secret, 2, v2)
+        envoys = (backend, frontend)
+        wait_until(lambda: all(len(root_serials(e)) == 2 for e in envoys), 30, "old + new roots on every Envoy")
+        for replica in replicas.values():
+            wait_until(lambda: "TLS certificate issued again under the new CA" in replica.output(), 30,
+                       "each replica signing under the new root")
+        (new_intermediate,) = x509.load_pem_x509_certificates(open(os.path.join(v2, "ca-cert.pem"), "rb").read())
+        wait_until(lambda: served_leaf_issuer(node, signer, "frontend")[0] == new_intermediate.subject, 30,
+                   "leaves under the new root")
+
+        # A replica restarted now presents a TLS certificate under the new root only; the agent,
+        # whose bundle file holds the old root alone, still reaches it.
+        restarted = replicas["127.0.0.1"]
+        os.kill(restarted.pid, signal.SIGKILL)
+        restarted.popen.wait(timeout=10)
+        replicas["127.0.0.2"].stop()
+        replicas["127.0.0.1"] = start_replica(workdir, secret, jwks, "127.0.0.1", port)
+        token = signer.token("demo", "after-restart", audience="istio-ca")
+
+        def served():
+            try:
+                return len(fetch(node, token).resources) == 1
+            except grpc.RpcError:
+                return False
+        wait_until(served, 30, "a new identity from the restarted replica")
+        assert "TLS refused" not in node.agent.output()
+
+        # Step 3: the old root leaves root-cert.pem; it leaves every Envoy's validation context.
+        v3 = os.path.join(workdir, "ca-v3")
+        os.makedirs(v3)
+        for name in FILES:
+            shutil.copy(os.path.join(v2, name), os.path.join(v3, name))
+        shutil.copy(os.path.join(v2, "cert-chain.pem"), os.path.join(v3, "cert-chain.pem"))
+        with open(os.path.join(v3, "root-cert.pem"), "wb") as f:
+            f.write(x509.load_pem_x509_certificates(open(os.path.join(v2, "root-cert.pem"), "rb").read())[0]
+                    .public_bytes(Encoding.PEM))
+        publish(secret, 3, v3)
+        wait_until(lambda: all(old_root not in root_serials(e) and len(root_serials(e)) == 1 for e in envoys), 60,
+                   "the old root gone from every Envoy")
+        result = load.stop()
+        assert set(result) == {200} and result[200] > 20, (result, load.errors)
+    finally:
+        node.stop_all()
+        for replica in replicas.values():
+            replica.stop()

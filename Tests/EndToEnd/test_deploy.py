@@ -329,3 +329,32 @@ def test_the_cluster_ca_recipe_signs_certificates_envoy_verifies(tmp_path):
         assert verify.returncode == 0, verify.stdout + verify.stderr
     finally:
         node.stop_all()
+
+
+def test_the_central_ca_is_three_stateless_replicas_over_one_secret_that_survive_a_drain():
+    deployment = find("Deployment", "sds-agent-ca")
+    spec = deployment["spec"]
+    assert spec["replicas"] == 3
+    assert spec["strategy"] == {"type": "RollingUpdate", "rollingUpdate": {"maxUnavailable": 1, "maxSurge": 1}}
+    pod = spec["template"]["spec"]
+    labels = spec["selector"]["matchLabels"]
+    assert {c["topologyKey"] for c in pod["topologySpreadConstraints"]} >= {"kubernetes.io/hostname"}
+    assert all(c["labelSelector"]["matchLabels"] == labels for c in pod["topologySpreadConstraints"])
+    budget = find("PodDisruptionBudget", "sds-agent-ca")
+    assert budget["spec"] == {"minAvailable": 2, "selector": {"matchLabels": labels}}
+    # The CA only from the Secret: no state of its own, no other key.
+    (container,) = pod["containers"]
+    args = dict(a.split("=", 1) for a in container["args"] if a.startswith("--"))
+    assert "--state-dir" not in args and "--ca-cert" not in args and "--ca-key" not in args
+    (mount,) = [m for m in container["volumeMounts"] if m["mountPath"] == args["--ca-dir"]]
+    (volume,) = [v for v in pod["volumes"] if v["name"] == mount["name"]]
+    assert volume["secret"]["secretName"] == "sds-agent-cacerts"
+    assert not [v for v in pod["volumes"] if "emptyDir" in v or "persistentVolumeClaim" in v]
+    # The key is group-readable for the pod's group only (the CA refuses a world-readable key).
+    assert volume["secret"]["defaultMode"] & 0o007 == 0 and pod["securityContext"]["fsGroup"] == pod["securityContext"]["runAsUser"]
+    # Ready means able to sign (/readyz on the metrics port), so the Service hands out only those.
+    port = int(args["--metrics-address"].rsplit(":", 1)[1])
+    assert container["readinessProbe"]["httpGet"] == {"path": "/readyz", "port": "metrics"}
+    assert [p["containerPort"] for p in container["ports"] if p["name"] == "metrics"] == [port]
+    # Headless: the agents see every replica's address, balance and fail over themselves.
+    assert find("Service", "sds-agent-ca")["spec"]["clusterIP"] == "None"
