@@ -20,7 +20,7 @@ enum FuzzTarget: String, CaseIterable {
     case sotw
     /// The Delta state machine, the same way.
     case delta
-    /// CSR, certificate and PEM parsing in the CA, and the CSR policy.
+    /// CSR, certificate, CRL and PEM parsing in the CA, and the CSR policy.
     case csr
     /// Duration and configuration-value parsing, and the escaping of caller text.
     case config
@@ -154,7 +154,17 @@ enum FuzzTarget: String, CaseIterable {
         }
         _ = try? Certificate(pemEncoded: text)
         _ = try? PEMDocument.parseMultiple(pemString: text)
+        // Revocation lists come from an operator's file (`ca-crl.pem`), checked before use.
+        let lists = ((try? RevocationList(derEncoded: bytes)).map { [$0] } ?? []) + ((try? RevocationList.parseAll(pem: text)) ?? [])
+        for list in lists {
+            _ = list.isSigned(by: crlIssuer.certificate)
+            precondition(list.revokedSerials.allSatisfy { !$0.isEmpty })
+            _ = try? RevocationLists.accept([list], for: crlIssuer, current: nil, now: now)
+        }
     }
+
+    /// A CA for the CRL checks (they fail for fuzzed lists; the point is that they do not trap).
+    static let crlIssuer = TestPKI.authority()
 
     // MARK: configuration values
 

@@ -86,9 +86,13 @@ extension TrustBundle {
     /// The bundle of `roots`, versioned by a digest of its PEM. A set, not a list: each root once,
     /// in the order of its PEM, so the same roots in another order or with duplicates are the same
     /// version (a new version is pushed to every stream and costs each Envoy work per cluster).
-    public init(roots: [Certificate], trustDomain: String) {
+    public init(roots: [Certificate], trustDomain: String, revocation: RevocationLists? = nil) {
         let pem = Set(roots.compactMap { try? $0.pem() }).sorted().joined()
-        let digest = SHA256.hash(data: Data(pem.utf8)).prefix(8).hexString
-        self.init(trustDomain: trustDomain, rootsPEM: roots.isEmpty ? "" : pem, version: digest)
+        let revocationPEM = revocation?.pem ?? ""
+        let versioned = revocation.map { pem + $0.pem + ($0.onlyLeaf ? "leaf" : "chain") } ?? pem
+        let digest = SHA256.hash(data: Data(versioned.utf8)).prefix(8).hexString
+        self.init(
+            trustDomain: trustDomain, rootsPEM: roots.isEmpty ? "" : pem, version: digest, revocationPEM: revocationPEM,
+            onlyVerifyLeafCRL: revocation?.onlyLeaf ?? false)
     }
 }

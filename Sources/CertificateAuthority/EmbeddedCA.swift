@@ -32,6 +32,8 @@ public final class EmbeddedCA: CertificateIssuer {
         var prepared: SigningAuthority?
         var retiring: [RetiringRoot] = []
         var lastLeafNotAfter: Date = .distantPast
+        /// The revocation lists accepted last (`ca-crl.pem`), served while they cover the signer.
+        var revocation: [RevocationList] = []
 
         var roots: [Certificate] {
             var all = active.roots + (prepared?.roots ?? []) + retiring.map(\.root)
@@ -79,7 +81,23 @@ public final class EmbeddedCA: CertificateIssuer {
     /// Every root currently trusted.
     public var roots: [Certificate] { state.withLock { $0.roots } }
 
-    public func trustBundle() async -> TrustBundle { TrustBundle(roots: roots, trustDomain: trustDomain) }
+    public func trustBundle() async -> TrustBundle {
+        let (roots, lists, active) = state.withLock { ($0.roots, $0.revocation, $0.active) }
+        return TrustBundle(roots: roots, trustDomain: trustDomain, revocation: RevocationLists.served(lists, for: active))
+    }
+
+    /// The revocation lists accepted last (whether or not they cover the signer now).
+    public var revocationLists: [RevocationList] { state.withLock { $0.revocation } }
+
+    /// Serves `lists` (checked by ``RevocationLists/accept(_:for:current:now:)``) in every
+    /// validation context from now on; an empty list withdraws them. Announced as a bundle change.
+    public func setRevocationLists(_ lists: [RevocationList]) {
+        let changed = state.withLock { state in
+            defer { state.revocation = lists }
+            return state.revocation != lists
+        }
+        if changed { onChange(.bundleChanged, self) }
+    }
 
     /// Step 1: makes the next self-signed root and publishes it in the bundle next to the current one.
     @discardableResult

@@ -103,6 +103,8 @@ public enum RootCAStore {
         public static let key = "ca-key.pem"
         public static let chain = "cert-chain.pem"
         public static let root = "root-cert.pem"
+        /// Revocation lists (Istio 1.27's plug-in CA name); optional, checked on its own.
+        public static let revocation = "ca-crl.pem"
         public static let all = [certificate, key, chain, root]
     }
 

@@ -10,7 +10,11 @@
 
 /// Subset of envoy/config/core/v3/base.proto (Envoy data-plane-api), same names and numbers.
 
+#if canImport(FoundationEssentials)
 import FoundationEssentials
+#else
+import Foundation
+#endif
 import SwiftProtobuf
 
 // If the compiler emits an error on this type, it is because this file

@@ -67,6 +67,19 @@ public nonisolated struct Envoy_Extensions_TransportSockets_Tls_V3_CertificateVa
   /// Clears the value of `trustedCa`. Subsequent reads from it will return its default value.
   public mutating func clearTrustedCa() {self._trustedCa = nil}
 
+  /// PEM certificate revocation lists (the CA directory's ca-crl.pem).
+  public var crl: Envoy_Config_Core_V3_DataSource {
+    get {_crl ?? Envoy_Config_Core_V3_DataSource()}
+    set {_crl = newValue}
+  }
+  /// Returns true if `crl` has been explicitly set.
+  public var hasCrl: Bool {self._crl != nil}
+  /// Clears the value of `crl`. Subsequent reads from it will return its default value.
+  public mutating func clearCrl() {self._crl = nil}
+
+  /// Check only the leaf against the CRLs: needed when not every CA of the chain publishes one.
+  public var onlyVerifyLeafCertCrl: Bool = false
+
   /// A validator of Envoy's own, e.g. the SPIFFE validator with a bundle per trust domain.
   public var customValidatorConfig: Envoy_Config_Core_V3_TypedExtensionConfig {
     get {_customValidatorConfig ?? Envoy_Config_Core_V3_TypedExtensionConfig()}
@@ -82,6 +95,7 @@ public nonisolated struct Envoy_Extensions_TransportSockets_Tls_V3_CertificateVa
   public init() {}
 
   fileprivate var _trustedCa: Envoy_Config_Core_V3_DataSource? = nil
+  fileprivate var _crl: Envoy_Config_Core_V3_DataSource? = nil
   fileprivate var _customValidatorConfig: Envoy_Config_Core_V3_TypedExtensionConfig? = nil
 }
 
@@ -130,7 +144,7 @@ nonisolated extension Envoy_Extensions_TransportSockets_Tls_V3_TlsCertificate: S
 
 nonisolated extension Envoy_Extensions_TransportSockets_Tls_V3_CertificateValidationContext: SwiftProtobuf.Message, SwiftProtobuf._MessageImplementationBase, SwiftProtobuf._ProtoNameProviding {
   public static let protoMessageName: String = _protobuf_package + ".CertificateValidationContext"
-  public static let _protobuf_nameMap = SwiftProtobuf._NameMap(bytecode: "\0\u{3}trusted_ca\0\u{4}\u{b}custom_validator_config\0")
+  public static let _protobuf_nameMap = SwiftProtobuf._NameMap(bytecode: "\0\u{3}trusted_ca\0\u{2}\u{6}crl\0\u{4}\u{5}custom_validator_config\0\u{4}\u{2}only_verify_leaf_cert_crl\0")
 
   public mutating func decodeMessage<D: SwiftProtobuf.Decoder>(decoder: inout D) throws {
     while let fieldNumber = try decoder.nextFieldNumber() {
@@ -139,7 +153,9 @@ nonisolated extension Envoy_Extensions_TransportSockets_Tls_V3_CertificateValida
       // enabled. https://github.com/apple/swift-protobuf/issues/1034
       switch fieldNumber {
       case 1: try { try decoder.decodeSingularMessageField(value: &self._trustedCa) }()
+      case 7: try { try decoder.decodeSingularMessageField(value: &self._crl) }()
       case 12: try { try decoder.decodeSingularMessageField(value: &self._customValidatorConfig) }()
+      case 14: try { try decoder.decodeSingularBoolField(value: &self.onlyVerifyLeafCertCrl) }()
       default: break
       }
     }
@@ -153,14 +169,22 @@ nonisolated extension Envoy_Extensions_TransportSockets_Tls_V3_CertificateValida
     try { if let v = self._trustedCa {
       try visitor.visitSingularMessageField(value: v, fieldNumber: 1)
     } }()
+    try { if let v = self._crl {
+      try visitor.visitSingularMessageField(value: v, fieldNumber: 7)
+    } }()
     try { if let v = self._customValidatorConfig {
       try visitor.visitSingularMessageField(value: v, fieldNumber: 12)
     } }()
+    if self.onlyVerifyLeafCertCrl != false {
+      try visitor.visitSingularBoolField(value: self.onlyVerifyLeafCertCrl, fieldNumber: 14)
+    }
     try unknownFields.traverse(visitor: &visitor)
   }
 
   public static func ==(lhs: Envoy_Extensions_TransportSockets_Tls_V3_CertificateValidationContext, rhs: Envoy_Extensions_TransportSockets_Tls_V3_CertificateValidationContext) -> Bool {
     if lhs._trustedCa != rhs._trustedCa {return false}
+    if lhs._crl != rhs._crl {return false}
+    if lhs.onlyVerifyLeafCertCrl != rhs.onlyVerifyLeafCertCrl {return false}
     if lhs._customValidatorConfig != rhs._customValidatorConfig {return false}
     if lhs.unknownFields != rhs.unknownFields {return false}
     return true

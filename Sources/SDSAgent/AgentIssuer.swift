@@ -29,6 +29,12 @@ struct Issuance: Sendable {
         }
         let fromFiles = configuration.caCertificateFile != nil || configuration.caDirectory != nil
         let ca = try makeEmbedded(configuration, logger: logger, now: now) { change, _ in sink.yield(change) }
+        if let caDirectory = configuration.caDirectory {
+            // Its revocation lists before the first validation context is served.
+            await CADirectoryWatcher(
+                directory: caDirectory, ca: ca, activationDelay: configuration.caActivationDelay, logger: logger, now: now
+            ).reloadRevocation()
+        }
         let jwt = configuration.attestation.workloadSocketPath == nil
             ? nil : try await JWTAuthority.loadOrCreate(stateDirectory: configuration.stateDirectory, trustDomain: configuration.trustDomain)
         return Issuance(

@@ -3,6 +3,7 @@ import CoreMetrics
 import FoundationEssentials
 import Glibc
 import Logging
+import SDSModel
 
 /// Watches a CA in Istio's `cacerts` layout (`--ca-dir`) and feeds a complete, valid change into
 /// the embedded CA's rotation path: a new signing certificate under the same root(s) signs at once
@@ -19,21 +20,60 @@ struct CADirectoryWatcher: Sendable {
     func run(clock: some Clock<Duration> = ContinuousClock()) async {
         let reloads = Counter(label: "sds_agent_ca_reloads_total")
         let failures = Counter(label: "sds_agent_ca_reload_failures_total")
-        let watch = FileWatch(paths: RootCAStore.CACertsFile.all.map { directory + "/" + $0 }, clock: clock)
+        let crlPath = directory + "/" + RootCAStore.CACertsFile.revocation
+        let caFiles = RootCAStore.CACertsFile.all.map { directory + "/" + $0 }
+        let watch = FileWatch(paths: caFiles + [crlPath], clock: clock)
+        await reloadRevocation()
         // An old root goes once the last leaf it signed has expired (as after a rotation).
-        await watch.run(tick: { ca.retireExpiredRoots() }) { _ in
-            let fresh: SigningAuthority
-            do {
-                fresh = try RootCAStore.load(caDirectory: directory, now: now())
-            } catch {
-                failures.increment()
-                logger.error(
-                    "CA FILES CHANGED BUT ARE NOT A USABLE CA; the current CA keeps signing",
-                    metadata: ["ca_dir": "\(directory)", "error": "\(error)"])
-                return
+        await watch.run(tick: { ca.retireExpiredRoots() }) { changed in
+            if changed.contains(where: caFiles.contains) {
+                do {
+                    let fresh = try RootCAStore.load(caDirectory: directory, now: now())
+                    await apply(fresh)
+                    reloads.increment()
+                } catch {
+                    failures.increment()
+                    logger.error(
+                        "CA FILES CHANGED BUT ARE NOT A USABLE CA; the current CA keeps signing",
+                        metadata: ["ca_dir": "\(directory)", "error": "\(error)"])
+                }
             }
-            await apply(fresh)
-            reloads.increment()
+            // Checked against the CA now in force, whichever file changed.
+            await reloadRevocation()
+        }
+    }
+
+    /// Reads `ca-crl.pem` (Istio's name) and serves its lists in every validation context once
+    /// they are checked (``RevocationLists/accept(_:for:current:now:)``); a list that is refused
+    /// leaves the one in force, logged and counted. A removed file withdraws the lists.
+    func reloadRevocation() async {
+        let path = directory + "/" + RootCAStore.CACertsFile.revocation
+        let current = ca.revocationLists
+        guard let data = FileManager.default.contents(atPath: path) else {
+            if !current.isEmpty {
+                ca.setRevocationLists([])
+                logger.notice("CRL file removed: validation contexts carry no CRL now", metadata: ["path": "\(path)"])
+            }
+            return
+        }
+        do {
+            let candidates = try RevocationList.parseAll(pem: String(decoding: data, as: UTF8.self))
+            guard candidates != current else { return }
+            let inForce = RevocationLists.served(current, for: ca.activeAuthority)
+            let accepted = try RevocationLists.accept(candidates, for: ca.activeAuthority, current: inForce, now: now())
+            ca.setRevocationLists(accepted.lists)
+            Counter(label: "sds_agent_crl_reloads_total").increment()
+            logger.notice(
+                "CRL in force; pushed to every validation context",
+                metadata: [
+                    "path": "\(path)", "issuers": .list(accepted.lists.map { "\($0.issuer)" }),
+                    "revoked": .number(accepted.lists.reduce(0) { $0 + $1.revokedSerials.count }),
+                    "only_verify_leaf_cert_crl": "\(accepted.onlyLeaf)",
+                ])
+        } catch {
+            Counter(label: "sds_agent_crl_refused_total").increment()
+            logger.error(
+                "CRL REFUSED; the one in force stays", metadata: ["path": "\(path)", "error": "\(error)", "in_force": .number(current.count)])
         }
     }
 

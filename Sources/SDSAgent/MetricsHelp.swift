@@ -18,6 +18,8 @@ package enum MetricsHelp {
         "sds_agent_nacks_total": "Responses Envoy rejected (NACK), by api.",
         "sds_agent_open_connections": "Connections open on the SDS socket.",
         "sds_agent_closed_connections_total": "Connections the agent closed or that failed, by reason.",
+        "sds_agent_crl_reloads_total": "Revocation lists (the CA directory's ca-crl.pem) accepted and pushed to every validation context.",
+        "sds_agent_crl_refused_total": "Revocation lists refused (malformed, not signed by a CA of the hierarchy, older than the one in force, expired, or missing the signing CA's list); the one in force stays.",
         "sds_agent_upstream_ca_up": "1 while a replica of the upstream CA answers (its last call reached it), 0 once none does.",
         "sds_agent_upstream_ca_endpoint_up": "Per replica of the upstream CA (endpoint ADDRESS:PORT): 1 when its last call reached it, 0 when it did not.",
         "sds_agent_upstream_ca_requests_total": "Calls to the upstream CA, by result: ok, unavailable, refused, invalid_answer.",

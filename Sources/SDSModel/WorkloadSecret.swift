@@ -40,13 +40,21 @@ public struct TrustBundle: Sendable, Hashable {
     public var trustDomain: String
     /// Concatenated PEM of every root currently trusted.
     public var rootsPEM: String
-    /// An opaque version: a digest of the roots.
+    /// An opaque version: a digest of the roots (and of the revocation lists).
     public var version: String
+    /// PEM certificate revocation lists for chains under these roots (the CA directory's
+    /// `ca-crl.pem`); empty for none.
+    public var revocationPEM: String
+    /// Whether Envoy checks only the leaf against them (`only_verify_leaf_cert_crl`): set when
+    /// not every CA of the chain publishes a list.
+    public var onlyVerifyLeafCRL: Bool
 
-    public init(trustDomain: String, rootsPEM: String, version: String) {
+    public init(trustDomain: String, rootsPEM: String, version: String, revocationPEM: String = "", onlyVerifyLeafCRL: Bool = false) {
         self.trustDomain = trustDomain
         self.rootsPEM = rootsPEM
         self.version = version
+        self.revocationPEM = revocationPEM
+        self.onlyVerifyLeafCRL = onlyVerifyLeafCRL
     }
 
     /// Whether it holds no root yet (an upstream CA that has not answered once).

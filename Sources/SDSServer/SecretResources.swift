@@ -28,13 +28,19 @@ package enum SecretResources {
         return resource
     }
 
-    /// A `validation_context` secret: the trust bundle's roots as `trusted_ca`.
+    /// A `validation_context` secret: the trust bundle's roots as `trusted_ca`, and its
+    /// revocation lists as `crl` (with `only_verify_leaf_cert_crl` when not every CA of the chain
+    /// publishes one: Envoy would otherwise refuse every peer).
     package static func validationContext(named name: String, from bundle: TrustBundle)
         -> Envoy_Extensions_TransportSockets_Tls_V3_Secret
     {
         var resource = Envoy_Extensions_TransportSockets_Tls_V3_Secret()
         resource.name = name
         resource.validationContext.trustedCa.inlineBytes = Data(bundle.rootsPEM.utf8)
+        if !bundle.revocationPEM.isEmpty {
+            resource.validationContext.crl.inlineBytes = Data(bundle.revocationPEM.utf8)
+            resource.validationContext.onlyVerifyLeafCertCrl = bundle.onlyVerifyLeafCRL
+        }
         return resource
     }
 

@@ -14,7 +14,11 @@
 /// Names and field numbers are upstream's; Tests/EndToEnd/test_protos_match_envoy.py
 /// compares them with the descriptor py-spiffe was built from.
 
+#if canImport(FoundationEssentials)
 import FoundationEssentials
+#else
+import Foundation
+#endif
 import SwiftProtobuf
 
 // If the compiler emits an error on this type, it is because this file

@@ -203,3 +203,92 @@ def test_a_refused_start_generates_and_writes_nothing(tmp_path):
                              "--state-dir", str(tmp_path / "state")], capture_output=True, text=True, timeout=30)
     assert result.returncode == 1 and "missing.json" in result.stderr, result.stderr[-2000:]
     assert not (tmp_path / "state" / "ca").exists(), "no root generated for an agent that never started"
+
+
+def make_crl(issuer, revoked=(), this_update=None, next_days=7):
+    """A CRL of `issuer` (cert, key) revoking `revoked` serials (ints), as the operator's PKI writes it."""
+    this_update = this_update or _now() - datetime.timedelta(minutes=1)
+    builder = (x509.CertificateRevocationListBuilder().issuer_name(issuer[0].subject)
+               .last_update(this_update).next_update(this_update + datetime.timedelta(days=next_days)))
+    for serial in revoked:
+        builder = builder.add_revoked_certificate(
+            x509.RevokedCertificateBuilder().serial_number(serial).revocation_date(this_update).build())
+    return builder.sign(issuer[1], hashes.SHA256())
+
+
+def write_crl(cacerts, *crls):
+    """ca-crl.pem beside the CA files (in place, as an operator edits a mounted file in a test)."""
+    path = os.path.join(cacerts, "ca-crl.pem")
+    with open(path + ".tmp", "wb") as f:
+        f.write(b"".join(c.public_bytes(PEM) for c in crls))
+    os.replace(path + ".tmp", path)
+
+
+def served_context(node):
+    from envoy.extensions.transport_sockets.tls.v3 import secret_pb2  # noqa: F401
+    _, secrets = fetch(node, node.signer.token("demo", "frontend"), ["ROOTCA"])
+    return secrets["ROOTCA"].validation_context
+
+
+def test_a_crl_in_the_ca_directory_reaches_every_validation_context_and_a_real_envoy_refuses_the_revoked_peer(tmp_path):
+    """Istio 1.27's ca-crl.pem: the agent serves it as the validation context's `crl`. With only
+    the intermediate's list, Envoy needs `only_verify_leaf_cert_crl` (it otherwise wants a list
+    from every CA of the chain and refuses every peer, envoy#18289): the agent sets it then, and
+    clears it once the root's list is there too."""
+    root = ca_pair("crl root")
+    intermediate = ca_pair("crl intermediate", root)
+    cacerts = tmp_path / "cacerts"
+    cacerts.mkdir()
+    write_cacerts(str(cacerts), 1, intermediate, root)
+    write_crl(str(cacerts), make_crl(intermediate))
+    node = Node(str(tmp_path / "node"), AGENT_BIN, ENVOY_BIN)
+    try:
+        node.start_agent("--ca-dir", str(cacerts), "--metrics-address", "127.0.0.1:0")
+        context = served_context(node)
+        assert x509.load_pem_x509_crl(context.crl.inline_bytes).issuer == intermediate[0].subject
+        assert context.only_verify_leaf_cert_crl is True, "only the intermediate publishes a list"
+        app = node.start_app("backend")
+        reports_id = f"{TD}/ns/demo/sa/reports"
+        backend = node.start_envoy("backend", node.token_file("backend", "demo", "backend"), app_port=app,
+                                   allow_ids=[FRONTEND, reports_id])
+        frontend = node.start_envoy("frontend", node.token_file("frontend", "demo", "frontend"),
+                                    upstream_port=backend.inbound_port, upstream_ids=[BACKEND], max_requests_per_connection=1)
+        reports = node.start_envoy("reports", node.token_file("reports", "demo", "reports"),
+                                   upstream_port=backend.inbound_port, upstream_ids=[BACKEND], max_requests_per_connection=1)
+        assert frontend.get("/hello")[0] == 200 and reports.get("/hello")[0] == 200, "an empty list revokes no one"
+
+        # The intermediate revokes the reports leaf: a real Envoy refuses it; everyone else served.
+        revoked_serial = int(next(iter(reports.serials_for(reports_id))), 16)
+        write_crl(str(cacerts), make_crl(intermediate, [revoked_serial]))
+        wait_until(lambda: x509.load_pem_x509_crl(served_context(node).crl.inline_bytes)
+                   .get_revoked_certificate_by_serial_number(revoked_serial) is not None, 20, "the new list in force")
+        wait_until(lambda: reports.get("/hello")[0] != 200, 20, "the revoked peer refused")
+        assert frontend.get("/hello")[0] == 200
+        assert reports.get("/hello")[0] == 503
+
+        # The root's list as well: every CA of the chain publishes one, so Envoy checks the chain.
+        write_crl(str(cacerts), make_crl(intermediate, [revoked_serial], this_update=_now()), make_crl(root))
+        wait_until(lambda: served_context(node).only_verify_leaf_cert_crl is False, 20, "the full-chain check")
+        assert frontend.get("/hello")[0] == 200 and reports.get("/hello")[0] == 503
+
+        # Refused, each logged and counted, the list in force kept: malformed; signed by a CA
+        # outside the hierarchy; older than the one in force; missing the signing CA's list.
+        stranger = ca_pair("stranger")
+        in_force = served_context(node).crl.inline_bytes
+        bad = [b"-----BEGIN X509 CRL-----\nAAAA\n-----END X509 CRL-----\n",
+               make_crl(stranger).public_bytes(PEM),
+               make_crl(intermediate, this_update=_now() - datetime.timedelta(hours=1)).public_bytes(PEM),
+               make_crl(root).public_bytes(PEM)]
+        for count, content in enumerate(bad, start=1):
+            (cacerts / "ca-crl.pem").write_bytes(content)
+            wait_until(lambda: node.agent_metrics().get("sds_agent_crl_refused_total", 0) >= count, 20,
+                       f"refusal {count}")
+        log = node.agent.output()
+        assert "not a DER certificate revocation list" in log or "not PEM" in log
+        assert "is not signed by a CA of this hierarchy" in log
+        assert "is older than the one in force" in log
+        assert "no CRL from the signing CA" in log
+        assert served_context(node).crl.inline_bytes == in_force
+        assert frontend.get("/hello")[0] == 200 and reports.get("/hello")[0] == 503
+    finally:
+        node.stop_all()
