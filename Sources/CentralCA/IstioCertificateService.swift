@@ -79,10 +79,17 @@ public struct IstioCertificateService: Istio_V1_Auth_IstioCertificateService.Ser
     ) async throws -> ServerResponse<Istio_V1_Auth_IstioCertificateResponse> {
         // Status messages may quote what the caller sent (a CSR's PEM label, say): escaped and
         // bounded at this edge, as the SDS service does for its own.
+        // Every answer, a refusal included, says which CA certificates are tainted, so agents
+        // learn of a taint from any call (their periodic probe too) and re-issue what chains to one.
+        let tainted = ca.tainted
+        var taint = Metadata()
+        if !tainted.isEmpty { taint.addString(tainted.metadataValue, forKey: TaintedCertificates.metadataKey) }
         do {
-            return try await answer(request, context: context)
+            var response = try await answer(request, context: context)
+            response.metadata.add(contentsOf: taint)
+            return response
         } catch let error as RPCError {
-            throw RPCError(code: error.code, message: CallerText(error.message, limit: 1024).description)
+            throw RPCError(code: error.code, message: CallerText(error.message, limit: 1024).description, metadata: taint)
         }
     }
 

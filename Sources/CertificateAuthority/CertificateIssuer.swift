@@ -42,6 +42,8 @@ public enum IssuerChange: Sendable, Equatable {
     case bundleChanged
     /// New leaves are signed by another key: re-issue every certificate.
     case signerChanged
+    /// Certificates were declared compromised (or cleared): re-issue the leaves under them.
+    case taintChanged
 }
 
 /// Why a certificate was not issued.

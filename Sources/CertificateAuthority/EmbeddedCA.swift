@@ -34,6 +34,8 @@ public final class EmbeddedCA: CertificateIssuer {
         var lastLeafNotAfter: Date = .distantPast
         /// The revocation lists accepted last (`ca-crl.pem`), served while they cover the signer.
         var revocation: [RevocationList] = []
+        /// Certificates declared compromised (`tainted-certs.pem`).
+        var tainted = TaintedCertificates.none
 
         var roots: [Certificate] {
             var all = active.roots + (prepared?.roots ?? []) + retiring.map(\.root)
@@ -97,6 +99,57 @@ public final class EmbeddedCA: CertificateIssuer {
             return state.revocation != lists
         }
         if changed { onChange(.bundleChanged, self) }
+    }
+
+    /// The certificates declared compromised now.
+    public var tainted: TaintedCertificates { state.withLock { $0.tainted } }
+
+    /// Whether the CA signs with a tainted key or under a tainted certificate now (it refuses to).
+    public var signerIsTainted: Bool { state.withLock { $0.tainted.affects($0.active) } }
+
+    /// Declares `certificates` compromised (checked by ``TaintedCertificates/load(pem:roots:intermediates:)``):
+    /// from now on the CA refuses to sign under them; a prepared CA that is clean signs at once
+    /// instead of after its activation delay. Announced as ``Change/taintChanged``; returns whether
+    /// the set changed.
+    @discardableResult
+    public func taint(_ certificates: [Certificate]) -> Bool {
+        let fresh = TaintedCertificates(certificates)
+        let (changed, activateNow) = state.withLock { state -> (Bool, Bool) in
+            guard state.tainted != fresh else { return (false, false) }
+            state.tainted = fresh
+            let activeTainted = fresh.affects(state.active)
+            return (true, activeTainted && state.prepared.map { !fresh.affects($0) } == true)
+        }
+        guard changed else { return false }
+        logger.notice(
+            fresh.isEmpty ? "CA taint cleared" : "CA taint: certificates declared compromised; leaves under them are re-issued",
+            metadata: [
+                "subjects": .list(certificates.map { "\($0.subject)" }), "serials": .list(certificates.map { $0.serialNumber.hexString }),
+                "signer_tainted": "\(signerIsTainted)",
+            ])
+        if activateNow { activatePrepared() }
+        onChange(.taintChanged, self)
+        return true
+    }
+
+    /// Drops tainted roots from the bundle, once the caller knows no leaf it serves chains to them
+    /// and a clean root is trusted beside them. Returns whether the bundle changed.
+    @discardableResult
+    public func dropTaintedRoots() -> Bool {
+        let dropped = state.withLock { state -> [Certificate] in
+            let tainted = state.tainted
+            guard state.roots.contains(where: { !tainted.contains($0) }) else { return [] }
+            let gone = state.retiring.map(\.root).filter(tainted.contains)
+            state.retiring.removeAll { tainted.contains($0.root) }
+            if let prepared = state.prepared, tainted.affects(prepared) { state.prepared = nil }
+            return gone
+        }
+        guard !dropped.isEmpty else { return false }
+        logger.notice(
+            "CA taint: tainted root(s) removed from the trust bundle; no leaf served chains to them",
+            metadata: ["serials": .list(dropped.map { $0.serialNumber.hexString })])
+        onChange(.bundleChanged, self)
+        return true
     }
 
     /// Step 1: makes the next self-signed root and publishes it in the bundle next to the current one.
@@ -196,7 +249,12 @@ public final class EmbeddedCA: CertificateIssuer {
         async throws(IssuanceError) -> [Certificate]
     {
         try check(csr, for: identity, csrRules)
-        let (authority, roots) = state.withLock { ($0.active, $0.roots) }
+        let (authority, roots, tainted) = state.withLock { ($0.active, $0.roots, $0.tainted) }
+        guard !tainted.affects(authority) else {
+            throw IssuanceError(
+                code: .unavailable,
+                message: "the signing CA \(authority.certificate.subject) is tainted (tainted-certs.pem) and the CA directory holds no replacement: refusing to sign")
+        }
         let now = self.now()
         guard authority.certificate.notValidAfter > now else {
             throw IssuanceError(

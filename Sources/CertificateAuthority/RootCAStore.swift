@@ -105,6 +105,8 @@ public enum RootCAStore {
         public static let root = "root-cert.pem"
         /// Revocation lists (Istio 1.27's plug-in CA name); optional, checked on its own.
         public static let revocation = "ca-crl.pem"
+        /// CA certificates declared compromised (SPIRE's taint); optional, checked on its own.
+        public static let tainted = "tainted-certs.pem"
         public static let all = [certificate, key, chain, root]
     }
 

@@ -153,6 +153,10 @@ package struct Agent: Service {
         }
         let gauge = CAExpiryGauge(notAfter: { [issuance] in issuance.notAfter }, now: now, clock: ContinuousClock())
         loops.append(NamedService("ca expiry gauge") { await gauge.run() })
+        let taint = TaintFollower(
+            issuance: issuance, cache: cache, window: configuration.taintReissueWindow, grace: configuration.taintRootGrace,
+            clock: ContinuousClock(), logger: logger)
+        loops.append(NamedService("taint follower") { await taint.run() })
         return loops
     }
 

@@ -56,6 +56,10 @@ package struct AgentConfiguration: Sendable {
     package var tokenExpiryMargin: Duration = Defaults.Tokens.expiryMargin
     /// After a manual CA rotation (SIGUSR1), how long old + new roots are published before the switch.
     package var caActivationDelay: Duration = Defaults.Certificates.caActivationDelay
+    /// After a taint, the window over which every leaf under it is re-issued.
+    package var taintReissueWindow: Duration = Defaults.Certificates.taintReissueWindow
+    /// After a taint, how long a tainted root stays in the bundle at least.
+    package var taintRootGrace: Duration = Defaults.Certificates.taintRootGrace
     /// Who may get identities (allow/deny rules on namespaces and service accounts).
     package var authorization: AuthorizationPolicy = .allowAll
     /// Checks on the caller's Unix peer credentials (allowed UIDs, pod binding).
@@ -230,6 +234,7 @@ package struct AgentConfiguration: Sendable {
             throw fail(.invalidValue, "--ca-bundle names the roots of a CA given with --ca-cert/--ca-key; there is none")
         }
         guard certificateTTL >= .seconds(10) else { throw fail(.invalidValue, "--cert-ttl must be at least 10s") }
+        guard taintReissueWindow <= .seconds(3600) else { throw fail(.invalidValue, "--taint-reissue-window must be at most 1h") }
         guard caTTL > certificateTTL else { throw fail(.invalidValue, "--ca-ttl must be longer than --cert-ttl") }
         guard (caCertificateFile == nil) == (caKeyFile == nil) else {
             throw fail(.conflictingSettings, "--ca-cert and --ca-key go together")

@@ -18,6 +18,21 @@ struct Issuance: Sendable {
     /// `upstream`, `files` or `embedded`, for the start line.
     let kind: String
 
+    /// What the CA says is tainted now, and whether it signs under a tainted certificate itself.
+    var tainted: TaintedCertificates { ca?.tainted ?? upstream?.tainted ?? .none }
+    var signerIsTainted: Bool { ca?.signerIsTainted ?? false }
+    /// The roots a served chain may chain to (a tainted one included until dropped).
+    var rootsForTaintCheck: [Certificate] { ca?.roots ?? upstream?.roots ?? [] }
+    /// Leaves tainted roots out of the bundle (when a clean one is there).
+    func dropTaintedRoots() -> Bool { ca?.dropTaintedRoots() ?? upstream?.dropTaintedRoots() ?? false }
+
+    /// Whether `secret`'s chain holds a tainted certificate or chains to a tainted root.
+    func isTainted(_ secret: WorkloadSecret) -> Bool {
+        let tainted = self.tainted
+        guard !tainted.isEmpty, let chain = PEMCertificates.parse(secret.certificateChainPEM) else { return false }
+        return tainted.affects(chain: chain, roots: rootsForTaintCheck)
+    }
+
     /// Builds the issuer `configuration` asks for; nothing is generated or persisted before the
     /// inputs it needs have loaded.
     static func make(_ configuration: AgentConfiguration, logger: Logger, now: @escaping @Sendable () -> Date) async throws -> Issuance {
@@ -30,10 +45,11 @@ struct Issuance: Sendable {
         let fromFiles = configuration.caCertificateFile != nil || configuration.caDirectory != nil
         let ca = try makeEmbedded(configuration, logger: logger, now: now) { change, _ in sink.yield(change) }
         if let caDirectory = configuration.caDirectory {
-            // Its revocation lists before the first validation context is served.
-            await CADirectoryWatcher(
-                directory: caDirectory, ca: ca, activationDelay: configuration.caActivationDelay, logger: logger, now: now
-            ).reloadRevocation()
+            // Its revocation lists and taint before the first certificate or validation context.
+            let watcher = CADirectoryWatcher(
+                directory: caDirectory, ca: ca, activationDelay: configuration.caActivationDelay, logger: logger, now: now)
+            await watcher.reloadRevocation()
+            watcher.reloadTaint()
         }
         let jwt = configuration.attestation.workloadSocketPath == nil
             ? nil : try await JWTAuthority.loadOrCreate(stateDirectory: configuration.stateDirectory, trustDomain: configuration.trustDomain)

@@ -166,6 +166,9 @@ struct IssuerChangeRelay {
             switch change {
             case .bundleChanged:
                 cache.bundleChanged()
+            case .taintChanged:
+                // The taint follower looks every second; nothing to do here.
+                break
             case .signerChanged:
                 await cache.renewAll()
                 guard issuance.canRotate, let ca = issuance.ca else { continue }

@@ -16,20 +16,35 @@ struct CADirectoryWatcher: Sendable {
     let activationDelay: Duration
     let logger: Logger
     let now: @Sendable () -> Date
+    /// Whether the CA's trust bundles reach validation contexts (`serve`), so `ca-crl.pem` matters;
+    /// `ca serve` answers CSRs only.
+    var servesValidationContexts = true
 
-    func run(clock: some Clock<Duration> = ContinuousClock()) async {
+    func run<C: Clock<Duration>>(clock: C = ContinuousClock()) async {
         let reloads = Counter(label: "sds_agent_ca_reloads_total")
         let failures = Counter(label: "sds_agent_ca_reload_failures_total")
         let crlPath = directory + "/" + RootCAStore.CACertsFile.revocation
+        let taintPath = directory + "/" + RootCAStore.CACertsFile.tainted
         let caFiles = RootCAStore.CACertsFile.all.map { directory + "/" + $0 }
-        let watch = FileWatch(paths: caFiles + [crlPath], clock: clock)
+        let watch = FileWatch(paths: caFiles + [crlPath, taintPath], clock: clock)
         await reloadRevocation()
-        // An old root goes once the last leaf it signed has expired (as after a rotation).
-        await watch.run(tick: { ca.retireExpiredRoots() }) { changed in
+        reloadTaint()
+        // A new root signs once its activation delay has passed, counted on `clock`; the watch
+        // goes on meanwhile (a taint may come before it, and activates it at once).
+        var activation: C.Instant?
+        let tick = {
+            // An old root goes once the last leaf it signed has expired (as after a rotation).
+            ca.retireExpiredRoots()
+            if let due = activation, clock.now >= due {
+                activation = nil
+                ca.activatePrepared()
+            }
+        }
+        await watch.run(tick: tick) { changed in
             if changed.contains(where: caFiles.contains) {
                 do {
                     let fresh = try RootCAStore.load(caDirectory: directory, now: now())
-                    await apply(fresh)
+                    if apply(fresh) { activation = clock.now.advanced(by: activationDelay) }
                     reloads.increment()
                 } catch {
                     failures.increment()
@@ -40,6 +55,36 @@ struct CADirectoryWatcher: Sendable {
             }
             // Checked against the CA now in force, whichever file changed.
             await reloadRevocation()
+            reloadTaint()
+        }
+    }
+
+    /// Reads `tainted-certs.pem`: its certificates are declared compromised
+    /// (``EmbeddedCA/taint(_:)``). A file naming a certificate outside this CA's hierarchy, or
+    /// not PEM, is refused (logged, counted) and the taint in force stays; a removed file clears it.
+    func reloadTaint() {
+        let path = directory + "/" + RootCAStore.CACertsFile.tainted
+        guard let data = FileManager.default.contents(atPath: path) else {
+            if !ca.tainted.isEmpty { ca.taint([]) }
+            return
+        }
+        let authority = ca.activeAuthority
+        let text = String(decoding: data, as: UTF8.self)
+        if text.allSatisfy(\.isWhitespace) {
+            // An empty file is no taint (a Secret key kept with no certificate in it).
+            if !ca.tainted.isEmpty { ca.taint([]) }
+            return
+        }
+        do {
+            let certificates = try TaintedCertificates.load(
+                pem: text, roots: ca.roots,
+                intermediates: [authority.certificate] + authority.intermediates)
+            ca.taint(certificates)
+        } catch {
+            Counter(label: "sds_agent_taint_refused_total").increment()
+            logger.error(
+                "TAINT FILE REFUSED; the taint in force stays",
+                metadata: ["path": "\(path)", "error": "\(error)", "in_force": .number(ca.tainted.fingerprints.count)])
         }
     }
 
@@ -47,6 +92,7 @@ struct CADirectoryWatcher: Sendable {
     /// they are checked (``RevocationLists/accept(_:for:current:now:)``); a list that is refused
     /// leaves the one in force, logged and counted. A removed file withdraws the lists.
     func reloadRevocation() async {
+        guard servesValidationContexts else { return }
         let path = directory + "/" + RootCAStore.CACertsFile.revocation
         let current = ca.revocationLists
         guard let data = FileManager.default.contents(atPath: path) else {
@@ -77,16 +123,18 @@ struct CADirectoryWatcher: Sendable {
         }
     }
 
-    func apply(_ fresh: SigningAuthority) async {
+    /// Takes a new set of CA files: under the roots trusted now it signs at once; under a new
+    /// root it is prepared (published beside the old). Returns true in that case: the caller
+    /// activates it after the delay.
+    func apply(_ fresh: SigningAuthority) -> Bool {
         let active = ca.activeAuthority
         guard fresh.certificate != active.certificate || fresh.intermediates != active.intermediates || fresh.roots != active.roots
-        else { return }
+        else { return false }
         if Set(fresh.roots).isSubset(of: Set(ca.roots)) {
             ca.replaceSigner(with: fresh)
-            return
+            return false
         }
         ca.prepare(fresh)
-        try? await Task.sleep(for: activationDelay)
-        ca.activatePrepared()
+        return true
     }
 }

@@ -182,6 +182,11 @@ package struct CentralCAServer: Service {
             authority: authority, trustDomain: configuration.tokens.trustDomain, logger: logger, additionalRoots: additionalRoots,
             retireAfter: now().addingTimeInterval(configuration.maxCertificateTTL.timeInterval),
             now: now, rootKeyType: configuration.caKeyType, onChange: { change, _ in changeSink.yield(change) })
+        if let directory = configuration.caDirectory {
+            // A taint in force before the first CSR is answered.
+            CADirectoryWatcher(directory: directory, ca: ca, activationDelay: configuration.caActivationDelay, logger: logger, now: now)
+                .reloadTaint()
+        }
         let issuesOwnTLS = servingTLS == nil
         let tls = try servingTLS ?? issueServingTLS(authority: authority, configuration: configuration, now: now())
 
@@ -264,11 +269,18 @@ package struct CentralCAServer: Service {
             loops.append(NamedService("ca rotator") { try await rotator.run() })
         }
         if let directory = configuration.caDirectory {
-            let watcher = CADirectoryWatcher(
+            var watcher = CADirectoryWatcher(
                 directory: directory, ca: ca, activationDelay: configuration.caActivationDelay, logger: logger, now: now)
-            loops.append(NamedService("ca directory watch") { await watcher.run() })
+            watcher.servesValidationContexts = false
+            loops.append(NamedService("ca directory watch") { [watcher] in await watcher.run() })
         }
         loops.append(NamedService("ca change relay") { [self] in await followChanges() })
+        loops.append(NamedService("ca taint gauge") {
+            // A tainted signer with no replacement refuses every CSR: say so to the alerts.
+            let gauge = Gauge(label: "sds_agent_ca_signer_tainted")
+            let clock = ContinuousClock()
+            repeat { gauge.record(ca.signerIsTainted ? 1 : 0) } while (try? await clock.sleep(for: .seconds(1))) != nil
+        })
         let gauge = CAExpiryGauge(notAfter: { ca.activeCertificate.notValidAfter }, now: now, clock: ContinuousClock())
         loops.append(NamedService("ca expiry gauge") { await gauge.run() })
         var reload: (@Sendable () async -> Void)?

@@ -41,6 +41,8 @@ package struct Inspection: Codable, Sendable, Equatable {
         package var streams: Int
         /// Streams per pod (`namespace/name`).
         package var pods: [String: Int]
+        /// Its chain holds a certificate declared compromised (re-issued within the taint window).
+        package var tainted: Bool? = nil
     }
 
     package struct Root: Codable, Sendable, Equatable {
@@ -86,14 +88,15 @@ package struct Inspection: Codable, Sendable, Equatable {
 
     /// Builds the report from the cache, the open streams and the served bundle.
     static func make(
-        agent: Agent, cache: SecretCache, streams: [SPIFFEID: OpenStreams.Entry], bundle: TrustBundle, bundleNames: [String]
+        agent: Agent, cache: SecretCache, streams: [SPIFFEID: OpenStreams.Entry], bundle: TrustBundle, bundleNames: [String],
+        tainted: Set<SPIFFEID> = []
     ) async -> Inspection {
         var identities: [Identity] = await cache.report().map { report in
             let open = streams[report.spiffeID]
             return Identity(
                 spiffeID: report.spiffeID.description, serial: report.serialNumberHex, notBefore: report.notBefore,
                 notAfter: report.notAfter, renewAt: report.renewAt, failures: report.failures, issuing: report.issuing,
-                streams: open?.streams ?? 0, pods: open?.pods ?? [:])
+                streams: open?.streams ?? 0, pods: open?.pods ?? [:], tainted: tainted.contains(report.spiffeID) ? true : nil)
         }
         // Streams of identities not (or no longer) cached still show.
         for (identity, open) in streams where !identities.contains(where: { $0.spiffeID == identity.description }) {
@@ -126,7 +129,9 @@ package struct Inspection: Codable, Sendable, Equatable {
         for identity in identities {
             let pods = identity.pods.sorted { $0.key < $1.key }.map { $0.value > 1 ? "\($0.key) (\($0.value))" : $0.key }
             rows.append([
-                identity.spiffeID, identity.serial ?? (identity.issuing ? "(issuing)" : "-"), date(identity.notAfter),
+                identity.spiffeID,
+                (identity.serial ?? (identity.issuing ? "(issuing)" : "-")) + (identity.tainted == true ? " (TAINTED)" : ""),
+                date(identity.notAfter),
                 identity.failures > 0 ? "\(date(identity.renewAt)) (\(identity.failures) failed)" : date(identity.renewAt),
                 "\(identity.streams)", pods.isEmpty ? "-" : pods.joined(separator: ", "),
             ])
@@ -170,6 +175,7 @@ extension Agent {
                 trustDomain: configuration.trustDomain, ca: ca, ready: reason == nil, notReadyReason: reason,
                 upstreamEndpoints: issuance.upstream?.endpoints.map { .init(endpoint: $0.endpoint, reachable: $0.reachable) }),
             cache: cache, streams: service.openStreams.snapshot, bundle: await cache.trustBundle(),
-            bundleNames: configuration.effectiveValidationContextNames.sorted())
+            bundleNames: configuration.effectiveValidationContextNames.sorted(),
+            tainted: issuance.tainted.isEmpty ? [] : await cache.identities { [issuance] in issuance.isTainted($0) })
     }
 }

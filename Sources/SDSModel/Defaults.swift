@@ -37,6 +37,12 @@ public enum Defaults {
         /// After a root rotation starts, how long old and new roots are both sent before the new
         /// one signs: longer than the time every client takes to fetch the new bundle.
         public static let caActivationDelay: Duration = .seconds(30)
+        /// After a CA certificate is declared compromised, the window over which every leaf under
+        /// it is re-issued (each at a random moment in it, so the CA is not asked for all at once).
+        public static let taintReissueWindow: Duration = .seconds(30)
+        /// How long a tainted root stays in the bundle after the taint, at least (once no leaf the
+        /// agent serves chains to it): other nodes' leaves under it are re-issued meanwhile.
+        public static let taintRootGrace: Duration = .seconds(120)
     }
 
     /// Bounds on streams and connections.

@@ -201,6 +201,30 @@ public actor SecretCache {
         }
     }
 
+    /// Schedules a renewal of every cached certificate `affected` says must go (a chain under a
+    /// tainted CA certificate), each at a random moment within `window` from now, so a mesh of
+    /// agents does not ask its CA for all of them at once; ``maintain()`` renews them and tells
+    /// their streams. Returns how many were scheduled.
+    @discardableResult
+    public func reissue(within window: Duration, where affected: (WorkloadSecret) -> Bool) -> Int {
+        let now = self.now()
+        var scheduled = 0
+        for (identity, entry) in entries {
+            guard let secret = entry.secret, affected(secret) else { continue }
+            let at = now.addingTimeInterval(Double.random(in: 0...max(0, window.timeInterval)))
+            entries[identity]?.renewAt = min(entry.renewAt, at)
+            entries[identity]?.nextAttempt = .distantPast
+            scheduled += 1
+        }
+        return scheduled
+    }
+
+    /// The cached identities whose certificate `affected` says must go (for the taint gauge and
+    /// `inspect`).
+    public func identities(where affected: (WorkloadSecret) -> Bool) -> Set<SPIFFEID> {
+        Set(entries.compactMap { identity, entry in entry.secret.map(affected) == true ? identity : nil })
+    }
+
     /// Renews every cached certificate at the next ``maintain()`` (after the CA changed its signer).
     public func renewAll() {
         for identity in entries.keys {

@@ -103,6 +103,10 @@ public final class UpstreamCA: CertificateIssuer {
         var waiters: [Int: CheckedContinuation<Void, Never>] = [:]
         var expiredWaiters: Set<Int> = []
         var nextWaiter = 0
+        /// What the CA said is tainted in its last answer (`ca serve`'s metadata; none from istiod).
+        var tainted = TaintedCertificates.none
+        /// Tainted roots left out of the bundle once no leaf served chains to them.
+        var dropped: Set<String> = []
     }
 
     private let configuration: Configuration
@@ -186,11 +190,17 @@ public final class UpstreamCA: CertificateIssuer {
                     await withDiscardingTaskGroup { probes in
                         for replica in waiting { probes.addTask { await self.probe(replica) } }
                     }
-                    try? await self.clock.sleep(for: self.replicas.all.allSatisfy { $0.reachable == true } ? .seconds(10) : .seconds(2))
+                    // With every replica answering, one of them is asked every interval anyway:
+                    // its answer says what is tainted, so a taint reaches this agent within it.
+                    if waiting.isEmpty, let replica = self.replicas.next(excluding: []) { await self.probe(replica) }
+                    try? await self.clock.sleep(for: waiting.isEmpty ? Self.taintPollInterval : .seconds(2))
                 }
             }
         }
     }
+
+    /// How often a CA whose replicas all answer is asked anyway, for news of a taint.
+    public static let taintPollInterval: Duration = .seconds(15)
 
     /// Every replica and whether its last call reached it (nil before the first), for `inspect`.
     public var endpoints: [(endpoint: String, reachable: Bool?)] { replicas.all.map { ($0.endpoint, $0.reachable) } }
@@ -206,11 +216,19 @@ public final class UpstreamCA: CertificateIssuer {
         options.timeout = configuration.callTimeout
         let ca = Istio_V1_Auth_IstioCertificateService.Client(wrapping: replica.client)
         do {
-            _ = try await ca.createCertificate(Istio_V1_Auth_IstioCertificateRequest(), metadata: metadata, options: options)
+            let answer = try await ca.createCertificate(Istio_V1_Auth_IstioCertificateRequest(), metadata: metadata, options: options) {
+                response in
+                // A refusal (what a probe gets) is thrown here, with the CA's trailers.
+                _ = try response.message
+                return response.metadata
+            }
+            learnTaint(from: answer, answered: true)
             markReachable(replica, true, error: nil)
         } catch let error as RPCError where [.unavailable, .deadlineExceeded, .cancelled, .unknown].contains(error.code) {
+            learnTaint(from: error.metadata, answered: false)
             markReachable(replica, false, error: unreachable(error, replica))
-        } catch is RPCError {
+        } catch let error as RPCError {
+            learnTaint(from: error.metadata, answered: true)
             markReachable(replica, true, error: nil)
         } catch {
             markReachable(replica, false, error: IssuanceError(code: .unavailable, message: "\(error)"))
@@ -244,7 +262,58 @@ public final class UpstreamCA: CertificateIssuer {
         if state.withLock({ $0.roots.isEmpty }) {
             await waitForRoots(upTo: configuration.issueDeadline)
         }
-        return TrustBundle(roots: state.withLock { $0.roots }, trustDomain: configuration.trustDomain)
+        return TrustBundle(roots: servedRoots, trustDomain: configuration.trustDomain)
+    }
+
+    /// The CA's roots less the tainted ones dropped (``dropTaintedRoots()``).
+    private var servedRoots: [Certificate] {
+        state.withLock { state in state.roots.filter { !state.dropped.contains(TaintedCertificates.fingerprint($0)) } }
+    }
+
+    /// The roots the CA sent last (tainted ones included), for the taint check of a chain.
+    public var roots: [Certificate] { state.withLock { $0.roots } }
+
+    /// The certificates the CA said are tainted in its last answer.
+    public var tainted: TaintedCertificates { state.withLock { $0.tainted } }
+
+    /// Leaves tainted roots out of the bundle while a clean one is there; returns whether that
+    /// changed it. Called once no leaf served chains to them.
+    @discardableResult
+    public func dropTaintedRoots() -> Bool {
+        let changed = state.withLock { state -> Bool in
+            let tainted = state.roots.filter(state.tainted.contains).map(TaintedCertificates.fingerprint)
+            guard !tainted.isEmpty, state.roots.contains(where: { !state.tainted.contains($0) }) else { return false }
+            let before = state.dropped
+            state.dropped.formUnion(tainted)
+            return state.dropped != before
+        }
+        if changed {
+            logger.notice("upstream CA taint: tainted root(s) left out of the trust bundle; no leaf served chains to them")
+            onChange(.bundleChanged)
+        }
+        return changed
+    }
+
+    /// Takes the taint the CA announced in an answer's metadata. `answered`: the CA itself
+    /// answered (so no key means no taint); otherwise only a value present counts.
+    private func learnTaint(from metadata: Metadata, answered: Bool) {
+        let value = metadata[stringValues: TaintedCertificates.metadataKey].first(where: { _ in true })
+        guard value != nil || answered else { return }
+        guard let announced = value.map({ TaintedCertificates(metadataValue: $0) }) ?? TaintedCertificates.none else {
+            logger.debug("upstream CA: ignored a malformed taint announcement")
+            return
+        }
+        let changed = state.withLock { state -> Bool in
+            guard state.tainted != announced else { return false }
+            state.tainted = announced
+            state.dropped = state.dropped.intersection(announced.fingerprints)
+            return true
+        }
+        guard changed else { return }
+        logger.notice(
+            announced.isEmpty ? "upstream CA taint cleared" : "upstream CA taint: the CA declared certificates compromised; leaves under them are re-issued",
+            metadata: ["fingerprints": .list(announced.fingerprints.sorted())])
+        onChange(.taintChanged)
     }
 
     public func issue(csr: CertificateSigningRequest, for identity: SPIFFEID, ttl: Duration, credential: CallerCredential?)
@@ -376,12 +445,18 @@ public final class UpstreamCA: CertificateIssuer {
         options.waitForReady = false
         let ca = Istio_V1_Auth_IstioCertificateService.Client(wrapping: replica.client)
         do {
-            return try await ca.createCertificate(request, metadata: metadata, options: options).certChain
+            let (chain, answered) = try await ca.createCertificate(request, metadata: metadata, options: options) { response in
+                (try response.message.certChain, response.metadata)
+            }
+            learnTaint(from: answered, answered: true)
+            return chain
         } catch let error as RPCError {
             switch error.code {
             case .unauthenticated, .permissionDenied, .invalidArgument, .failedPrecondition:
+                learnTaint(from: error.metadata, answered: true)
                 throw IssuanceError(code: .callerRefused, message: "the upstream CA refused: \(error.code): \(error.message)")
             default:
+                learnTaint(from: error.metadata, answered: false)
                 throw unreachable(error, replica)
             }
         } catch {

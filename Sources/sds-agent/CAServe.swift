@@ -16,7 +16,7 @@ import SDSModel
 struct CA: AsyncParsableCommand {
     static let configuration = CommandConfiguration(
         abstract: "A central CA speaking Istio's CSR API, for agents in --upstream-ca mode.",
-        subcommands: [CAServe.self, CAInit.self])
+        subcommands: [CAServe.self, CAInit.self, CATaint.self])
 }
 
 /// `sds-agent ca serve`: its flags are a public contract (scripts, manifests).

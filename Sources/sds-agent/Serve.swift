@@ -86,6 +86,12 @@ struct Serve: AsyncParsableCommand {
     @Option(help: ArgumentHelp("After a manual CA rotation (SIGUSR1), publish old + new roots this long before switching, e.g. 30s.", valueName: "duration"))
     var caActivationDelay: Duration = Defaults.Certificates.caActivationDelay
 
+    @Option(help: ArgumentHelp("When a CA certificate is declared compromised (tainted-certs.pem in the CA directory, or announced by the upstream CA), re-issue every leaf under it at random moments within this window, e.g. 30s.", valueName: "duration"))
+    var taintReissueWindow: Duration = Defaults.Certificates.taintReissueWindow
+
+    @Option(help: ArgumentHelp("After a taint, keep a tainted root in the trust bundle at least this long (and until no leaf served chains to it), so leaves other nodes still hold under it verify meanwhile, e.g. 2m.", valueName: "duration"))
+    var taintRootGrace: Duration = Defaults.Certificates.taintRootGrace
+
     @Option(help: "Only callers in these namespaces get identities (repeatable; 'team-*' matches a prefix).")
     var allowNamespace: [String] = []
 
@@ -197,6 +203,8 @@ struct Serve: AsyncParsableCommand {
         configuration.idleTTL = idleTtl
         configuration.tokenExpiryMargin = tokenExpiryMargin
         configuration.caActivationDelay = caActivationDelay
+        configuration.taintReissueWindow = taintReissueWindow
+        configuration.taintRootGrace = taintRootGrace
         configuration.authorization = AuthorizationPolicy(
             allowNamespaces: allowNamespace, denyNamespaces: denyNamespace,
             allowServiceAccounts: allowServiceAccount, denyServiceAccounts: denyServiceAccount)

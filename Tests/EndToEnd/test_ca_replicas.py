@@ -50,13 +50,17 @@ def publish(secret, version, source):
             os.symlink(os.path.join("..data", name), path)
 
 
-def start_replica(workdir, secret, jwks, host, port):
+def start_replica(workdir, secret, jwks, host, port, activation_delay="3s"):
     name = f"ca-{host}"
+    log = os.path.join(workdir, f"{name}.log")
+    # A restarted replica appends to the same log: wait for a line of its own.
+    earlier = open(log).read().count("serving Istio's CSR API") if os.path.exists(log) else 0
     process = Process(name, [AGENT_BIN, "ca", "serve", "--listen", f"{host}:{port}", "--trust-domain", "cluster.local",
                              "--jwks", jwks, "--ca-dir", secret, "--server-name", "ca.mesh.test",
-                             "--ca-activation-delay", "3s"],
+                             "--ca-activation-delay", activation_delay],
                       os.path.join(workdir, f"{name}.log"))
-    wait_until(lambda: "serving Istio's CSR API" in process.output() or not process.alive(), 30, f"{name} listening")
+    wait_until(lambda: process.output().count("serving Istio's CSR API") > earlier or not process.alive(), 30,
+               f"{name} listening")
     assert process.alive(), process.output()
     return process
 
@@ -66,7 +70,8 @@ def issued_serials(process):
 
 
 def served_leaf_issuer(node, signer, account):
-    """The issuer of the leaf the agent serves for demo/`account` (its chain's first certificate)."""
+    """The issuer name of the leaf the agent serves for demo/`account`, and the chain (leaf first).
+    `ca init` names every intermediate alike: compare the chain's certificates, not names."""
     resources = fetch(node, signer.token("demo", account, audience="istio-ca")).resources
     secret = secret_pb2.Secret()
     resources[0].Unpack(secret)
@@ -170,7 +175,7 @@ def test_replicas_over_one_secret_are_one_ca_and_agents_balance_fail_over_and_re
         # Balanced: renewals (every ~5 s) reach every replica; all sign under the one root.
         wait_until(lambda: all(issued_serials(r) for r in replicas.values()), 40, "every replica to sign a renewal")
         (v1,) = x509.load_pem_x509_certificates(open(os.path.join(source, "ca-cert.pem"), "rb").read())
-        assert served_leaf_issuer(a, signer, "backend")[0] == v1.subject
+        assert served_leaf_issuer(a, signer, "backend")[1][1] == v1
 
         # The intermediate rotated through the Secret, under traffic: every replica signs with
         # the new one and presents a TLS certificate under it; leaves follow.
@@ -181,7 +186,7 @@ def test_replicas_over_one_secret_are_one_ca_and_agents_balance_fail_over_and_re
             wait_until(lambda: "TLS certificate issued again under the new CA" in replica.output(), 30,
                        "each replica to follow the Secret")
         (v2,) = x509.load_pem_x509_certificates(open(os.path.join(rotated, "ca-cert.pem"), "rb").read())
-        wait_until(lambda: served_leaf_issuer(b, signer, "frontend")[0] == v2.subject, 30, "leaves under the new intermediate")
+        wait_until(lambda: served_leaf_issuer(b, signer, "frontend")[1][1] == v2, 30, "leaves under the new intermediate")
 
         # A rolling update: each replica stopped (SIGTERM) and started again in turn, renewals on.
         for host in HOSTS:
@@ -297,7 +302,7 @@ def test_a_root_rotated_through_the_secret_reaches_every_envoy_with_no_restart_a
             wait_until(lambda: "TLS certificate issued again under the new CA" in replica.output(), 30,
                        "each replica signing under the new root")
         (new_intermediate,) = x509.load_pem_x509_certificates(open(os.path.join(v2, "ca-cert.pem"), "rb").read())
-        wait_until(lambda: served_leaf_issuer(node, signer, "frontend")[0] == new_intermediate.subject, 30,
+        wait_until(lambda: served_leaf_issuer(node, signer, "frontend")[1][1] == new_intermediate, 30,
                    "leaves under the new root")
 
         # A replica restarted now presents a TLS certificate under the new root only; the agent,
@@ -334,5 +339,144 @@ def test_a_root_rotated_through_the_secret_reaches_every_envoy_with_no_restart_a
         print(f"root rotation: {result[200]} requests, 0 failed")
     finally:
         node.stop_all()
+        for replica in replicas.values():
+            replica.stop()
+
+
+def publish_files(secret, version, files):
+    """A Secret update with these files (name → bytes)."""
+    data = os.path.join(secret, f"..{version}")
+    os.makedirs(data)
+    for name, content in files.items():
+        with open(os.path.join(data, name), "wb") as f:
+            f.write(content)
+        os.chmod(os.path.join(data, name), 0o600 if name == "ca-key.pem" else 0o644)
+    tmp = os.path.join(secret, "..data_tmp")
+    os.symlink(f"..{version}", tmp)
+    os.replace(tmp, os.path.join(secret, "..data"))
+    for name in files:
+        path = os.path.join(secret, name)
+        if not os.path.islink(path):
+            os.symlink(os.path.join("..data", name), path)
+    for name in os.listdir(secret):
+        if not name.startswith("..") and name not in files:
+            os.unlink(os.path.join(secret, name))
+
+
+def read_files(directory):
+    return {name: open(os.path.join(directory, name), "rb").read() for name in FILES}
+
+
+def leaf_chain(node, signer, account):
+    return served_leaf_issuer(node, signer, account)[1]
+
+
+def test_a_taint_at_the_central_ca_reaches_every_node_and_every_leaf_under_it_is_replaced_with_no_failed_request(workdir):
+    """SPIRE's forced rotation, through `ca serve --ca-dir` replicas: the Secret gets a new
+    intermediate and `tainted-certs.pem` naming the old one (written by `sds-agent ca taint`).
+    The replicas sign with the new one; the agents on two nodes learn the taint from the replicas'
+    answers (their probe asks every 15 s) and re-issue every leaf under the old intermediate
+    within --taint-reissue-window; live mTLS between the nodes never fails. Then a root: its
+    replacement prepared first, then tainted; the old root leaves every Envoy's bundle."""
+    v1 = os.path.join(workdir, "ca-v1")
+    assert ca_init(v1).returncode == 0
+    root_key = v1 + "-root-key.pem"
+    secret = os.path.join(workdir, "secret")
+    os.makedirs(secret)
+    publish(secret, 1, v1)
+    bundle = os.path.join(workdir, "bundle.pem")
+    shutil.copy(os.path.join(v1, "root-cert.pem"), bundle)
+    signer = TokenSigner()
+    jwks = signer.write_jwks(os.path.join(workdir, "jwks.json"))
+    port = free_port()
+    hosts = HOSTS[:2]
+    replicas = {host: start_replica(workdir, secret, jwks, host, port) for host in hosts}
+    nodes = []
+    try:
+        for name in ("a", "b"):
+            node = Node(os.path.join(workdir, name), AGENT_BIN, ENVOY_BIN)
+            node.signer = signer
+            node.jwks = jwks
+            node.start_agent("--upstream-ca", ",".join(f"{h}:{port}" for h in hosts), "--upstream-ca-bundle", bundle,
+                             "--upstream-ca-server-name", "ca.mesh.test", "--audience", "istio-ca", "--cert-ttl", "1h",
+                             "--taint-reissue-window", "10s", "--taint-root-grace", "20s", "--metrics-address", "127.0.0.1:0")
+            nodes.append(node)
+        a, b = nodes
+        app = a.start_app("backend")
+        backend = a.start_envoy("backend", a.token_file("backend", "demo", "backend", audience="istio-ca"),
+                                app_port=app, allow_ids=[f"{TD}/ns/demo/sa/frontend"])
+        frontend = b.start_envoy("frontend", b.token_file("frontend", "demo", "frontend", audience="istio-ca"),
+                                 upstream_port=backend.inbound_port, upstream_ids=[f"{TD}/ns/demo/sa/backend"])
+        assert frontend.get("/hello")[0] == 200
+        load = Load(frontend)
+        envoys = ((a, backend, "backend"), (b, frontend, "frontend"))
+        (int1,) = x509.load_pem_x509_certificates(open(os.path.join(v1, "ca-cert.pem"), "rb").read())
+
+        # 1. A new intermediate and the old one tainted, in one Secret update.
+        v2 = os.path.join(workdir, "ca-v2")
+        assert ca_init(v2, "--root-cert", os.path.join(v1, "root-cert.pem"), "--root-key", root_key).returncode == 0
+        staged = os.path.join(workdir, "staged")
+        shutil.copytree(v2, staged)
+        tainted = subprocess.run([AGENT_BIN, "ca", "taint", staged, os.path.join(v1, "ca-cert.pem")],
+                                 capture_output=True, text=True, timeout=30)
+        assert tainted.returncode == 0, tainted.stderr
+        files = read_files(v2)
+        files["tainted-certs.pem"] = open(os.path.join(staged, "tainted-certs.pem"), "rb").read()
+        tainted_at = time.monotonic()
+        publish_files(secret, 2, files)
+        (int2,) = x509.load_pem_x509_certificates(open(os.path.join(v2, "ca-cert.pem"), "rb").read())
+
+        def clean():
+            chains = {account: leaf_chain(node, signer, account) for node, _, account in envoys}
+            return all(chains[account][1] == int2 and
+                       int(next(iter(envoy.serials_for(f"{TD}/ns/demo/sa/{account}"))), 16) == chains[account][0].serial_number
+                       for _, envoy, account in envoys)
+        wait_until(clean, 60, "every Envoy holding a leaf under the new intermediate")
+        took = time.monotonic() - tainted_at
+        print(f"taint of an intermediate: every Envoy on two nodes clean {took:.1f} s after the Secret update")
+        for node in nodes:
+            wait_until(lambda: node.agent_metrics().get("sds_agent_tainted_leaves") == 0, 20, "no tainted leaf counted")
+            assert "upstream CA taint: the CA declared certificates compromised" in node.agent.output()
+        assert int1 != int2
+
+        # 2. A root: the replacement prepared (both roots in root-cert.pem, a long activation
+        #    delay), then the old root tainted: the new one signs at once, leaves move, and the old
+        #    root leaves every Envoy's bundle once no leaf chains to it (after the grace).
+        v3 = os.path.join(workdir, "ca-v3")
+        assert ca_init(v3).returncode == 0
+        files = read_files(v3)
+        files["root-cert.pem"] += open(os.path.join(v1, "root-cert.pem"), "rb").read()
+        # A long activation delay, so only the taint can make the new root sign early.
+        for host in hosts:
+            replicas[host].stop()
+            replicas[host] = start_replica(workdir, secret, jwks, host, port, activation_delay="600s")
+        publish_files(secret, 3, {**files, "tainted-certs.pem": b""})
+        # An agent learns new roots from the CA's answers to CSRs (with 1 h certificates, none
+        # are due yet): one new identity per node brings them.
+        for replica in replicas.values():
+            wait_until(lambda: "the new root is in the trust bundle" in replica.output(), 30, "each replica to publish the new root")
+        for node in nodes:
+            assert len(fetch(node, signer.token("demo", "newcomer", audience="istio-ca"), ("default",)).resources) == 1
+            wait_until(lambda: "roots=2" in node.agent.output(), 30, "the agent to hear the new root")
+        envoy_roots = lambda e: {cert["serial_number"] for entry in __import__("json").loads(e.admin("/certs")[1])["certificates"]  # noqa: E731
+                                 for cert in entry.get("ca_cert", [])}
+        wait_until(lambda: all(len(envoy_roots(e)) == 2 for _, e, _ in envoys), 60, "old + new roots on every Envoy")
+        (old_root,) = x509.load_pem_x509_certificates(open(os.path.join(v1, "root-cert.pem"), "rb").read())
+        files["tainted-certs.pem"] = old_root.public_bytes(Encoding.PEM)
+        publish_files(secret, 4, files)
+        (int3,) = x509.load_pem_x509_certificates(open(os.path.join(v3, "ca-cert.pem"), "rb").read())
+
+        def moved():
+            return all(leaf_chain(node, signer, account)[1] == int3 for node, _, account in envoys)
+        wait_until(moved, 60, "leaves under the new root")
+        old_serial = format(old_root.serial_number, "x")
+        wait_until(lambda: all(old_serial.lstrip("0") not in {s.lstrip("0") for s in envoy_roots(e)}
+                               for _, e, _ in envoys), 90, "the tainted root gone from every Envoy")
+        result = load.stop()
+        assert set(result) == {200} and result[200] > 20, (result, load.errors)
+        print(f"taint: {result[200]} requests across two nodes, 0 failed")
+    finally:
+        for node in nodes:
+            node.stop_all()
         for replica in replicas.values():
             replica.stop()

@@ -224,3 +224,35 @@ final class FlakyIssuer: CertificateIssuer, @unchecked Sendable {
         #expect(await cache.issuedCertificates == 0)
     }
 }
+
+/// A taint (issue 24): the leaves it names are scheduled within the window, spread, and renewed.
+@Suite struct SecretCacheTaintTests {
+    @Test func affectedLeavesAreReissuedAtRandomMomentsWithinTheWindowAndNoOthers() async throws {
+        let clock = ManualClock()
+        let ca = TestPKI.ca(now: { clock.now })
+        let cache = SecretCache(
+            issuer: ca, configuration: .init(certificateTTL: .seconds(3600)), logger: TestPKI.quietLogger, now: { clock.now })
+        let ids = (0..<20).map { TestPKI.identity("demo", "sa-\($0)") }
+        var before: [SPIFFEID: String] = [:]
+        for id in ids { before[id] = try await cache.workloadSecret(for: id).serialNumberHex }
+        // Half of them "chain to a tainted certificate".
+        let affected = Set(ids.prefix(10))
+        let isAffected: @Sendable (WorkloadSecret) -> Bool = { affected.contains($0.spiffeID) }
+        #expect(await cache.identities(where: isAffected) == affected)
+
+        let start = clock.now
+        #expect(await cache.reissue(within: .seconds(30), where: isAffected) == 10)
+        let renewAt = await cache.report().filter { affected.contains($0.spiffeID) }.compactMap(\.renewAt)
+        #expect(renewAt.count == 10 && renewAt.allSatisfy { $0 >= start && $0 <= start.addingTimeInterval(30) })
+        #expect(Set(renewAt).count > 1, "spread, not all at once")
+        let others = await cache.report().filter { !affected.contains($0.spiffeID) }.compactMap(\.renewAt)
+        #expect(others.allSatisfy { $0 > start.addingTimeInterval(600) }, "untouched")
+
+        clock.advance(31)
+        await cache.maintain()
+        for id in ids {
+            let serial = try await cache.workloadSecret(for: id).serialNumberHex
+            #expect((serial != before[id]) == affected.contains(id))
+        }
+    }
+}
