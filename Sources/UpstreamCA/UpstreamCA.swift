@@ -107,6 +107,10 @@ public final class UpstreamCA: CertificateIssuer {
         var tainted = TaintedCertificates.none
         /// Tainted roots left out of the bundle once no leaf served chains to them.
         var dropped: Set<String> = []
+        /// The roots of each replica's last answer, and when: the bundle is their union, so
+        /// replicas that see different CA directories for a moment (a Secret update reaching pods
+        /// one by one) do not make it flap.
+        var rootsByReplica: [String: (roots: [Certificate], at: Date)] = [:]
     }
 
     private let configuration: Configuration
@@ -359,7 +363,7 @@ public final class UpstreamCA: CertificateIssuer {
                     $0.refusalBeforeAnyIssue = nil
                 }
                 markReachable(replica, true, error: nil)
-                adopt(roots: roots)
+                adopt(roots: roots, from: replica.endpoint)
                 return chain
             } catch {
                 switch error.code {
@@ -498,13 +502,30 @@ public final class UpstreamCA: CertificateIssuer {
 
     // MARK: - Bundle and reachability
 
-    private func adopt(roots: [Certificate]) {
-        let (changed, waiters) = state.withLock { state -> (Bool, [CheckedContinuation<Void, Never>]) in
+    /// A replica's answer older than this no longer holds a root in the bundle.
+    static let answerMemory: TimeInterval = 600
+
+    /// Takes the roots of `endpoint`'s answer. The bundle is the union of the last answers of the
+    /// replicas that answer (each within ``answerMemory``), this one's first: a root leaves once no replica
+    /// sends it any more, not when one replica that has not seen the update yet answers.
+    private func adopt(roots answered: [Certificate], from endpoint: String) {
+        // A replica that does not answer now holds nothing in the bundle.
+        let current = Set(replicas.all.filter { $0.reachable != false }.map(\.endpoint))
+        let now = self.now()
+        let (changed, waiters, roots) = state.withLock { state -> (Bool, [CheckedContinuation<Void, Never>], [Certificate]) in
             let waiters = Array(state.waiters.values)
             state.waiters = [:]
-            guard Set(roots) != Set(state.roots) else { return (false, waiters) }
-            state.roots = roots
-            return (true, waiters)
+            state.rootsByReplica[endpoint] = (answered, now)
+            state.rootsByReplica = state.rootsByReplica.filter {
+                current.contains($0.key) && now.timeIntervalSince($0.value.at) < Self.answerMemory
+            }
+            var union = answered
+            for (_, entry) in state.rootsByReplica.sorted(by: { $0.key < $1.key }) {
+                for root in entry.roots where !union.contains(root) { union.append(root) }
+            }
+            guard Set(union) != Set(state.roots) else { return (false, waiters, union) }
+            state.roots = union
+            return (true, waiters, union)
         }
         for waiter in waiters { waiter.resume() }
         guard changed else { return }

@@ -480,3 +480,54 @@ def test_a_taint_at_the_central_ca_reaches_every_node_and_every_leaf_under_it_is
             node.stop_all()
         for replica in replicas.values():
             replica.stop()
+
+
+def test_replicas_that_see_different_directories_mid_update_do_not_make_the_agents_bundle_flap(workdir):
+    """A Secret update reaches the replicas' pods one by one: for a while one replica signs under
+    the old root and sends only it, another already sends the new root too. The agent's bundle is
+    the union of its replicas' last answers, so it changes once (the new root added) and stays,
+    however the renewals alternate between them; traffic never fails."""
+    v1 = os.path.join(workdir, "ca-v1")
+    assert ca_init(v1).returncode == 0
+    v2 = os.path.join(workdir, "ca-v2")
+    assert ca_init(v2).returncode == 0
+    with open(os.path.join(v2, "root-cert.pem"), "ab") as f:
+        f.write(open(os.path.join(v1, "root-cert.pem"), "rb").read())
+    old, new = os.path.join(workdir, "secret-old"), os.path.join(workdir, "secret-new")
+    os.makedirs(old)
+    os.makedirs(new)
+    publish(old, 1, v1)
+    publish(new, 1, v2)
+    bundle = os.path.join(workdir, "bundle.pem")
+    with open(bundle, "wb") as f:
+        f.write(open(os.path.join(v2, "root-cert.pem"), "rb").read())
+    signer = TokenSigner()
+    jwks = signer.write_jwks(os.path.join(workdir, "jwks.json"))
+    port = free_port()
+    replicas = {"127.0.0.1": start_replica(workdir, old, jwks, "127.0.0.1", port),
+                "127.0.0.2": start_replica(workdir, new, jwks, "127.0.0.2", port)}
+    node = Node(os.path.join(workdir, "node"), AGENT_BIN, ENVOY_BIN)
+    node.signer = signer
+    node.jwks = jwks
+    try:
+        node.start_agent("--upstream-ca", f"127.0.0.1:{port},127.0.0.2:{port}", "--upstream-ca-bundle", bundle,
+                         "--upstream-ca-server-name", "ca.mesh.test", "--audience", "istio-ca", "--cert-ttl", "10s")
+        app = node.start_app("backend")
+        backend = node.start_envoy("backend", node.token_file("backend", "demo", "backend", audience="istio-ca"),
+                                   app_port=app, allow_ids=[f"{TD}/ns/demo/sa/frontend"])
+        frontend = node.start_envoy("frontend", node.token_file("frontend", "demo", "frontend", audience="istio-ca"),
+                                    upstream_port=backend.inbound_port, upstream_ids=[f"{TD}/ns/demo/sa/backend"])
+        load = Load(frontend)
+        # Renewals every ~5 s per identity, round-robin over the two: both replicas sign repeatedly.
+        wait_until(lambda: all(len(issued_serials(r)) >= 3 for r in replicas.values()), 60, "renewals from both replicas")
+        changes = node.agent.output().count("trust bundle changed")
+        assert changes <= 2, f"the bundle changed {changes} times: it flapped"
+        assert "roots=2" in node.agent.output()
+        result = load.stop()
+        assert set(result) == {200} and result[200] > 20, (result, load.errors)
+        print(f"mid-update: {changes} bundle change(s) over {sum(len(issued_serials(r)) for r in replicas.values())} "
+              f"renewals from two replicas that disagree; {result[200]} requests, 0 failed")
+    finally:
+        node.stop_all()
+        for replica in replicas.values():
+            replica.stop()
