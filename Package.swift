@@ -295,7 +295,8 @@ let package = Package(
         .executableTarget(
             name: "sds-agent-bench",
             dependencies: [
-                "EnvoyAPI", "TestSupport", "SDSAgent",
+                "EnvoyAPI", "TestSupport", "SDSAgent", "IstioAPI", "CertificateAuthority", "SDSModel",
+                .product(name: "X509", package: "swift-certificates"),
                 .product(name: "ArgumentParser", package: "swift-argument-parser"),
                 .product(name: "GRPCCore", package: "grpc-swift-2"),
                 .product(name: "GRPCNIOTransportHTTP2", package: "grpc-swift-nio-transport"),

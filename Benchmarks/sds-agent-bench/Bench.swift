@@ -71,6 +71,27 @@ struct Bench: AsyncParsableCommand {
     @Option(help: "Restarts of the agent on its state directory, timed from exec to the first certificate served.")
     var startRuns = 5
 
+    @Flag(help: "Instead of the phases above: Istio's CSR API of `ca serve` (throughput and CPU per CSR of one replica next to its ECDSA work and to a no-work server, a burst from simulated agents over three replicas, and a storm through an agent in upstream mode).")
+    var csrApi = false
+
+    @Option(help: "With --csr-api: CSRs timed against one replica.")
+    var csrs = 5000
+
+    @Option(help: "With --csr-api: CSRs in the burst over three replicas.")
+    var burst = 10000
+
+    @Option(help: "With --csr-api: simulated agents in the burst (one connection to each replica each).")
+    var simulatedAgents = 20
+
+    @Option(help: "With --csr-api: identities at once through one agent in upstream mode.")
+    var upstreamStorm = 1000
+
+    @Option(help: .hidden)
+    var floorCa: String?
+
+    @Option(help: .hidden)
+    var floorCaDir: String?
+
     @Option(help: .hidden)
     var floorServer: String?
 
@@ -80,6 +101,10 @@ struct Bench: AsyncParsableCommand {
     func run() async throws {
         if let floorServer, let floorResponse {
             try await FloorService.serve(socket: floorServer, responseFile: floorResponse)
+            return
+        }
+        if let floorCa, let floorCaDir {
+            try await FloorCA.serve(listen: floorCa, directory: floorCaDir)
             return
         }
         let sizes = smoke
@@ -93,6 +118,15 @@ struct Bench: AsyncParsableCommand {
         try tokens.jwksJSON().write(to: URL(fileURLWithPath: jwks))
         let socket = dir + "/sds.sock"
         var report = Report(smoke: smoke, commit: commit, sign: signPerSecond, verify: verifyPerSecond)
+        if csrApi {
+            let bench = CSRBench(agent: agent, dir: dir, tokens: tokens, sign: signPerSecond ?? .nan, verify: verifyPerSecond ?? .nan)
+            let sizes = smoke
+                ? CSRBench.Sizes(csrs: 200, burst: 300, agents: 4, storm: 100, concurrency: concurrency)
+                : CSRBench.Sizes(csrs: csrs, burst: burst, agents: simulatedAgents, storm: upstreamStorm, concurrency: concurrency)
+            try await bench.run(sizes, report: &report)
+            try report.emit(to: jsonOut)
+            return
+        }
 
         let serveArguments = [
             "serve", "--socket", socket, "--jwks", jwks, "--state-dir", dir + "/state", "--log-level", storm == nil ? "error" : "warning",
