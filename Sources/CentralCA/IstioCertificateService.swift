@@ -125,7 +125,7 @@ public struct IstioCertificateService: Istio_V1_Auth_IstioCertificateService.Ser
         do {
             // Leaf first, then intermediates, then every trusted root in one element (last), as
             // istiod sends its root bundle: an agent learns a prepared root before it signs.
-            response.certChain = try chain.map { try $0.pem() } + [ca.roots.map { try $0.pem() }.joined()]
+            response.certChain = try chain.map { try $0.pem() } + [ca.rootsPEM]
         } catch {
             throw RPCError(code: .internalError, message: "cannot encode the certificate")
         }

@@ -36,6 +36,9 @@ public final class EmbeddedCA: CertificateIssuer {
         var revocation: [RevocationList] = []
         /// Certificates declared compromised (`tainted-certs.pem`).
         var tainted = TaintedCertificates.none
+        /// The PEM of the roots last asked for, kept while they are the roots (every CSR answer
+        /// carries it).
+        var rootsPEM: (roots: [Certificate], pem: String)?
 
         var roots: [Certificate] {
             var all = active.roots + (prepared?.roots ?? []) + retiring.map(\.root)
@@ -82,6 +85,17 @@ public final class EmbeddedCA: CertificateIssuer {
 
     /// Every root currently trusted.
     public var roots: [Certificate] { state.withLock { $0.roots } }
+
+    /// The roots' PEM, one after the other (encoded once per set of roots).
+    public var rootsPEM: String {
+        state.withLock { state in
+            let roots = state.roots
+            if let cached = state.rootsPEM, cached.roots == roots { return cached.pem }
+            let pem = roots.compactMap { try? $0.pem() }.joined()
+            state.rootsPEM = (roots, pem)
+            return pem
+        }
+    }
 
     public func trustBundle() async -> TrustBundle {
         let (roots, lists, active) = state.withLock { ($0.roots, $0.revocation, $0.active) }

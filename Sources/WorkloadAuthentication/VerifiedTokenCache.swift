@@ -63,11 +63,13 @@ final class VerifiedTokenCache: Sendable {
         state.withLock { state in
             if state.entries.count >= capacity {
                 state.entries = state.entries.filter { now < $0.value.validUntil }
-            }
-            // Still full of live tokens: make room at random rather than grow (a flood of distinct
-            // valid tokens is bounded by what the API server signed).
-            while state.entries.count >= capacity, let victim = state.entries.keys.randomElement() {
-                state.entries[victim] = nil
+                // Still full of live tokens: make room for an eighth of the capacity at once, in
+                // the dictionary's (hash, so arbitrary) order, rather than grow (a flood of
+                // distinct valid tokens is bounded by what the API server signed). Once per
+                // eighth: the sweep above is not paid on every insert of a full cache.
+                if state.entries.count >= capacity {
+                    for victim in Array(state.entries.keys.prefix(max(1, capacity / 8))) { state.entries[victim] = nil }
+                }
             }
             state.entries[key] = entry
         }
