@@ -331,31 +331,19 @@ public final class UpstreamCA: CertificateIssuer {
         }
         // No token to send is not the CA's fault and does not pass by retrying now.
         let token = try bearerToken(for: credential)
-        let started = ContinuousClock.now
-        let deadline = started + configuration.issueDeadline
-        var attempt = 0
-        var round = 0
-        // Replicas tried in this round: a transient failure moves on to the next one at once;
-        // once all were tried, a pause (backoff with jitter) and a new round.
-        var tried = Set<String>()
+        var attempts = Attempts(deadline: ContinuousClock.now + configuration.issueDeadline)
         while true {
-            guard let replica = replicas.next(excluding: tried) else {
-                round += 1
-                tried = []
-                let base = min(2.0, 0.2 * pow(2, Double(round - 1)))
-                let pause = Duration.milliseconds(Int64(Double.random(in: base / 2...base) * 1000))
-                guard ContinuousClock.now + pause < deadline - .milliseconds(200) else {
-                    throw IssuanceError(
-                        code: .unavailable,
-                        message: "the upstream CA \(configuration.endpointsText) did not answer in \(attempt) attempt(s) over \(started.duration(to: .now)): \(lastFailure(of: replicas.all))")
+            guard let replica = replicas.next(excluding: attempts.tried) else {
+                // Every replica was tried in this round: a pause (backoff with jitter), a new round.
+                guard let pause = attempts.nextRound() else {
+                    throw attempts.outOfTime(configuration.endpointsText, lastFailure(of: replicas.all))
                 }
                 try? await Task.sleep(for: pause)
                 continue
             }
-            attempt += 1
-            tried.insert(replica.endpoint)
+            attempts.begin(replica.endpoint)
             do {
-                let chainPEM = try await call(request, token: token, timeout: min(configuration.callTimeout, deadline - .now), on: replica)
+                let chainPEM = try await call(request, token: token, timeout: min(configuration.callTimeout, attempts.deadline - .now), on: replica)
                 let (chain, roots) = try await verify(answer: chainPEM, for: identity, key: csr.publicKey)
                 metrics.ok.increment()
                 state.withLock {
@@ -366,31 +354,67 @@ public final class UpstreamCA: CertificateIssuer {
                 adopt(roots: roots, from: replica.endpoint)
                 return chain
             } catch {
-                switch error.code {
-                case .unavailable:
-                    metrics.unavailable.increment()
-                    markReachable(replica, false, error: error)
-                    guard ContinuousClock.now < deadline - .milliseconds(200) else {
-                        throw IssuanceError(
-                            code: .unavailable,
-                            message: "the upstream CA \(configuration.endpointsText) did not answer in \(attempt) attempt(s) over \(started.duration(to: .now)): \(error.message)")
-                    }
-                case .verificationFailed:
-                    metrics.invalid.increment()
-                    markReachable(replica, true, error: nil)
-                    logger.error(
-                        "upstream CA: REFUSED ITS ANSWER; no certificate issued",
-                        metadata: ["spiffe_id": "\(identity)", "reason": "\(error.message)", "endpoint": "\(replica.endpoint)"])
-                    throw error
-                default:
-                    metrics.refused.increment()
-                    if error.code == .callerRefused, configuration.credentialMode == .forward {
-                        state.withLock { if $0.issued == 0 { $0.refusalBeforeAnyIssue = error.message } }
-                    }
-                    markReachable(replica, true, error: nil)
-                    throw error
+                // A transient failure moves on to the next replica at once; the rest is final.
+                try settle(error, of: replica, for: identity)
+                guard ContinuousClock.now < attempts.deadline - .milliseconds(200) else {
+                    throw attempts.outOfTime(configuration.endpointsText, error.message)
                 }
             }
+        }
+    }
+
+    /// One issuance's attempts over the replicas: rounds, each trying every replica once.
+    private struct Attempts {
+        let started = ContinuousClock.now
+        let deadline: ContinuousClock.Instant
+        var count = 0
+        var round = 0
+        var tried = Set<String>()
+
+        init(deadline: ContinuousClock.Instant) { self.deadline = deadline }
+
+        mutating func begin(_ endpoint: String) {
+            count += 1
+            tried.insert(endpoint)
+        }
+
+        /// The pause before the next round, or nil when it would not end before the deadline.
+        mutating func nextRound() -> Duration? {
+            round += 1
+            tried = []
+            let base = min(2.0, 0.2 * pow(2, Double(round - 1)))
+            let pause = Duration.milliseconds(Int64(Double.random(in: base / 2...base) * 1000))
+            return ContinuousClock.now + pause < deadline - .milliseconds(200) ? pause : nil
+        }
+
+        func outOfTime(_ endpoints: String, _ reason: String) -> IssuanceError {
+            IssuanceError(
+                code: .unavailable,
+                message: "the upstream CA \(endpoints) did not answer in \(count) attempt(s) over \(started.duration(to: .now)): \(reason)")
+        }
+    }
+
+    /// Counts and reports a failed call to `replica`; rethrows it unless it is transient (the
+    /// CA did not answer), which the caller retries on another replica.
+    private func settle(_ error: IssuanceError, of replica: UpstreamReplicas.Replica, for identity: SPIFFEID) throws(IssuanceError) {
+        switch error.code {
+        case .unavailable:
+            metrics.unavailable.increment()
+            markReachable(replica, false, error: error)
+        case .verificationFailed:
+            metrics.invalid.increment()
+            markReachable(replica, true, error: nil)
+            logger.error(
+                "upstream CA: REFUSED ITS ANSWER; no certificate issued",
+                metadata: ["spiffe_id": "\(identity)", "reason": "\(error.message)", "endpoint": "\(replica.endpoint)"])
+            throw error
+        default:
+            metrics.refused.increment()
+            if error.code == .callerRefused, configuration.credentialMode == .forward {
+                state.withLock { if $0.issued == 0 { $0.refusalBeforeAnyIssue = error.message } }
+            }
+            markReachable(replica, true, error: nil)
+            throw error
         }
     }
 

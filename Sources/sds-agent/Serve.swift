@@ -234,19 +234,26 @@ struct Serve: AsyncParsableCommand {
         configuration.attestation.nodeName = nodeName
         configuration.attestation.policyFile = attestationPolicy
         configuration.attestation.jwtSVIDTTL = jwtSvidTtl
-        if let upstreamCa {
-            guard let endpoints = HostPort.list(upstreamCa) else {
-                throw ValidationError(
-                    "--upstream-ca '\(upstreamCa.callerText(limit: 128))' is not HOST:PORT such as istiod.istio-system.svc:15012 (or a comma-separated list of them)")
-            }
-            configuration.upstreamCA = .init(
-                endpoints: endpoints, serverBundleFile: upstreamCaBundle ?? "", serverName: upstreamCaServerName,
-                credentialMode: upstreamCaCredential, tokenFile: upstreamCaTokenFile, clusterID: upstreamCaClusterId,
-                trustDomain: trustDomain)
-        } else if upstreamCaBundle != nil || upstreamCaServerName != nil || upstreamCaTokenFile != nil {
-            throw ValidationError("--upstream-ca-bundle, --upstream-ca-server-name and --upstream-ca-token-file need --upstream-ca HOST:PORT")
-        }
+        configuration.upstreamCA = try upstreamConfiguration()
         return configuration
+    }
+
+    /// The `--upstream-ca*` flags, or nil without `--upstream-ca`.
+    private func upstreamConfiguration() throws -> UpstreamCA.Configuration? {
+        guard let upstreamCa else {
+            if upstreamCaBundle != nil || upstreamCaServerName != nil || upstreamCaTokenFile != nil {
+                throw ValidationError("--upstream-ca-bundle, --upstream-ca-server-name and --upstream-ca-token-file need --upstream-ca HOST:PORT")
+            }
+            return nil
+        }
+        guard let endpoints = HostPort.list(upstreamCa) else {
+            throw ValidationError(
+                "--upstream-ca '\(upstreamCa.callerText(limit: 128))' is not HOST:PORT such as istiod.istio-system.svc:15012 (or a comma-separated list of them)")
+        }
+        return .init(
+            endpoints: endpoints, serverBundleFile: upstreamCaBundle ?? "", serverName: upstreamCaServerName,
+            credentialMode: upstreamCaCredential, tokenFile: upstreamCaTokenFile, clusterID: upstreamCaClusterId,
+            trustDomain: trustDomain)
     }
 
     /// The settings a SIGHUP applies (with the JWKS file's and the policy files' contents); a
