@@ -531,3 +531,50 @@ def test_replicas_that_see_different_directories_mid_update_do_not_make_the_agen
         node.stop_all()
         for replica in replicas.values():
             replica.stop()
+
+
+def test_an_agents_own_ca_dir_taint_refuses_signing_counts_and_marks_the_leaves_then_replaces_them(workdir):
+    """`serve --ca-dir` reads the same tainted-certs.pem: the intermediate it signs with tainted
+    and no replacement yet, it refuses to sign (a new identity gets `unavailable`), says so in
+    `sds_agent_ca_signer_tainted`, and counts and marks the leaves it serves under it; once the
+    replacement is in the directory every one is re-issued and the count goes to 0, with traffic
+    flowing throughout."""
+    v1 = os.path.join(workdir, "ca-v1")
+    assert ca_init(v1).returncode == 0
+    secret = os.path.join(workdir, "secret")
+    os.makedirs(secret)
+    publish(secret, 1, v1)
+    node = Node(os.path.join(workdir, "node"), AGENT_BIN, ENVOY_BIN)
+    try:
+        node.start_agent("--ca-dir", secret, "--cert-ttl", "1h", "--taint-reissue-window", "5s", "--metrics-address", "127.0.0.1:0")
+        app = node.start_app("backend")
+        backend = node.start_envoy("backend", node.token_file("backend", "demo", "backend"), app_port=app,
+                                   allow_ids=[f"{TD}/ns/demo/sa/frontend"])
+        frontend = node.start_envoy("frontend", node.token_file("frontend", "demo", "frontend"),
+                                    upstream_port=backend.inbound_port, upstream_ids=[f"{TD}/ns/demo/sa/backend"])
+        load = Load(frontend)
+        files = read_files(v1)
+        files["tainted-certs.pem"] = open(os.path.join(v1, "ca-cert.pem"), "rb").read()
+        publish_files(secret, 2, files)
+        wait_until(lambda: node.agent_metrics().get("sds_agent_ca_signer_tainted") == 1, 20, "the signer marked tainted")
+        wait_until(lambda: node.agent_metrics().get("sds_agent_tainted_leaves") == 2, 20, "both leaves counted")
+        table = subprocess.run([AGENT_BIN, "inspect", "--admin-socket", os.path.join(node.workdir, "state", "admin.sock")],
+                               capture_output=True, text=True, timeout=30).stdout
+        assert table.count("(TAINTED)") == 2, table
+        with pytest.raises(grpc.RpcError) as refused:
+            fetch(node, node.signer.token("demo", "newcomer"), ("default",), timeout=20)
+        assert refused.value.code() == grpc.StatusCode.UNAVAILABLE and "tainted" in refused.value.details()
+
+        # The replacement: a new intermediate under the same root, the old one still tainted.
+        v2 = os.path.join(workdir, "ca-v2")
+        assert ca_init(v2, "--root-cert", os.path.join(v1, "root-cert.pem"), "--root-key", v1 + "-root-key.pem").returncode == 0
+        files = read_files(v2)
+        files["tainted-certs.pem"] = open(os.path.join(v1, "ca-cert.pem"), "rb").read()
+        publish_files(secret, 3, files)
+        wait_until(lambda: node.agent_metrics().get("sds_agent_tainted_leaves") == 0 and
+                   node.agent_metrics().get("sds_agent_ca_signer_tainted") == 0, 30, "every leaf replaced")
+        assert len(fetch(node, node.signer.token("demo", "newcomer"), ("default",)).resources) == 1
+        result = load.stop()
+        assert set(result) == {200} and result[200] > 20, (result, load.errors)
+    finally:
+        node.stop_all()
