@@ -82,14 +82,20 @@ public struct IstioCertificateService: Istio_V1_Auth_IstioCertificateService.Ser
         // Every answer, a refusal included, says which CA certificates are tainted, so agents
         // learn of a taint from any call (their periodic probe too) and re-issue what chains to one.
         let tainted = ca.tainted
-        var taint = Metadata()
-        if !tainted.isEmpty { taint.addString(tainted.metadataValue, forKey: TaintedCertificates.metadataKey) }
+        var announcement = Metadata()
+        if !tainted.isEmpty { announcement.addString(tainted.metadataValue, forKey: TaintedCertificates.metadataKey) }
+        // And the roots trusted now, so an agent's probe learns a new root before any CSR of it
+        // is due (the answer's last element says the same to a CSR).
+        for root in ca.roots.prefix(CAAnnouncement.maximumRoots) {
+            var serializer = DER.Serializer()
+            if (try? serializer.serialize(root)) != nil { announcement.addBinary(serializer.serializedBytes, forKey: CAAnnouncement.rootsKey) }
+        }
         do {
             var response = try await answer(request, context: context)
-            response.metadata.add(contentsOf: taint)
+            response.metadata.add(contentsOf: announcement)
             return response
         } catch let error as RPCError {
-            throw RPCError(code: error.code, message: CallerText(error.message, limit: 1024).description, metadata: taint)
+            throw RPCError(code: error.code, message: CallerText(error.message, limit: 1024).description, metadata: announcement)
         }
     }
 

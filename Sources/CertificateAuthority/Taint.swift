@@ -95,6 +95,16 @@ public struct TaintedCertificates: Sendable, Hashable {
     }
 }
 
+/// What `ca serve` says in the metadata of every answer, refusals included, beside the CSR API's
+/// own fields: what is tainted (``TaintedCertificates/metadataKey``) and the roots trusted now,
+/// so an agent's periodic probe learns both before any CSR of it is due.
+public enum CAAnnouncement {
+    /// Every trusted root, DER, one value each.
+    public static let rootsKey = "x-sds-agent-roots-bin"
+    /// At most this many roots are sent (and taken).
+    public static let maximumRoots = 8
+}
+
 /// Why a taint file was not taken, in words.
 public struct TaintError: Error, Sendable, CustomStringConvertible {
     public var message: String

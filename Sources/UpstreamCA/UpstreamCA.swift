@@ -233,6 +233,7 @@ public final class UpstreamCA: CertificateIssuer {
             markReachable(replica, false, error: unreachable(error, replica))
         } catch let error as RPCError {
             learnTaint(from: error.metadata, answered: true)
+            learnRoots(from: error.metadata, of: replica)
             markReachable(replica, true, error: nil)
         } catch {
             markReachable(replica, false, error: IssuanceError(code: .unavailable, message: "\(error)"))
@@ -296,6 +297,19 @@ public final class UpstreamCA: CertificateIssuer {
             onChange(.bundleChanged)
         }
         return changed
+    }
+
+    /// Takes the roots a replica announced in a probe's answer (`ca serve` sends them with every
+    /// answer; istiod does not), as its CSR answers would bring them: a new root reaches the
+    /// bundle within the probe interval, not at the next CSR of a quiet agent.
+    private func learnRoots(from metadata: Metadata, of replica: UpstreamReplicas.Replica) {
+        var roots: [Certificate] = []
+        for value in metadata[binaryValues: CAAnnouncement.rootsKey].prefix(CAAnnouncement.maximumRoots) {
+            guard let root = try? Certificate(derEncoded: value), root.issuer == root.subject else { return }
+            roots.append(root)
+        }
+        guard !roots.isEmpty else { return }
+        adopt(roots: roots, from: replica.endpoint)
     }
 
     /// Takes the taint the CA announced in an answer's metadata. `answered`: the CA itself
