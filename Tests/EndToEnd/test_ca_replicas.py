@@ -65,6 +65,49 @@ def start_replica(workdir, secret, jwks, host, port, activation_delay="3s"):
     return process
 
 
+class CA:
+    """A CA made by `ca init` (`v1`), published as a Secret volume (`secret`), and `ca serve`
+    replicas on `hosts` over it, with the JWKS their callers' tokens verify against."""
+
+    def __init__(self, workdir, hosts):
+        self.v1 = os.path.join(workdir, "ca-v1")
+        assert ca_init(self.v1).returncode == 0
+        self.root_key = self.v1 + "-root-key.pem"
+        self.secret = os.path.join(workdir, "secret")
+        os.makedirs(self.secret)
+        publish(self.secret, 1, self.v1)
+        self.signer = TokenSigner()
+        self.jwks = self.signer.write_jwks(os.path.join(workdir, "jwks.json"))
+        self.port = free_port()
+        self.replicas = {host: start_replica(workdir, self.secret, self.jwks, host, self.port) for host in hosts}
+        self.endpoints = ",".join(f"{host}:{self.port}" for host in hosts)
+
+    def stop(self):
+        for replica in self.replicas.values():
+            replica.stop()
+
+
+def served_new_identity(node, token):
+    """Whether the agent serves `token`'s identity now (a CSR when it is new)."""
+    try:
+        return len(fetch(node, token).resources) == 1
+    except grpc.RpcError:
+        return False
+
+
+def envoy_pair(server_node, client_node):
+    """demo/backend's Envoy on `server_node` (accepting demo/frontend) and demo/frontend's on
+    `client_node` calling it, with tokens the CA accepts (audience istio-ca)."""
+    app = server_node.start_app("backend")
+    backend = server_node.start_envoy(
+        "backend", server_node.token_file("backend", "demo", "backend", audience="istio-ca"), app_port=app,
+        allow_ids=[f"{TD}/ns/demo/sa/frontend"])
+    frontend = client_node.start_envoy(
+        "frontend", client_node.token_file("frontend", "demo", "frontend", audience="istio-ca"),
+        upstream_port=backend.inbound_port, upstream_ids=[f"{TD}/ns/demo/sa/backend"])
+    return backend, frontend
+
+
 def issued_serials(process):
     return set(re.findall(r"serial=([0-9a-f]+) spiffe_id=", process.output()))
 
@@ -141,18 +184,10 @@ def test_ca_serve_refuses_ca_dir_with_state_dir_or_ca_cert_and_needs_one_of_them
 
 
 def test_replicas_over_one_secret_are_one_ca_and_agents_balance_fail_over_and_recover(workdir):
-    source = os.path.join(workdir, "ca-v1")
-    assert ca_init(source).returncode == 0
-    root_key = source + "-root-key.pem"
-    secret = os.path.join(workdir, "secret")
-    os.makedirs(secret)
-    publish(secret, 1, source)
+    ca = CA(workdir, HOSTS)
+    source, root_key, secret, signer, jwks, port, replicas = ca.v1, ca.root_key, ca.secret, ca.signer, ca.jwks, ca.port, ca.replicas
     root = os.path.join(secret, "root-cert.pem")
-    signer = TokenSigner()
-    jwks = signer.write_jwks(os.path.join(workdir, "jwks.json"))
-    port = free_port()
-    replicas = {host: start_replica(workdir, secret, jwks, host, port) for host in HOSTS}
-    endpoints = ",".join(f"{host}:{port}" for host in HOSTS)
+    endpoints = ca.endpoints
     nodes = []
     try:
         for name in ("a", "b"):
@@ -164,11 +199,7 @@ def test_replicas_over_one_secret_are_one_ca_and_agents_balance_fail_over_and_re
                              "--cert-ttl", "10s", "--metrics-address", "127.0.0.1:0")
             nodes.append(node)
         a, b = nodes
-        app = a.start_app("backend")
-        backend = a.start_envoy("backend", a.token_file("backend", "demo", "backend", audience="istio-ca"),
-                                app_port=app, allow_ids=[f"{TD}/ns/demo/sa/frontend"])
-        frontend = b.start_envoy("frontend", b.token_file("frontend", "demo", "frontend", audience="istio-ca"),
-                                 upstream_port=backend.inbound_port, upstream_ids=[f"{TD}/ns/demo/sa/backend"])
+        backend, frontend = envoy_pair(a, b)
         assert frontend.get("/hello")[0] == 200
         load = Load(frontend)
 
@@ -235,14 +266,8 @@ def test_replicas_over_one_secret_are_one_ca_and_agents_balance_fail_over_and_re
         assert f"127.0.0.1:{port}" in down.value.details() and dead in down.value.details(), down.value.details()
         replicas["127.0.0.3"] = start_replica(workdir, secret, jwks, "127.0.0.3", port)
         token = signer.token("demo", "newcomer", audience="istio-ca")
-
-        def served():
-            try:
-                return len(fetch(a, token).resources) == 1
-            except grpc.RpcError:
-                return False
         back = time.monotonic()
-        wait_until(served, 30, "a new identity once a replica is back")
+        wait_until(lambda: served_new_identity(a, token), 30, "a new identity once a replica is back")
         print(f"replicas: a new identity served {time.monotonic() - back:.1f} s after one replica was back")
         assert a.agent.alive() and b.agent.alive()
     finally:
@@ -263,29 +288,18 @@ def test_a_root_rotated_through_the_secret_reaches_every_envoy_with_no_restart_a
     new intermediate, later the new root alone. The agents' --upstream-ca-bundle holds only the
     old root throughout: they learn the new one from the replicas' answers and trust it for the
     replicas' TLS too, so a replica restarted under the new root is reached with no restart."""
-    v1 = os.path.join(workdir, "ca-v1")
-    assert ca_init(v1).returncode == 0
-    secret = os.path.join(workdir, "secret")
-    os.makedirs(secret)
-    publish(secret, 1, v1)
+    hosts = HOSTS[:2]
+    ca = CA(workdir, hosts)
+    v1, secret, signer, jwks, port, replicas = ca.v1, ca.secret, ca.signer, ca.jwks, ca.port, ca.replicas
     old_root_file = os.path.join(workdir, "old-root.pem")
     shutil.copy(os.path.join(v1, "root-cert.pem"), old_root_file)
-    signer = TokenSigner()
-    jwks = signer.write_jwks(os.path.join(workdir, "jwks.json"))
-    port = free_port()
-    hosts = HOSTS[:2]
-    replicas = {host: start_replica(workdir, secret, jwks, host, port) for host in hosts}
     node = Node(os.path.join(workdir, "node"), AGENT_BIN, ENVOY_BIN)
     node.signer = signer
     node.jwks = jwks
     try:
         node.start_agent("--upstream-ca", ",".join(f"{h}:{port}" for h in hosts), "--upstream-ca-bundle", old_root_file,
                          "--upstream-ca-server-name", "ca.mesh.test", "--audience", "istio-ca", "--cert-ttl", "10s")
-        app = node.start_app("backend")
-        backend = node.start_envoy("backend", node.token_file("backend", "demo", "backend", audience="istio-ca"),
-                                   app_port=app, allow_ids=[f"{TD}/ns/demo/sa/frontend"])
-        frontend = node.start_envoy("frontend", node.token_file("frontend", "demo", "frontend", audience="istio-ca"),
-                                    upstream_port=backend.inbound_port, upstream_ids=[f"{TD}/ns/demo/sa/backend"])
+        backend, frontend = envoy_pair(node, node)
         assert frontend.get("/hello")[0] == 200
         (old_root,) = root_serials(backend)
         load = Load(frontend)
@@ -313,13 +327,7 @@ def test_a_root_rotated_through_the_secret_reaches_every_envoy_with_no_restart_a
         replicas["127.0.0.2"].stop()
         replicas["127.0.0.1"] = start_replica(workdir, secret, jwks, "127.0.0.1", port)
         token = signer.token("demo", "after-restart", audience="istio-ca")
-
-        def served():
-            try:
-                return len(fetch(node, token).resources) == 1
-            except grpc.RpcError:
-                return False
-        wait_until(served, 30, "a new identity from the restarted replica")
+        wait_until(lambda: served_new_identity(node, token), 30, "a new identity from the restarted replica")
         assert "TLS refused" not in node.agent.output()
 
         # Step 3: the old root leaves root-cert.pem; it leaves every Envoy's validation context.
@@ -378,19 +386,11 @@ def test_a_taint_at_the_central_ca_reaches_every_node_and_every_leaf_under_it_is
     answers (their probe asks every 15 s) and re-issue every leaf under the old intermediate
     within --taint-reissue-window; live mTLS between the nodes never fails. Then a root: its
     replacement prepared first, then tainted; the old root leaves every Envoy's bundle."""
-    v1 = os.path.join(workdir, "ca-v1")
-    assert ca_init(v1).returncode == 0
-    root_key = v1 + "-root-key.pem"
-    secret = os.path.join(workdir, "secret")
-    os.makedirs(secret)
-    publish(secret, 1, v1)
+    hosts = HOSTS[:2]
+    ca = CA(workdir, hosts)
+    v1, root_key, secret, signer, jwks, port, replicas = ca.v1, ca.root_key, ca.secret, ca.signer, ca.jwks, ca.port, ca.replicas
     bundle = os.path.join(workdir, "bundle.pem")
     shutil.copy(os.path.join(v1, "root-cert.pem"), bundle)
-    signer = TokenSigner()
-    jwks = signer.write_jwks(os.path.join(workdir, "jwks.json"))
-    port = free_port()
-    hosts = HOSTS[:2]
-    replicas = {host: start_replica(workdir, secret, jwks, host, port) for host in hosts}
     nodes = []
     try:
         for name in ("a", "b"):
@@ -402,11 +402,7 @@ def test_a_taint_at_the_central_ca_reaches_every_node_and_every_leaf_under_it_is
                              "--taint-reissue-window", "10s", "--taint-root-grace", "20s", "--metrics-address", "127.0.0.1:0")
             nodes.append(node)
         a, b = nodes
-        app = a.start_app("backend")
-        backend = a.start_envoy("backend", a.token_file("backend", "demo", "backend", audience="istio-ca"),
-                                app_port=app, allow_ids=[f"{TD}/ns/demo/sa/frontend"])
-        frontend = b.start_envoy("frontend", b.token_file("frontend", "demo", "frontend", audience="istio-ca"),
-                                 upstream_port=backend.inbound_port, upstream_ids=[f"{TD}/ns/demo/sa/backend"])
+        backend, frontend = envoy_pair(a, b)
         assert frontend.get("/hello")[0] == 200
         load = Load(frontend)
         envoys = ((a, backend, "backend"), (b, frontend, "frontend"))
@@ -511,11 +507,7 @@ def test_replicas_that_see_different_directories_mid_update_do_not_make_the_agen
     try:
         node.start_agent("--upstream-ca", f"127.0.0.1:{port},127.0.0.2:{port}", "--upstream-ca-bundle", bundle,
                          "--upstream-ca-server-name", "ca.mesh.test", "--audience", "istio-ca", "--cert-ttl", "10s")
-        app = node.start_app("backend")
-        backend = node.start_envoy("backend", node.token_file("backend", "demo", "backend", audience="istio-ca"),
-                                   app_port=app, allow_ids=[f"{TD}/ns/demo/sa/frontend"])
-        frontend = node.start_envoy("frontend", node.token_file("frontend", "demo", "frontend", audience="istio-ca"),
-                                    upstream_port=backend.inbound_port, upstream_ids=[f"{TD}/ns/demo/sa/backend"])
+        backend, frontend = envoy_pair(node, node)
         load = Load(frontend)
         # Renewals every ~5 s per identity, round-robin over the two: both replicas sign repeatedly.
         wait_until(lambda: all(len(issued_serials(r)) >= 3 for r in replicas.values()), 60, "renewals from both replicas")
