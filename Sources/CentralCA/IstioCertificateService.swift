@@ -90,6 +90,12 @@ public struct IstioCertificateService: Istio_V1_Auth_IstioCertificateService.Ser
             var serializer = DER.Serializer()
             if (try? serializer.serialize(root)) != nil { announcement.addBinary(serializer.serializedBytes, forKey: CAAnnouncement.rootsKey) }
         }
+        // And the revocation lists served now, which agents in upstream mode serve in turn.
+        if let served = ca.servedRevocation, served.lists.reduce(0, { $0 + $1.der.count }) <= CAAnnouncement.maximumRevocationBytes {
+            for list in served.lists.prefix(CAAnnouncement.maximumRevocationLists) {
+                announcement.addBinary(list.der, forKey: CAAnnouncement.revocationKey)
+            }
+        }
         do {
             var response = try await answer(request, context: context)
             response.metadata.add(contentsOf: announcement)

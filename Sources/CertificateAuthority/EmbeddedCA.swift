@@ -102,6 +102,11 @@ public final class EmbeddedCA: CertificateIssuer {
         return TrustBundle(roots: roots, trustDomain: trustDomain, revocation: RevocationLists.served(lists, for: active))
     }
 
+    /// The revocation lists served now (nil when none covers the signer), as `ca serve` announces them.
+    public var servedRevocation: RevocationLists? {
+        state.withLock { RevocationLists.served($0.revocation, for: $0.active) }
+    }
+
     /// The revocation lists accepted last (whether or not they cover the signer now).
     public var revocationLists: [RevocationList] { state.withLock { $0.revocation } }
 

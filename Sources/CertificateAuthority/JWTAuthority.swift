@@ -21,13 +21,18 @@ public final class JWTAuthority: Sendable {
     /// The file name of the key in the state directory.
     public static let keyFileName = "jwt-signing-key.pem"
 
-    public init(key: P256.Signing.PrivateKey, trustDomain: String) async {
+    public init(key: P256.Signing.PrivateKey, trustDomain: String) async throws(CAStoreError) {
         self.key = key
         self.trustDomain = trustDomain
         let keyID = Self.thumbprint(key.publicKey)
         self.keyID = keyID
-        // A P-256 key from swift-crypto is always one jwt-kit takes.
-        let signer = try! ES256PrivateKey(backing: key)
+        // jwt-kit copies the key through its raw form; a P-256 key from swift-crypto always passes.
+        let signer: ES256PrivateKey
+        do {
+            signer = try ES256PrivateKey(backing: key)
+        } catch {
+            throw CAStoreError("the JWT-SVID key is not one jwt-kit can sign with: \(error)")
+        }
         self.keys = await JWTKeyCollection().add(ecdsa: signer, kid: JWKIdentifier(string: keyID))
     }
 
@@ -41,12 +46,12 @@ public final class JWTAuthority: Sendable {
             } catch {
                 throw CAStoreError("\(path) is not a P-256 private key in PEM: \(error); remove it to make a new one")
             }
-            return await JWTAuthority(key: key, trustDomain: trustDomain)
+            return try await JWTAuthority(key: key, trustDomain: trustDomain)
         }
         let key = P256.Signing.PrivateKey()
         try RootCAStore.makeDirectory(stateDirectory, mode: 0o700)
         try RootCAStore.writeAtomically(key.pemRepresentation, to: path, mode: 0o600)
-        return await JWTAuthority(key: key, trustDomain: trustDomain)
+        return try await JWTAuthority(key: key, trustDomain: trustDomain)
     }
 
     /// A JWT-SVID for `subject`, for `audience`, valid for `ttl` from `now`, signed by jwt-kit.

@@ -244,11 +244,17 @@ public struct RevocationLists: Sendable, Hashable {
     /// accepted): nil when the signing CA has no list among them (withheld: Envoy would refuse
     /// every peer), else with ``onlyLeaf`` set when a CA above the leaf's issuer has none.
     public static func served(_ lists: [RevocationList], for authority: SigningAuthority) -> RevocationLists? {
+        served(lists, leafIssuer: authority.certificate.subject, chainAboveLeaf: authority.chainAboveLeaf)
+    }
+
+    /// The same, for a chain known only by what was served: the leaf's issuer and the
+    /// certificates above the leaf that are not roots (an upstream CA's answer).
+    public static func served(_ lists: [RevocationList], leafIssuer: DistinguishedName, chainAboveLeaf: [Certificate]) -> RevocationLists? {
         let issuers = Set(lists.map(\.issuer))
-        guard issuers.contains(authority.certificate.subject) else { return nil }
+        guard issuers.contains(leafIssuer) else { return nil }
         // The issuers of the certificates in a workload's chain: the signing CA (of the leaf) and
         // the issuer of each certificate above it that is not a root.
-        let needed = Set([authority.certificate.subject] + authority.chainAboveLeaf.map(\.issuer))
+        let needed = Set([leafIssuer] + chainAboveLeaf.map(\.issuer))
         return RevocationLists(lists: lists, onlyLeaf: !needed.isSubset(of: issuers))
     }
 

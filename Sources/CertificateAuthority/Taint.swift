@@ -103,6 +103,14 @@ public enum CAAnnouncement {
     public static let rootsKey = "x-sds-agent-roots-bin"
     /// At most this many roots are sent (and taken).
     public static let maximumRoots = 8
+    /// The revocation lists served now (`ca-crl.pem`), DER, one value each: agents in upstream
+    /// mode serve them in their validation contexts as an agent with the directory would.
+    public static let revocationKey = "x-sds-agent-crl-bin"
+    /// At most this many lists are taken.
+    public static let maximumRevocationLists = 8
+    /// Lists larger than this in all (DER) are not announced: an answer's metadata travels in
+    /// HTTP/2 headers (base64, a third larger), whose size peers bound (16 KiB by default).
+    public static let maximumRevocationBytes = 8192
 }
 
 /// Why a taint file was not taken, in words.

@@ -2,6 +2,7 @@ import CertificateAuthority
 import FoundationEssentials
 import Logging
 import SDSModel
+import Synchronization
 import UpstreamCA
 import X509
 
@@ -29,9 +30,12 @@ struct Issuance: Sendable {
     /// Whether `secret`'s chain holds a tainted certificate or chains to a tainted root.
     func isTainted(_ secret: WorkloadSecret) -> Bool {
         let tainted = self.tainted
-        guard !tainted.isEmpty, let chain = PEMCertificates.parse(secret.certificateChainPEM) else { return false }
-        return tainted.affects(chain: chain, roots: rootsForTaintCheck)
+        guard !tainted.isEmpty else { return false }
+        return verdicts.verdict(chainPEM: secret.certificateChainPEM, tainted: tainted, roots: rootsForTaintCheck)
     }
+
+    /// Each served chain's verdict, kept while the taint and the roots stay as they are.
+    let verdicts = TaintVerdicts()
 
     /// Builds the issuer `configuration` asks for; nothing is generated or persisted before the
     /// inputs it needs have loaded.
@@ -153,4 +157,32 @@ struct Issuance: Sendable {
 
     /// When the CA (or the earliest upstream root) expires, for the `sds_agent_ca_expiry_seconds` gauge.
     var notAfter: Date? { ca?.activeCertificate.notValidAfter ?? upstream?.earliestRootNotAfter }
+}
+
+/// Whether a served chain is under the taint, each chain parsed once per taint and set of roots:
+/// the taint follower asks about every cached leaf every second until no leaf is under it.
+final class TaintVerdicts: Sendable {
+    private struct State {
+        var tainted = TaintedCertificates.none
+        var roots: [Certificate] = []
+        var byChain: [String: Bool] = [:]
+    }
+    private let state = Mutex(State())
+    /// Verdicts kept at most; past it the memo starts again.
+    static let limit = 65_536
+
+    func verdict(chainPEM: String, tainted: TaintedCertificates, roots: [Certificate]) -> Bool {
+        let known = state.withLock { state -> Bool? in
+            if state.tainted != tainted || state.roots != roots { state = State(tainted: tainted, roots: roots) }
+            return state.byChain[chainPEM]
+        }
+        if let known { return known }
+        let verdict = PEMCertificates.parse(chainPEM).map { tainted.affects(chain: $0, roots: roots) } ?? false
+        state.withLock { state in
+            guard state.tainted == tainted, state.roots == roots else { return }
+            if state.byChain.count >= Self.limit { state.byChain = [:] }
+            state.byChain[chainPEM] = verdict
+        }
+        return verdict
+    }
 }

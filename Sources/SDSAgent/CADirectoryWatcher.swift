@@ -16,10 +16,6 @@ struct CADirectoryWatcher: Sendable {
     let activationDelay: Duration
     let logger: Logger
     let now: @Sendable () -> Date
-    /// Whether the CA's trust bundles reach validation contexts (`serve`), so `ca-crl.pem` matters;
-    /// `ca serve` answers CSRs only.
-    var servesValidationContexts = true
-
     func run<C: Clock<Duration>>(clock: C = ContinuousClock()) async {
         let reloads = Counter(label: "sds_agent_ca_reloads_total")
         let failures = Counter(label: "sds_agent_ca_reload_failures_total")
@@ -92,7 +88,6 @@ struct CADirectoryWatcher: Sendable {
     /// they are checked (``RevocationLists/accept(_:for:current:now:)``); a list that is refused
     /// leaves the one in force, logged and counted. A removed file withdraws the lists.
     func reloadRevocation() async {
-        guard servesValidationContexts else { return }
         let path = directory + "/" + RootCAStore.CACertsFile.revocation
         let current = ca.revocationLists
         guard let data = FileManager.default.contents(atPath: path) else {
@@ -116,6 +111,11 @@ struct CADirectoryWatcher: Sendable {
                     "revoked": .number(accepted.lists.reduce(0) { $0 + $1.revokedSerials.count }),
                     "only_verify_leaf_cert_crl": "\(accepted.onlyLeaf)",
                 ])
+            if accepted.lists.reduce(0, { $0 + $1.der.count }) > CAAnnouncement.maximumRevocationBytes {
+                logger.warning(
+                    "CRL larger than ca serve announces to agents in upstream mode (they serve none): split it or shorten it",
+                    metadata: ["path": "\(path)", "limit_bytes": .number(CAAnnouncement.maximumRevocationBytes)])
+            }
         } catch {
             Counter(label: "sds_agent_crl_refused_total").increment()
             logger.error(

@@ -269,9 +269,9 @@ package struct CentralCAServer: Service {
             loops.append(NamedService("ca rotator") { try await rotator.run() })
         }
         if let directory = configuration.caDirectory {
-            var watcher = CADirectoryWatcher(
+            // ca-crl.pem too: every answer announces the lists in force to the agents.
+            let watcher = CADirectoryWatcher(
                 directory: directory, ca: ca, activationDelay: configuration.caActivationDelay, logger: logger, now: now)
-            watcher.servesValidationContexts = false
             loops.append(NamedService("ca directory watch") { [watcher] in await watcher.run() })
         }
         loops.append(NamedService("ca change relay") { [self] in await followChanges() })

@@ -93,7 +93,7 @@ public final class UpstreamCA: CertificateIssuer {
         }
     }
 
-    private struct State {
+    struct State {
         var roots: [Certificate] = []
         var reachable: Bool?
         /// Certificates issued since start, and the last refusal of a forwarded token before any.
@@ -111,17 +111,24 @@ public final class UpstreamCA: CertificateIssuer {
         /// replicas that see different CA directories for a moment (a Secret update reaching pods
         /// one by one) do not make it flap.
         var rootsByReplica: [String: (roots: [Certificate], at: Date)] = [:]
+        /// Each replica's last revocation lists (checked), and when: each issuer's newest is served.
+        var revocationByReplica: [String: (lists: [RevocationList], at: Date)] = [:]
+        /// The last announcement refused, logged and counted once.
+        var refusedRevocation: [[UInt8]]?
+        /// Who signed the last certificate issued, and what was above it (not roots).
+        var leafIssuer: DistinguishedName?
+        var chainAboveLeaf: [Certificate] = []
     }
 
-    private let configuration: Configuration
+    let configuration: Configuration
     /// Only in forward mode does the caller's token go to the CA.
     public var usesCallerCredential: Bool { configuration.credentialMode == .forward }
-    private let replicas: UpstreamReplicas
-    private let logger: Logger
-    private let now: @Sendable () -> Date
+    let replicas: UpstreamReplicas
+    let logger: Logger
+    let now: @Sendable () -> Date
     private let clock: any Clock<Duration>
-    private let onChange: @Sendable (IssuerChange) -> Void
-    private let state: Mutex<State>
+    let onChange: @Sendable (IssuerChange) -> Void
+    let state: Mutex<State>
     private let metrics: Metrics
 
     private struct Metrics: Sendable {
@@ -234,6 +241,7 @@ public final class UpstreamCA: CertificateIssuer {
         } catch let error as RPCError {
             learnTaint(from: error.metadata, answered: true)
             learnRoots(from: error.metadata, of: replica)
+            learnRevocation(from: error.metadata, of: replica.endpoint)
             markReachable(replica, true, error: nil)
         } catch {
             markReachable(replica, false, error: IssuanceError(code: .unavailable, message: "\(error)"))
@@ -261,79 +269,6 @@ public final class UpstreamCA: CertificateIssuer {
     /// before any answer).
     public var isReachable: Bool? { replicas.reachable }
 
-    /// The roots from the CA's last answer. Before the first answer (and with none kept from a
-    /// previous run) it waits up to `issueDeadline` for one, then returns an empty bundle.
-    public func trustBundle() async -> TrustBundle {
-        if state.withLock({ $0.roots.isEmpty }) {
-            await waitForRoots(upTo: configuration.issueDeadline)
-        }
-        return TrustBundle(roots: servedRoots, trustDomain: configuration.trustDomain)
-    }
-
-    /// The CA's roots less the tainted ones dropped (``dropTaintedRoots()``).
-    private var servedRoots: [Certificate] {
-        state.withLock { state in state.roots.filter { !state.dropped.contains(TaintedCertificates.fingerprint($0)) } }
-    }
-
-    /// The roots the CA sent last (tainted ones included), for the taint check of a chain.
-    public var roots: [Certificate] { state.withLock { $0.roots } }
-
-    /// The certificates the CA said are tainted in its last answer.
-    public var tainted: TaintedCertificates { state.withLock { $0.tainted } }
-
-    /// Leaves tainted roots out of the bundle while a clean one is there; returns whether that
-    /// changed it. Called once no leaf served chains to them.
-    @discardableResult
-    public func dropTaintedRoots() -> Bool {
-        let changed = state.withLock { state -> Bool in
-            let tainted = state.roots.filter(state.tainted.contains).map(TaintedCertificates.fingerprint)
-            guard !tainted.isEmpty, state.roots.contains(where: { !state.tainted.contains($0) }) else { return false }
-            let before = state.dropped
-            state.dropped.formUnion(tainted)
-            return state.dropped != before
-        }
-        if changed {
-            logger.notice("upstream CA taint: tainted root(s) left out of the trust bundle; no leaf served chains to them")
-            onChange(.bundleChanged)
-        }
-        return changed
-    }
-
-    /// Takes the roots a replica announced in a probe's answer (`ca serve` sends them with every
-    /// answer; istiod does not), as its CSR answers would bring them: a new root reaches the
-    /// bundle within the probe interval, not at the next CSR of a quiet agent.
-    private func learnRoots(from metadata: Metadata, of replica: UpstreamReplicas.Replica) {
-        var roots: [Certificate] = []
-        for value in metadata[binaryValues: CAAnnouncement.rootsKey].prefix(CAAnnouncement.maximumRoots) {
-            guard let root = try? Certificate(derEncoded: value), root.issuer == root.subject else { return }
-            roots.append(root)
-        }
-        guard !roots.isEmpty else { return }
-        adopt(roots: roots, from: replica.endpoint)
-    }
-
-    /// Takes the taint the CA announced in an answer's metadata. `answered`: the CA itself
-    /// answered (so no key means no taint); otherwise only a value present counts.
-    private func learnTaint(from metadata: Metadata, answered: Bool) {
-        let value = metadata[stringValues: TaintedCertificates.metadataKey].first(where: { _ in true })
-        guard value != nil || answered else { return }
-        guard let announced = value.map({ TaintedCertificates(metadataValue: $0) }) ?? TaintedCertificates.none else {
-            logger.debug("upstream CA: ignored a malformed taint announcement")
-            return
-        }
-        let changed = state.withLock { state -> Bool in
-            guard state.tainted != announced else { return false }
-            state.tainted = announced
-            state.dropped = state.dropped.intersection(announced.fingerprints)
-            return true
-        }
-        guard changed else { return }
-        logger.notice(
-            announced.isEmpty ? "upstream CA taint cleared" : "upstream CA taint: the CA declared certificates compromised; leaves under them are re-issued",
-            metadata: ["fingerprints": .list(announced.fingerprints.sorted())])
-        onChange(.taintChanged)
-    }
-
     public func issue(csr: CertificateSigningRequest, for identity: SPIFFEID, ttl: Duration, credential: CallerCredential?)
         async throws(IssuanceError) -> [Certificate]
     {
@@ -357,7 +292,8 @@ public final class UpstreamCA: CertificateIssuer {
             }
             attempts.begin(replica.endpoint)
             do {
-                let chainPEM = try await call(request, token: token, timeout: min(configuration.callTimeout, attempts.deadline - .now), on: replica)
+                let (chainPEM, answered) = try await call(
+                    request, token: token, timeout: min(configuration.callTimeout, attempts.deadline - .now), on: replica)
                 let (chain, roots) = try await verify(answer: chainPEM, for: identity, key: csr.publicKey)
                 metrics.ok.increment()
                 state.withLock {
@@ -366,6 +302,8 @@ public final class UpstreamCA: CertificateIssuer {
                 }
                 markReachable(replica, true, error: nil)
                 adopt(roots: roots, from: replica.endpoint)
+                noteIssued(chain: chain)
+                learnRevocation(from: answered, of: replica.endpoint)
                 return chain
             } catch {
                 // A transient failure moves on to the next replica at once; the rest is final.
@@ -476,7 +414,7 @@ public final class UpstreamCA: CertificateIssuer {
     }
 
     private func call(_ request: Istio_V1_Auth_IstioCertificateRequest, token: String, timeout: Duration, on replica: UpstreamReplicas.Replica)
-        async throws(IssuanceError) -> [String]
+        async throws(IssuanceError) -> (chain: [String], metadata: Metadata)
     {
         var metadata = Metadata()
         metadata.addString("Bearer \(token)", forKey: "authorization")
@@ -491,7 +429,7 @@ public final class UpstreamCA: CertificateIssuer {
                 (try response.message.certChain, response.metadata)
             }
             learnTaint(from: answered, answered: true)
-            return chain
+            return (chain, answered)
         } catch let error as RPCError {
             switch error.code {
             case .unauthenticated, .permissionDenied, .invalidArgument, .failedPrecondition:
@@ -538,51 +476,7 @@ public final class UpstreamCA: CertificateIssuer {
         return ([leaf] + intermediates.filter { !roots.contains($0) }, roots)
     }
 
-    // MARK: - Bundle and reachability
-
-    /// A replica's answer older than this no longer holds a root in the bundle.
-    static let answerMemory: TimeInterval = 600
-
-    /// Takes the roots of `endpoint`'s answer. The bundle is the union of the last answers of the
-    /// replicas that answer (each within ``answerMemory``), this one's first: a root leaves once no replica
-    /// sends it any more, not when one replica that has not seen the update yet answers.
-    private func adopt(roots answered: [Certificate], from endpoint: String) {
-        // A replica that does not answer now holds nothing in the bundle.
-        let current = Set(replicas.all.filter { $0.reachable != false }.map(\.endpoint))
-        let now = self.now()
-        let (changed, waiters, roots) = state.withLock { state -> (Bool, [CheckedContinuation<Void, Never>], [Certificate]) in
-            let waiters = Array(state.waiters.values)
-            state.waiters = [:]
-            state.rootsByReplica[endpoint] = (answered, now)
-            state.rootsByReplica = state.rootsByReplica.filter {
-                current.contains($0.key) && now.timeIntervalSince($0.value.at) < Self.answerMemory
-            }
-            var union = answered
-            for (_, entry) in state.rootsByReplica.sorted(by: { $0.key < $1.key }) {
-                for root in entry.roots where !union.contains(root) { union.append(root) }
-            }
-            guard Set(union) != Set(state.roots) else { return (false, waiters, union) }
-            state.roots = union
-            return (true, waiters, union)
-        }
-        for waiter in waiters { waiter.resume() }
-        guard changed else { return }
-        replicas.trust(answered: roots)
-        logger.notice(
-            "upstream CA: trust bundle changed; pushing it to every stream",
-            metadata: [
-                "roots": .number(roots.count), "serials": .list(roots.map { $0.serialNumber.hexString }),
-            ])
-        if let file = configuration.bundleCacheFile {
-            let pem = TrustBundle(roots: roots, trustDomain: configuration.trustDomain).rootsPEM
-            do {
-                try AtomicFile.write(pem, to: file, mode: 0o644)
-            } catch {
-                logger.warning("upstream CA: cannot keep the trust bundle for a restart", metadata: ["path": "\(file)", "error": "\(error)"])
-            }
-        }
-        onChange(.bundleChanged)
-    }
+    // MARK: - Reachability
 
     static let tlsRefusedPrefix = "TLS refused: "
 
@@ -628,37 +522,6 @@ public final class UpstreamCA: CertificateIssuer {
                 metadata: ["ca": "\(configuration.endpointsText)", "error": "\(error?.message ?? "-")"])
         }
     }
-
-    private func waitForRoots(upTo limit: Duration) async {
-        let id = state.withLock { state -> Int in
-            state.nextWaiter += 1
-            return state.nextWaiter
-        }
-        await withTaskGroup(of: Void.self) { group in
-            group.addTask {
-                await withCheckedContinuation { continuation in
-                    let resumeNow = self.state.withLock { state -> Bool in
-                        if !state.roots.isEmpty || state.expiredWaiters.remove(id) != nil { return true }
-                        state.waiters[id] = continuation
-                        return false
-                    }
-                    if resumeNow { continuation.resume() }
-                }
-            }
-            group.addTask { try? await Task.sleep(for: limit) }
-            await group.next()
-            group.cancelAll()
-            // Time is up (or roots came): release this waiter, or mark it so it never suspends.
-            let waiter = state.withLock { state -> CheckedContinuation<Void, Never>? in
-                if let waiter = state.waiters.removeValue(forKey: id) { return waiter }
-                state.expiredWaiters.insert(id)
-                return nil
-            }
-            waiter?.resume()
-        }
-        state.withLock { _ = $0.expiredWaiters.remove(id) }
-    }
-
 }
 
 /// A setting of the upstream CA that cannot work; the message names it.

@@ -19,7 +19,7 @@ import Testing
     }
 
     @Test func signsWhatItValidatesForTheAudienceAskedFor() async throws {
-        let authority = await JWTAuthority(key: P256.Signing.PrivateKey(), trustDomain: "cluster.local")
+        let authority = try await JWTAuthority(key: P256.Signing.PrivateKey(), trustDomain: "cluster.local")
         let (token, expiry) = try await authority.sign(subject: id, audience: ["db", "cache"], ttl: .seconds(300), now: now)
         #expect(expiry == now.addingTimeInterval(300))
         let (subject, claims) = try await authority.validateSVID(token, audience: "cache", now: now)
@@ -32,8 +32,8 @@ import Testing
     }
 
     @Test func refusesAnythingElse() async throws {
-        let authority = await JWTAuthority(key: P256.Signing.PrivateKey(), trustDomain: "cluster.local")
-        let stranger = await JWTAuthority(key: P256.Signing.PrivateKey(), trustDomain: "cluster.local")
+        let authority = try await JWTAuthority(key: P256.Signing.PrivateKey(), trustDomain: "cluster.local")
+        let stranger = try await JWTAuthority(key: P256.Signing.PrivateKey(), trustDomain: "cluster.local")
         let (token, _) = try await authority.sign(subject: id, audience: ["db"], ttl: .seconds(300), now: now)
         #expect(await failure { _ = try await authority.validateSVID(token, audience: "other", now: now) }?.contains("audience") == true)
         #expect(await failure { _ = try await authority.validateSVID(token, audience: "db", now: now.addingTimeInterval(301)) } == "expired")
@@ -44,7 +44,7 @@ import Testing
         let none = Base64URL.encode(Data(#"{"alg":"none","kid":"\#(authority.keyID)"}"#.utf8))
         #expect(await failure { _ = try await authority.validateSVID("\(none).\(parts[1]).", audience: "db", now: now) }?.contains("ES256") == true)
         #expect(await failure { _ = try await authority.validateSVID("x.y", audience: "db", now: now) } != nil)
-        let otherDomain = await JWTAuthority(key: P256.Signing.PrivateKey(), trustDomain: "other.example")
+        let otherDomain = try await JWTAuthority(key: P256.Signing.PrivateKey(), trustDomain: "other.example")
         let (foreign, _) = try await otherDomain.sign(subject: id, audience: ["db"], ttl: .seconds(300), now: now)
         #expect(await failure { _ = try await otherDomain.validateSVID(foreign, audience: "db", now: now) }?.contains("trust domain") == true)
     }

@@ -569,3 +569,69 @@ def test_an_agents_own_ca_dir_taint_refuses_signing_counts_and_marks_the_leaves_
         assert set(result) == {200} and result[200] > 20, (result, load.errors)
     finally:
         node.stop_all()
+
+
+def upstream_context(node, signer):
+    """The validation context (ROOTCA) the agent serves now."""
+    resources = fetch(node, signer.token("demo", "frontend", audience="istio-ca"), ["ROOTCA"]).resources
+    secret = secret_pb2.Secret()
+    resources[0].Unpack(secret)
+    return secret.validation_context
+
+
+def test_a_crl_in_the_secret_reaches_agents_in_upstream_mode_and_a_real_envoy_refuses_the_revoked_peer(workdir):
+    """Istio 1.27's ca-crl.pem in the replicas' Secret: each answer of `ca serve` (refusals and
+    probes included) announces the lists it serves, and an agent in upstream mode serves them in
+    its validation contexts as an agent with the directory does, `only_verify_leaf_cert_crl` set
+    when only the intermediate publishes one. With 1 h certificates no CSR is due: the probe
+    brings each change. A broken list is refused by the replicas; the one in force stays."""
+    from test_ca_operators import make_crl
+    from cryptography.hazmat.primitives.serialization import load_pem_private_key
+    hosts = HOSTS[:2]
+    ca = CA(workdir, hosts)
+    bundle = os.path.join(workdir, "bundle.pem")
+    shutil.copy(os.path.join(ca.v1, "root-cert.pem"), bundle)
+    (int1,) = x509.load_pem_x509_certificates(open(os.path.join(ca.v1, "ca-cert.pem"), "rb").read())
+    intermediate = (int1, load_pem_private_key(open(os.path.join(ca.v1, "ca-key.pem"), "rb").read(), None))
+    files = read_files(ca.v1)
+    publish_files(ca.secret, 2, {**files, "ca-crl.pem": make_crl(intermediate).public_bytes(Encoding.PEM)})
+    node = Node(os.path.join(workdir, "node"), AGENT_BIN, ENVOY_BIN)
+    node.signer, node.jwks = ca.signer, ca.jwks
+    try:
+        node.start_agent("--upstream-ca", ca.endpoints, "--upstream-ca-bundle", bundle, "--upstream-ca-server-name",
+                         "ca.mesh.test", "--audience", "istio-ca", "--cert-ttl", "1h", "--metrics-address", "127.0.0.1:0")
+        reports_id = f"{TD}/ns/demo/sa/reports"
+        app = node.start_app("backend")
+        backend = node.start_envoy("backend", node.token_file("backend", "demo", "backend", audience="istio-ca"),
+                                   app_port=app, allow_ids=[f"{TD}/ns/demo/sa/frontend", reports_id])
+        clients = [node.start_envoy(name, node.token_file(name, "demo", name, audience="istio-ca"),
+                                    upstream_port=backend.inbound_port, upstream_ids=[f"{TD}/ns/demo/sa/backend"],
+                                    max_requests_per_connection=1) for name in ("frontend", "reports")]
+        frontend, reports = clients
+        wait_until(lambda: upstream_context(node, ca.signer).crl.inline_bytes, 40, "the CRL in the validation context")
+        context = upstream_context(node, ca.signer)
+        assert x509.load_pem_x509_crl(context.crl.inline_bytes).issuer == int1.subject
+        assert context.only_verify_leaf_cert_crl is True, "only the intermediate publishes a list"
+        assert frontend.get("/hello")[0] == 200 and reports.get("/hello")[0] == 200, "an empty list revokes no one"
+
+        revoked = int(next(iter(reports.serials_for(reports_id))), 16)
+        publish_files(ca.secret, 3, {**files, "ca-crl.pem": make_crl(intermediate, [revoked]).public_bytes(Encoding.PEM)})
+        wait_until(lambda: x509.load_pem_x509_crl(upstream_context(node, ca.signer).crl.inline_bytes)
+                   .get_revoked_certificate_by_serial_number(revoked) is not None, 40, "the new list at the agent")
+        wait_until(lambda: reports.get("/hello")[0] != 200, 20, "the revoked peer refused by the backend's Envoy")
+        assert frontend.get("/hello")[0] == 200 and reports.get("/hello")[0] == 503
+        assert node.agent_metrics().get("sds_agent_crl_reloads_total", 0) >= 2
+
+        in_force = upstream_context(node, ca.signer).crl.inline_bytes
+        publish_files(ca.secret, 4, {**files, "ca-crl.pem": b"-----BEGIN X509 CRL-----\nAAAA\n-----END X509 CRL-----\n"})
+        for replica in ca.replicas.values():
+            wait_until(lambda: "CRL REFUSED" in replica.output(), 30, "each replica refusing the broken list")
+        # A new identity's CSR after the refusal: its answer carries what the replica serves now.
+        token = ca.signer.token("demo", "after-broken-crl", audience="istio-ca")
+        wait_until(lambda: served_new_identity(node, token), 30, "a new identity after the broken list")
+        assert upstream_context(node, ca.signer).crl.inline_bytes == in_force
+        assert frontend.get("/hello")[0] == 200 and reports.get("/hello")[0] == 503
+        assert "CRL REFUSED" not in node.agent.output(), "the replicas kept the list in force: nothing new reached the agent"
+    finally:
+        node.stop_all()
+        ca.stop()
