@@ -22,6 +22,28 @@ fileprivate nonisolated struct _GeneratedWithProtocGenSwiftVersion: SwiftProtobu
   typealias Version = _2
 }
 
+/// A secret for filters (the credential injector's bearer token): only `secret` is used here.
+public nonisolated struct Envoy_Extensions_TransportSockets_Tls_V3_GenericSecret: Sendable {
+  // SwiftProtobuf.Message conformance is added in an extension below. See the
+  // `Message` and `Message+*Additions` files in the SwiftProtobuf library for
+  // methods supported on all messages.
+
+  public var secret: Envoy_Config_Core_V3_DataSource {
+    get {_secret ?? Envoy_Config_Core_V3_DataSource()}
+    set {_secret = newValue}
+  }
+  /// Returns true if `secret` has been explicitly set.
+  public var hasSecret: Bool {self._secret != nil}
+  /// Clears the value of `secret`. Subsequent reads from it will return its default value.
+  public mutating func clearSecret() {self._secret = nil}
+
+  public var unknownFields = SwiftProtobuf.UnknownStorage()
+
+  public init() {}
+
+  fileprivate var _secret: Envoy_Config_Core_V3_DataSource? = nil
+}
+
 public nonisolated struct Envoy_Extensions_TransportSockets_Tls_V3_Secret: Sendable {
   // SwiftProtobuf.Message conformance is added in an extension below. See the
   // `Message` and `Message+*Additions` files in the SwiftProtobuf library for
@@ -47,11 +69,20 @@ public nonisolated struct Envoy_Extensions_TransportSockets_Tls_V3_Secret: Senda
     set {type = .validationContext(newValue)}
   }
 
+  public var genericSecret: Envoy_Extensions_TransportSockets_Tls_V3_GenericSecret {
+    get {
+      if case .genericSecret(let v)? = type {return v}
+      return Envoy_Extensions_TransportSockets_Tls_V3_GenericSecret()
+    }
+    set {type = .genericSecret(newValue)}
+  }
+
   public var unknownFields = SwiftProtobuf.UnknownStorage()
 
   public nonisolated enum OneOf_Type: Equatable, Sendable {
     case tlsCertificate(Envoy_Extensions_TransportSockets_Tls_V3_TlsCertificate)
     case validationContext(Envoy_Extensions_TransportSockets_Tls_V3_CertificateValidationContext)
+    case genericSecret(Envoy_Extensions_TransportSockets_Tls_V3_GenericSecret)
 
   }
 
@@ -62,9 +93,43 @@ public nonisolated struct Envoy_Extensions_TransportSockets_Tls_V3_Secret: Senda
 
 fileprivate nonisolated let _protobuf_package = "envoy.extensions.transport_sockets.tls.v3"
 
+nonisolated extension Envoy_Extensions_TransportSockets_Tls_V3_GenericSecret: SwiftProtobuf.Message, SwiftProtobuf._MessageImplementationBase, SwiftProtobuf._ProtoNameProviding {
+  public static let protoMessageName: String = _protobuf_package + ".GenericSecret"
+  public static let _protobuf_nameMap = SwiftProtobuf._NameMap(bytecode: "\0\u{1}secret\0")
+
+  public mutating func decodeMessage<D: SwiftProtobuf.Decoder>(decoder: inout D) throws {
+    while let fieldNumber = try decoder.nextFieldNumber() {
+      // The use of inline closures is to circumvent an issue where the compiler
+      // allocates stack space for every case branch when no optimizations are
+      // enabled. https://github.com/apple/swift-protobuf/issues/1034
+      switch fieldNumber {
+      case 1: try { try decoder.decodeSingularMessageField(value: &self._secret) }()
+      default: break
+      }
+    }
+  }
+
+  public func traverse<V: SwiftProtobuf.Visitor>(visitor: inout V) throws {
+    // The use of inline closures is to circumvent an issue where the compiler
+    // allocates stack space for every if/case branch local when no optimizations
+    // are enabled. https://github.com/apple/swift-protobuf/issues/1034 and
+    // https://github.com/apple/swift-protobuf/issues/1182
+    try { if let v = self._secret {
+      try visitor.visitSingularMessageField(value: v, fieldNumber: 1)
+    } }()
+    try unknownFields.traverse(visitor: &visitor)
+  }
+
+  public static func ==(lhs: Envoy_Extensions_TransportSockets_Tls_V3_GenericSecret, rhs: Envoy_Extensions_TransportSockets_Tls_V3_GenericSecret) -> Bool {
+    if lhs._secret != rhs._secret {return false}
+    if lhs.unknownFields != rhs.unknownFields {return false}
+    return true
+  }
+}
+
 nonisolated extension Envoy_Extensions_TransportSockets_Tls_V3_Secret: SwiftProtobuf.Message, SwiftProtobuf._MessageImplementationBase, SwiftProtobuf._ProtoNameProviding {
   public static let protoMessageName: String = _protobuf_package + ".Secret"
-  public static let _protobuf_nameMap = SwiftProtobuf._NameMap(bytecode: "\0\u{1}name\0\u{3}tls_certificate\0\u{4}\u{2}validation_context\0")
+  public static let _protobuf_nameMap = SwiftProtobuf._NameMap(bytecode: "\0\u{1}name\0\u{3}tls_certificate\0\u{4}\u{2}validation_context\0\u{3}generic_secret\0")
 
   public mutating func decodeMessage<D: SwiftProtobuf.Decoder>(decoder: inout D) throws {
     while let fieldNumber = try decoder.nextFieldNumber() {
@@ -99,6 +164,19 @@ nonisolated extension Envoy_Extensions_TransportSockets_Tls_V3_Secret: SwiftProt
           self.type = .validationContext(v)
         }
       }()
+      case 5: try {
+        var v: Envoy_Extensions_TransportSockets_Tls_V3_GenericSecret?
+        var hadOneofValue = false
+        if let current = self.type {
+          hadOneofValue = true
+          if case .genericSecret(let m) = current {v = m}
+        }
+        try decoder.decodeSingularMessageField(value: &v)
+        if let v = v {
+          if hadOneofValue {try decoder.handleConflictingOneOf()}
+          self.type = .genericSecret(v)
+        }
+      }()
       default: break
       }
     }
@@ -120,6 +198,10 @@ nonisolated extension Envoy_Extensions_TransportSockets_Tls_V3_Secret: SwiftProt
     case .validationContext?: try {
       guard case .validationContext(let v)? = self.type else { preconditionFailure() }
       try visitor.visitSingularMessageField(value: v, fieldNumber: 4)
+    }()
+    case .genericSecret?: try {
+      guard case .genericSecret(let v)? = self.type else { preconditionFailure() }
+      try visitor.visitSingularMessageField(value: v, fieldNumber: 5)
     }()
     case nil: break
     }

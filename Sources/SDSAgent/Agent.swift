@@ -64,7 +64,8 @@ package struct Agent: Service {
             await verifiers.api?.shutdown()
             throw error
         }
-        let cache = SecretCache(issuer: issuance.issuer, configuration: configuration.cacheConfiguration, logger: logger, now: now)
+        let cache = SecretCache(
+            issuer: issuance.issuer, configuration: configuration.cacheConfiguration, logger: logger, now: now, jwt: issuance.jwt)
         let (podWatcher, attestor) = makeAttestation(configuration, policy: attestationPolicy, api: verifiers.api, readiness, logger)
         addReadinessChecks(readiness, verifiers: verifiers, issuance: issuance, configuration: configuration, now: now)
         let service = SecretDiscoveryService(

@@ -159,6 +159,7 @@ package struct AgentConfiguration: Sendable {
     var cacheConfiguration: SecretCache.Configuration {
         var cache = SecretCache.Configuration(certificateTTL: certificateTTL, rotation: rotation, idleTTL: idleTTL)
         cache.keyType = workloadKeyType
+        cache.jwtSVIDTTL = attestation.jwtSVIDTTL
         return cache
     }
 

@@ -9,6 +9,8 @@ public struct SecretError: Error, Sendable, CustomStringConvertible {
         case refused
         /// Our own failure (a key or CSR we could not build, a chain we could not encode).
         case failed
+        /// Not something this agent can serve as configured (JWT-SVIDs with an upstream CA).
+        case unsupported
     }
 
     public var code: Code

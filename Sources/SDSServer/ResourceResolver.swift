@@ -59,6 +59,17 @@ struct ResourceResolver: Sendable {
                 }
                 resource = SecretResources.tlsCertificate(named: name, from: secret)
                 version = secret.version
+            } else if case .success(let audiences) = JWTSVIDName.audiences(in: name) {
+                // A JWT-SVID of the caller for these audiences, as the credential injector takes it.
+                let svid: JWTSVIDSecret
+                do {
+                    svid = try await secrets.jwtSVID(for: caller.spiffeID, audiences: audiences)
+                } catch {
+                    logger.error("no JWT-SVID for the caller", metadata: ["error": "\(error.message)"])
+                    throw RPCError(issuing: caller.spiffeID, error, what: "a JWT-SVID")
+                }
+                resource = SecretResources.genericSecret(named: name, value: svid.headerValue)
+                version = svid.version
             } else if let trustDomain = configuration.federatedNames[name] {
                 // Another trust domain's roots: only under its own name (and in the all-bundles
                 // context), never under ours, or that domain could mint our identities.
@@ -116,8 +127,14 @@ struct RequestedNames {
                 code: .invalidArgument,
                 message: "\(names.count) resource names in one request; the limit is \(configuration.maxResourceNamesPerRequest)")
         }
+        // A JWT-SVID name is served for any audience, once it is well formed.
+        for name in names where JWTSVIDName.isJWTSVID(name) {
+            if case .failure(let reason) = JWTSVIDName.audiences(in: name) {
+                throw RPCError(code: .invalidArgument, message: "resource name '\(name)': \(reason.message)")
+            }
+        }
         let served = Set(configuration.servedNames)
-        let unknown = names.filter { $0 != Self.wildcard && !served.contains($0) }
+        let unknown = names.filter { $0 != Self.wildcard && !served.contains($0) && !JWTSVIDName.isJWTSVID($0) }
         guard unknown.isEmpty else {
             throw RPCError(
                 code: .notFound, message: "unknown secret name(s) \(unknown); this agent serves \(configuration.servedNames)")

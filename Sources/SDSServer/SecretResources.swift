@@ -44,6 +44,14 @@ package enum SecretResources {
         return resource
     }
 
+    /// A `generic_secret` secret whose value is `value`, inline (the credential injector's).
+    package static func genericSecret(named name: String, value: String) -> Envoy_Extensions_TransportSockets_Tls_V3_Secret {
+        var resource = Envoy_Extensions_TransportSockets_Tls_V3_Secret()
+        resource.name = name
+        resource.genericSecret.secret.inlineString = value
+        return resource
+    }
+
     /// Envoy's SPIFFE certificate validator, by its extension name.
     package static let spiffeValidatorName = "envoy.tls.cert_validator.spiffe"
 

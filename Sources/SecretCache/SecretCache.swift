@@ -31,6 +31,8 @@ public actor SecretCache {
         public var maxConcurrentRenewals: Int
         /// The type of every workload key generated (`--workload-key-type`).
         public var keyType: KeyType = .ecP256
+        /// Lifetime of the JWT-SVIDs served over SDS (`--jwt-svid-ttl`, as the Workload API's).
+        public var jwtSVIDTTL: Duration = .seconds(300)
 
         public init(
             certificateTTL: Duration = Defaults.Certificates.ttl, rotation: RotationPolicy = RotationPolicy(),
@@ -57,10 +59,14 @@ public actor SecretCache {
 
     private let issuer: any CertificateIssuer
     public nonisolated var usesCallerCredential: Bool { issuer.usesCallerCredential }
-    private let configuration: Configuration
-    private let logger: Logger
-    private let now: @Sendable () -> Date
-    private let updates = SecretUpdates()
+    let configuration: Configuration
+    let logger: Logger
+    let now: @Sendable () -> Date
+    let updates = SecretUpdates()
+    /// The JWT-SVID key (the agent's own CA's); nil with an upstream CA.
+    let jwtSigner: (any JWTSVIDSigning)?
+    /// JWT-SVIDs served over SDS, by identity and audiences (JWTSVIDs.swift).
+    var jwtSVIDs: [JWTSVIDKey: JWTSVIDEntry] = [:]
     private var entries: [SPIFFEID: Entry] = [:] {
         didSet { metrics.identities.set(entries.count) }
     }
@@ -95,9 +101,11 @@ public actor SecretCache {
 
     public init(
         issuer: any CertificateIssuer, configuration: Configuration, logger: Logger,
-        metrics: any MetricsFactory = MetricsSystem.factory, now: @escaping @Sendable () -> Date = { Date() }
+        metrics: any MetricsFactory = MetricsSystem.factory, now: @escaping @Sendable () -> Date = { Date() },
+        jwt: (any JWTSVIDSigning)? = nil
     ) {
         self.issuer = issuer
+        self.jwtSigner = jwt
         self.configuration = configuration
         self.logger = logger
         self.metrics = Metrics(factory: metrics)
@@ -177,6 +185,7 @@ public actor SecretCache {
         for identity in entries.keys {
             if watched.contains(identity) { entries[identity]?.lastWatched = now }
         }
+        await refreshJWTSVIDs(now: now)
         let idle = configuration.idleTTL.timeInterval
         for (identity, entry) in entries where entry.issuing == nil && now.timeIntervalSince(entry.lastWatched) > idle {
             entries[identity] = nil

@@ -21,6 +21,10 @@ public protocol SecretSource: Sendable {
     /// is cancelled: what an open stream waits on without a task of its own.
     func watch(_ identity: SPIFFEID, signal: @escaping @Sendable () -> Void) -> SecretWatch
 
+    /// A JWT-SVID of `identity` for `audiences` (SDS `jwt-svid:AUDIENCE`), signing one when none
+    /// is held; refreshed before expiry and signalled like a certificate.
+    func jwtSVID(for identity: SPIFFEID, audiences: [String]) async throws(SecretError) -> JWTSVIDSecret
+
     /// Whether `workloadSecret(for:credential:)` uses the caller's token (its CA is asked on the
     /// caller's behalf). When false, a stream does not keep the token for its life.
     var usesCallerCredential: Bool { get }
@@ -34,6 +38,11 @@ extension SecretSource {
             for await _ in updates { signal() }
         }
         return SecretWatch { task.cancel() }
+    }
+
+    /// No JWT-SVIDs (a source with no JWT key).
+    public func jwtSVID(for identity: SPIFFEID, audiences: [String]) async throws(SecretError) -> JWTSVIDSecret {
+        throw SecretError(.unsupported, message: "this agent serves no JWT-SVIDs")
     }
 
     /// The current secret for `identity`, with no caller credential to forward.

@@ -17,14 +17,15 @@ extension RPCError {
     /// The status for a certificate that could not be issued, on every service: a refusal is the
     /// caller's (`permission_denied`); a CA that cannot answer now is `unavailable` (clients
     /// retry); only our own failure is `internal`.
-    public init(issuing identity: SPIFFEID, _ error: SecretError) {
+    public init(issuing identity: SPIFFEID, _ error: SecretError, what: String = "a certificate") {
         let code: RPCError.Code =
             switch error.code {
             case .unavailable: .unavailable
             case .refused: .permissionDenied
             case .failed: .internalError
+            case .unsupported: .failedPrecondition
             }
-        self.init(code: code, message: "cannot issue a certificate for \(identity): \(error.message)", cause: error)
+        self.init(code: code, message: "cannot issue \(what) for \(identity): \(error.message)", cause: error)
     }
 }
 
