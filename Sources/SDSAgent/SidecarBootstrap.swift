@@ -47,6 +47,36 @@ package struct SidecarBootstrap: Sendable {
     package var upstreamMaxRequestsPerConnection: Int = 1000
     /// `GRPC` (state of the world) or `DELTA_GRPC` (incremental) for the SDS source.
     package var sdsAPIType: String = "GRPC"
+    /// Which key exchanges both TLS contexts offer.
+    package var keyExchange: KeyExchange = .pqc
+    /// Audiences of the JWT-SVID the outbound listener injects (`jwt-svid:AUD[,AUD...]`); none: no injector.
+    package var jwtSVIDAudiences: [String] = []
+
+    /// The TLS key exchanges the sidecar offers.
+    package enum KeyExchange: String, Sendable, CaseIterable {
+        /// Hybrid post-quantum `X25519MLKEM768` first, then the classical groups; TLS 1.3 on the
+        /// upstream side (Envoy's client side otherwise stops at TLS 1.2, which has no hybrid group).
+        case pqc
+        /// `X25519`, `P-256` and `P-384` only, each side's TLS versions Envoy's defaults.
+        case classical
+
+        static let classicalCurves = #"["X25519", "P-256", "P-384"]"#
+        static let pqcCurves = #"["X25519MLKEM768", "X25519", "P-256", "P-384"]"#
+
+        var inbound: String {
+            switch self {
+            case .pqc: "{ ecdh_curves: \(Self.pqcCurves) }"
+            case .classical: "{ ecdh_curves: \(Self.classicalCurves) }"
+            }
+        }
+
+        var upstream: String {
+            switch self {
+            case .pqc: "{ tls_maximum_protocol_version: TLSv1_3, ecdh_curves: \(Self.pqcCurves) }"
+            case .classical: "{ ecdh_curves: \(Self.classicalCurves) }"
+            }
+        }
+    }
 
     package init(
         sdsSocket: String, tokenFile: String, nodeID: String, nodeCluster: String, adminPort: Int, inboundPort: Int,
@@ -96,6 +126,9 @@ package struct SidecarBootstrap: Sendable {
         values["UPSTREAM_MAX_REQUESTS_PER_CONNECTION"] = String(upstreamMaxRequestsPerConnection)
         values["INBOUND_SAN_MATCHERS"] = try Self.sanMatchers(inboundAllowedIDs)
         values["UPSTREAM_SAN_MATCHERS"] = try Self.sanMatchers(upstreamIDs)
+        values["INBOUND_TLS_PARAMS"] = keyExchange.inbound
+        values["UPSTREAM_TLS_PARAMS"] = keyExchange.upstream
+        values["OUTBOUND_CREDENTIAL_INJECTOR"] = try credentialInjector()
         return values
     }
 
@@ -173,6 +206,26 @@ package struct SidecarBootstrap: Sendable {
             rest = rest[close.upperBound...]
         }
         return output + rest
+    }
+
+    /// The credential injector filter (one YAML flow mapping, a list item) whose generic
+    /// credential is the agent's `jwt-svid:AUD` secret over the same SDS source; empty for none.
+    func credentialInjector() throws(ConfigurationError) -> String {
+        guard !jwtSVIDAudiences.isEmpty else { return "" }
+        let name = JWTSVIDName.prefix + jwtSVIDAudiences.joined(separator: ",")
+        if case .failure(let reason) = JWTSVIDName.audiences(in: name) {
+            throw ConfigurationError(message: "--jwt-svid-audience: \(reason.message)")
+        }
+        guard !jwtSVIDAudiences.contains(where: { $0.contains("\"") || $0.contains("\\") }) else {
+            throw ConfigurationError(message: "--jwt-svid-audience may not hold a quote or a backslash")
+        }
+        // The header's value is the whole secret ("Bearer <JWT-SVID>"); no request leaves without it.
+        return """
+            - { name: envoy.filters.http.credential_injector, typed_config: { "@type": type.googleapis.com/envoy.extensions.filters.http.credential_injector.v3.CredentialInjector, \
+            overwrite: true, allow_request_without_credential: false, credential: { name: envoy.http.injected_credentials.generic, typed_config: { \
+            "@type": type.googleapis.com/envoy.extensions.http.injected_credentials.generic.v3.Generic, \
+            credential: { name: "\(name)", sds_config: *sds_agent } } } } }
+            """
     }
 
     /// A YAML flow list of URI SAN matchers.

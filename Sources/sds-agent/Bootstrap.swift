@@ -52,6 +52,14 @@ struct Bootstrap: AsyncParsableCommand {
     var upstreamMaxRequestsPerConnection = 1000
     @Option(help: "SDS API type: GRPC (state of the world) or DELTA_GRPC (incremental).")
     var sdsApiType = "GRPC"
+    @Option(help: ArgumentHelp(
+        "TLS key exchange both sides offer: pqc (X25519MLKEM768 first, then X25519, P-256, P-384; TLS 1.3 upstream) or classical (X25519, P-256, P-384).",
+        valueName: "pqc|classical"))
+    var keyExchange = "pqc"
+    @Option(help: ArgumentHelp(
+        "Audience of a JWT-SVID the outbound listener adds to every request (Envoy's credential injector, secret jwt-svid:AUDIENCE; repeatable for several audiences in one token).",
+        valueName: "audience"))
+    var jwtSvidAudience: [String] = []
 
     @Option(help: ArgumentHelp("First wait (up to this long, e.g. 120s) until the agent answers on --socket: a sidecar's start gate.", valueName: "duration"))
     var waitForAgent: Duration?
@@ -71,6 +79,11 @@ struct Bootstrap: AsyncParsableCommand {
         bootstrap.initialFetchTimeout = initialFetchTimeout
         bootstrap.upstreamMaxRequestsPerConnection = upstreamMaxRequestsPerConnection
         bootstrap.sdsAPIType = sdsApiType
+        guard let exchange = SidecarBootstrap.KeyExchange(rawValue: keyExchange) else {
+            throw ValidationError("--key-exchange must be pqc or classical, not '\(keyExchange)'")
+        }
+        bootstrap.keyExchange = exchange
+        bootstrap.jwtSVIDAudiences = jwtSvidAudience
         // A value the bootstrap cannot take is a usage error (exit 2, as for every command); a
         // file that cannot be read or written is one line and exit 1.
         func fail(_ message: String) -> ExitCode {

@@ -219,7 +219,7 @@ class Node:
     def start_envoy(self, name, token_file, app_port=None, allow_ids=(), upstream_port=None, upstream_ids=(),
                     validation_context_name="ROOTCA", initial_fetch_timeout="0s", wait_live=True,
                     api_type="GRPC", max_requests_per_connection=1000, launcher=(), cwd=None,
-                    transform=None) -> Envoy:
+                    transform=None, bootstrap_args=()) -> Envoy:
         """Renders the bootstrap and starts Envoy; `launcher` is an argv prefix that must exec Envoy
         (so the tracked PID is Envoy's); `transform(path)` may rewrite the rendered bootstrap;
         `cwd` is Envoy's working directory."""
@@ -238,6 +238,7 @@ class Node:
             args += ["--allow-id", spiffe_id]
         for spiffe_id in upstream_ids:
             args += ["--upstream-id", spiffe_id]
+        args += list(bootstrap_args)
         subprocess.run(args, check=True, capture_output=True, timeout=30)
         if transform:
             transform(bootstrap)
