@@ -36,7 +36,7 @@ let package = Package(
             name: "sds-agent",
             dependencies: [
                 "SDSAgent", "SDSModel", "SDSServer", "SecretCache", "WorkloadAuthentication", "EnvoyAPI", "KubernetesAPI",
-                "UpstreamCA", "WorkloadServing",
+                "UpstreamCA", "WorkloadServing", "TokenKeys",
                 .product(name: "ArgumentParser", package: "swift-argument-parser"),
                 .product(name: "GRPCCore", package: "grpc-swift-2"),
                 .product(name: "GRPCNIOTransportHTTP2", package: "grpc-swift-nio-transport"),
@@ -134,10 +134,25 @@ let package = Package(
             ]
         ),
         // CertificateIssuer protocol and the embedded CA (root generation, persistence, signing).
+        // PKCS#11's C interface as p11-kit ships it (types and constants; modules are loaded with
+        // dlopen at run time). C because no Swift package speaks PKCS#11.
+        .systemLibrary(name: "CPKCS11", pkgConfig: "p11-kit-1", providers: [.apt(["libp11-kit-dev"])]),
+        // CA keys in a PKCS#11 token: swift-certificates' custom private key over C_Sign.
+        .target(
+            name: "TokenKeys",
+            dependencies: [
+                "CPKCS11", "SDSModel",
+                .product(name: "Crypto", package: "swift-crypto"),
+                .product(name: "X509", package: "swift-certificates"),
+                .product(name: "SwiftASN1", package: "swift-asn1"),
+                .product(name: "Logging", package: "swift-log"),
+                .product(name: "Metrics", package: "swift-metrics"),
+            ]
+        ),
         .target(
             name: "CertificateAuthority",
             dependencies: [
-                "SDSModel",
+                "SDSModel", "TokenKeys",
                 .product(name: "JWTKit", package: "jwt-kit"),
                 .product(name: "Crypto", package: "swift-crypto"),
                 .product(name: "_CryptoExtras", package: "swift-crypto"),
@@ -341,7 +356,7 @@ let package = Package(
 // dependency's import is a compile error, not a silent link of Foundation.
 let shipped: Set<String> = [
     "sds-agent", "SDSAgent", "SDSServer", "SecretCache", "CertificateAuthority", "WorkloadAuthentication", "KubernetesAPI",
-    "UpstreamCA", "CentralCA", "SDSModel", "WorkloadAPI", "WorkloadServing",
+    "UpstreamCA", "CentralCA", "SDSModel", "WorkloadAPI", "WorkloadServing", "TokenKeys",
 ]
 for target in package.targets where shipped.contains(target.name) {
     target.swiftSettings = (target.swiftSettings ?? []) + [.enableUpcomingFeature("MemberImportVisibility")]

@@ -86,6 +86,9 @@ struct Bench: AsyncParsableCommand {
     @Option(help: "With --csr-api: identities at once through one agent in upstream mode.")
     var upstreamStorm = 1000
 
+    @Option(help: "Instead of the phases above: issuance with the CA key in a PKCS#11 token against a file key: FILE-CERT,FILE-KEY,TOKEN-CERT,TOKEN-URI (scripts/bench.sh --pkcs11 makes them).")
+    var caKeys: String?
+
     @Option(help: .hidden)
     var floorCa: String?
 
@@ -105,6 +108,15 @@ struct Bench: AsyncParsableCommand {
         }
         if let floorCa, let floorCaDir {
             try await FloorCA.serve(listen: floorCa, directory: floorCaDir)
+            return
+        }
+        if let caKeys {
+            let parts = caKeys.split(separator: ",", maxSplits: 3).map(String.init)
+            guard parts.count == 4 else { throw BenchError("--ca-keys wants FILE-CERT,FILE-KEY,TOKEN-CERT,TOKEN-URI") }
+            var report = Report(smoke: smoke, commit: commit, sign: signPerSecond, verify: verifyPerSecond)
+            try await CAKeyBench(count: smoke ? 50 : 2000, concurrency: concurrency)
+                .run(fileCA: (parts[0], parts[1]), tokenCA: (parts[2], parts[3]), report: &report)
+            try report.emit(to: jsonOut)
             return
         }
         let sizes = smoke

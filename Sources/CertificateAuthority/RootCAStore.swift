@@ -2,6 +2,7 @@ import FoundationEssentials
 import Glibc
 import Logging
 import SDSModel
+import TokenKeys
 import SwiftASN1
 import X509
 
@@ -138,28 +139,9 @@ public enum RootCAStore {
     private static func load(certificateFile: String, keyFile: String, bundleFile: String?, roots givenRoots: [Certificate]?, now: Date?)
         throws(CAStoreError) -> SigningAuthority
     {
-        var status = stat()
-        if stat(keyFile, &status) == 0, status.st_mode & 0o004 != 0 {
-            throw CAStoreError(
-                "the CA key \(keyFile) is readable by every user (mode \(String(status.st_mode & 0o777, radix: 8))): chmod 600 it (a Kubernetes Secret: defaultMode 0400)")
-        }
         let certificates = try readCertificates(certificateFile)
         guard let signing = certificates.first else { throw CAStoreError("\(certificateFile) holds no certificate") }
-        let keyPEM: String
-        do {
-            keyPEM = try InputFile.text(keyFile)
-        } catch {
-            throw CAStoreError("cannot read the CA private key \(keyFile): \(error.reason)")
-        }
-        let key: Certificate.PrivateKey
-        do {
-            key = try Certificate.PrivateKey(pemEncoded: keyPEM)
-        } catch {
-            throw CAStoreError("\(keyFile) holds no PEM private key this CA signs with (truncated, encrypted, or another type)")
-        }
-        guard key.publicKey == signing.publicKey else {
-            throw CAStoreError("the key in \(keyFile) does not match the certificate in \(certificateFile)")
-        }
+        let key = try signingKey(keyFile, for: signing, certificateFile: certificateFile)
         let selfSigned = certificates.filter { $0.issuer == $0.subject }
         let roots: [Certificate]
         if let givenRoots {
@@ -176,6 +158,47 @@ public enum RootCAStore {
         let authority = SigningAuthority(certificate: signing, privateKey: key, intermediates: Array(intermediates), roots: roots)
         if let now { try check(authority, certificateFile: certificateFile, bundleFile: bundleFile, now: now) }
         return authority
+    }
+
+    /// The CA's signing key: a PEM file, or a key in a PKCS#11 token, named by a `pkcs11:` URI
+    /// given as the key itself (`--ca-key 'pkcs11:…'`) or as a file's content (`ca-key.pem` of a
+    /// `cacerts` directory, whose other files stay as they are). Either way it must match `signing`.
+    private static func signingKey(_ keyFile: String, for signing: Certificate, certificateFile: String) throws(CAStoreError)
+        -> Certificate.PrivateKey
+    {
+        if PKCS11URI.isURI(keyFile) { return try tokenKey(keyFile, for: signing) }
+        var status = stat()
+        if stat(keyFile, &status) == 0, status.st_mode & 0o004 != 0 {
+            throw CAStoreError(
+                "the CA key \(keyFile) is readable by every user (mode \(String(status.st_mode & 0o777, radix: 8))): chmod 600 it (a Kubernetes Secret: defaultMode 0400)")
+        }
+        let keyPEM: String
+        do {
+            keyPEM = try InputFile.text(keyFile)
+        } catch {
+            throw CAStoreError("cannot read the CA private key \(keyFile): \(error.reason)")
+        }
+        let uri = keyPEM.trimmed
+        if PKCS11URI.isURI(uri) { return try tokenKey(uri, for: signing) }
+        let key: Certificate.PrivateKey
+        do {
+            key = try Certificate.PrivateKey(pemEncoded: keyPEM)
+        } catch {
+            throw CAStoreError("\(keyFile) holds no PEM private key this CA signs with (truncated, encrypted, or another type), nor a pkcs11: URI")
+        }
+        guard key.publicKey == signing.publicKey else {
+            throw CAStoreError("the key in \(keyFile) does not match the certificate in \(certificateFile)")
+        }
+        return key
+    }
+
+    /// The key `uri` names in its token, checked against `signing` (a test signature).
+    private static func tokenKey(_ uri: String, for signing: Certificate) throws(CAStoreError) -> Certificate.PrivateKey {
+        do {
+            return Certificate.PrivateKey(try PKCS11PrivateKey.open(uri: uri, for: signing, defaultModule: PKCS11Settings.defaultModule))
+        } catch {
+            throw CAStoreError("the CA key \(error.message)")
+        }
     }
 
     /// A CA is checked before it is trusted: a CA certificate (CA:TRUE, keyCertSign), valid now,

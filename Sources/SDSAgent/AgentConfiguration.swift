@@ -327,7 +327,8 @@ extension AgentConfiguration {
         }
         try readable(tokens.jwksFile, "--jwks")
         try readable(caCertificateFile, "--ca-cert")
-        try readable(caKeyFile, "--ca-key")
+        // A pkcs11: URI is no file: the token is opened (and the key checked) below.
+        try readable(caKeyFile.flatMap { PKCS11URI.isURI($0) ? nil : $0 }, "--ca-key")
         try readable(caBundleFile, "--ca-bundle")
         try readable(upstreamCA?.serverBundleFile, "--upstream-ca-bundle")
         for source in federatedBundles { try readable(source.file, "--federated-bundle \(source.trustDomain)=") }

@@ -110,7 +110,8 @@ package struct ConfigSources {
         }
 
         /// `https://user:secret@host` → `https://REDACTED@host`.
-        package static func redacted(_ value: String) -> String { URLText.redactingUserinfo(value) }
+        /// And a PKCS#11 URI's `pin-value=` → `pin-value=REDACTED`.
+        package static func redacted(_ value: String) -> String { PKCS11URI.redactingPIN(URLText.redactingUserinfo(value)) }
     }
 
     /// Where the value an ArgumentParser error `message` quotes came from, when that was the
@@ -242,7 +243,8 @@ package struct ConfigSources {
         if key == "federated-bundle", let equals = value.firstIndex(of: "=") {
             return String(value[...equals]) + resolve(String(value[value.index(after: equals)...]), key: "", against: file)
         }
-        guard !value.isEmpty, !value.hasPrefix("/") else { return value }
+        // A key in a PKCS#11 token (`ca-key: "pkcs11:…"`) is no path.
+        guard !value.isEmpty, !value.hasPrefix("/"), !PKCS11URI.isURI(value) else { return value }
         let directory = file.lastIndex(of: "/").map { String(file[..<$0]) } ?? "."
         let base = file.hasPrefix("/") ? (directory.isEmpty ? "/" : directory) : FileManager.default.currentDirectoryPath + "/" + directory
         return (base.hasSuffix("/") ? base : base + "/") + (value.hasPrefix("./") ? String(value.dropFirst(2)) : value)

@@ -11,6 +11,7 @@ import ServiceLifecycle
 import UpstreamCA
 import UnixSignals
 import SDSModel
+import TokenKeys
 
 /// `sds-agent ca`: the central CA for meshes without istiod.
 struct CA: AsyncParsableCommand {
@@ -49,8 +50,11 @@ struct CAServe: AsyncParsableCommand {
     @Option(help: "PEM certificate (signing cert first, then intermediates) to sign with instead of a generated root.")
     var caCert: String?
 
-    @Option(help: "PEM private key for --ca-cert.")
+    @Option(help: "PEM private key for --ca-cert, or a key in a PKCS#11 token: 'pkcs11:token=…;object=…?module-path=…&pin-source=FILE' (RFC 7512).")
     var caKey: String?
+
+    @Option(help: "PKCS#11 module (a .so) for pkcs11: key URIs that name no module-path.")
+    var pkcs11Module: String?
 
     @Option(help: ArgumentHelp("Certificate lifetime when a request asks for none, e.g. 24h.", valueName: "duration"))
     var certTtl: Duration = Defaults.Certificates.ttl
@@ -86,6 +90,7 @@ struct CAServe: AsyncParsableCommand {
     var config: String?
 
     func run() async throws {
+        PKCS11Settings.defaultModule = pkcs11Module
         let logger = bootstrapLogging(level: SharedLogLevel(logLevel), format: logFormat, label: "sds-agent-ca")
         ProcessRun.logStart(
             logger, effective: ConfigSources.effective, unknownVariables: ConfigSources.unknownVariables(flags: ConfigSources.caServeFlags))

@@ -8,6 +8,7 @@ import Metrics
 import Prometheus
 import SDSAgent
 import SDSModel
+import TokenKeys
 import SecretCache
 import WorkloadAuthentication
 import ServiceLifecycle
@@ -53,8 +54,11 @@ struct Serve: AsyncParsableCommand {
     @Option(help: "PEM certificate (signing cert first, then intermediates) to sign with instead of a generated root.")
     var caCert: String?
 
-    @Option(help: "PEM private key for --ca-cert.")
+    @Option(help: "PEM private key for --ca-cert, or a key in a PKCS#11 token: 'pkcs11:token=…;object=…?module-path=…&pin-source=FILE' (RFC 7512).")
     var caKey: String?
+
+    @Option(help: "PKCS#11 module (a .so) for pkcs11: key URIs that name no module-path.")
+    var pkcs11Module: String?
 
     @Option(help: "PEM roots to serve when --ca-cert has no self-signed root.")
     var caBundle: String?
@@ -263,6 +267,7 @@ struct Serve: AsyncParsableCommand {
     ]
 
     func run() async throws {
+        PKCS11Settings.defaultModule = pkcs11Module
         let configuration = try makeConfiguration()
         let sharedLevel = SharedLogLevel(logLevel)
         let logger = bootstrapLogging(level: sharedLevel, format: logFormat, label: "sds-agent")

@@ -21,6 +21,8 @@ FORBIDDEN = {
     "SecretCache": {"SDSServer", "WorkloadAPI", "WorkloadServing", "SDSAgent", "EnvoyAPI"},
     "CertificateAuthority": {"SecretCache", "SDSServer", "WorkloadServing", "SDSAgent"},
     "SDSModel": {"SDSServer", "SecretCache", "CertificateAuthority", "WorkloadServing", "GRPCCore", "NIOCore"},
+    # The token's keys are a provider below the CA: they know neither the CA nor the agent.
+    "TokenKeys": {"CertificateAuthority", "SecretCache", "SDSServer", "SDSAgent", "UpstreamCA", "CentralCA"},
 }
 
 
