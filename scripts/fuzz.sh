@@ -6,6 +6,8 @@
 #   scripts/fuzz.sh --seconds 1800        the long run (30 minutes a target; RELIABILITY.md)
 #   scripts/fuzz.sh --runs 10000000 csr   ten million executions of one target
 #   scripts/fuzz.sh --build-only          only the instrumented build (test.sh runs it early)
+#   scripts/fuzz.sh --built --seconds 6   no build: test.sh built it already (a second `swift build`
+#                                         with SDS_FUZZ=1 recompiled SwiftProtobuf, ~40 s, for nothing)
 # New inputs go to run/fuzz/TARGET (not into the repo: add the interesting ones to Fuzz/corpus by
 # hand). A crash stops the run, leaves its input in run/fuzz/, prints it, and fails the script.
 set -euo pipefail
@@ -15,12 +17,14 @@ export PATH="/opt/swift/usr/bin:$PATH"
 limit=(-max_total_time=30)
 targets=()
 build_only=false
+build=true
 while [ $# -gt 0 ]; do
   case "$1" in
     --seconds) limit=("-max_total_time=$2"); shift 2 ;;
     --runs) limit=("-runs=$2"); shift 2 ;;
     --build-only) build_only=true; shift ;;
-    -*) echo "usage: fuzz.sh [--seconds N | --runs N | --build-only] [TARGET...]" >&2; exit 2 ;;
+    --built) build=false; shift ;;
+    -*) echo "usage: fuzz.sh [--seconds N | --runs N | --build-only | --built] [TARGET...]" >&2; exit 2 ;;
     *) targets+=("$1"); shift ;;
   esac
 done
@@ -31,7 +35,7 @@ done
 source scripts/release-flags.sh
 flags=("${fuzz_flags[@]}")
 export SDS_FUZZ=1
-swift build "${flags[@]}" --product sds-agent-fuzz
+$build && swift build "${flags[@]}" --product sds-agent-fuzz
 fuzzer="$(swift build "${flags[@]}" --show-bin-path)/sds-agent-fuzz"
 $build_only && exit 0
 
