@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # fuzz.sh [--seconds N | --runs N] [TARGET...]: builds the libFuzzer targets (Fuzz/sds-agent-fuzz,
 # this package's Swift modules instrumented with -sanitize=fuzzer) and runs each TARGET (default: all of
-# token sotw delta csr config) from the seed corpus in Fuzz/corpus/TARGET, printing the totals.
+# token sotw delta csr config tls) from the seed corpus in Fuzz/corpus/TARGET, printing the totals.
 #   scripts/fuzz.sh --seconds 10          CI's short run
 #   scripts/fuzz.sh --seconds 1800        the long run (30 minutes a target; RELIABILITY.md)
 #   scripts/fuzz.sh --runs 10000000 csr   ten million executions of one target
@@ -28,7 +28,7 @@ while [ $# -gt 0 ]; do
     *) targets+=("$1"); shift ;;
   esac
 done
-[ ${#targets[@]} -gt 0 ] || targets=(token sotw delta csr config)
+[ ${#targets[@]} -gt 0 ] || targets=(token sotw delta csr config tls)
 
 # The flags (scripts/release-flags.sh, with the release build's scratch unless SDS_FUZZ_SCRATCH
 # names another); SDS_FUZZ=1 makes Package.swift instrument this package's modules.

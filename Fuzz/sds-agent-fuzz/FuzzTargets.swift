@@ -24,6 +24,8 @@ enum FuzzTarget: String, CaseIterable {
     case csr
     /// Duration and configuration-value parsing, and the escaping of caller text.
     case config
+    /// A TLS server's first flight as a peer sends it (`--tls-policy`), whole and in pieces.
+    case tls
 
     func run(_ data: Data) {
         switch self {
@@ -32,6 +34,7 @@ enum FuzzTarget: String, CaseIterable {
         case .delta: Self.delta(data)
         case .csr: Self.csr(data)
         case .config: Self.config(data)
+        case .tls: Self.tls(data)
         }
     }
 
@@ -183,6 +186,28 @@ enum FuzzTarget: String, CaseIterable {
         precondition(!escaped.unicodeScalars.contains { $0.value < 0x20 || (0x7F...0x9F).contains($0.value) })
         // At most `\u{XXXX}` (8) per kept character, and the note of what was cut.
         precondition(escaped.unicodeScalars.count <= 64 * 8 + 32)
+    }
+}
+
+extension FuzzTarget {
+    // MARK: TLS server flight
+
+    /// The first byte sets the piece size; the flight read whole and fed in pieces must agree
+    /// once either settles (the reading only ever looks at a prefix), and never trap.
+    static func tls(_ data: Data) {
+        guard let first = data.first else { return }
+        let bytes = Array(data.dropFirst())
+        let whole = TLSServerFlight.read(bytes[...])
+        var flight = TLSServerFlight()
+        var outcome = TLSServerFlight.Outcome.needMore
+        let piece = Int(first % 64) + 1
+        var offset = 0
+        while offset < bytes.count, outcome == .needMore {
+            outcome = flight.feed(bytes[offset..<min(offset + piece, bytes.count)])
+            offset += piece
+        }
+        if case .settled = whole, bytes.count < TLSServerFlight.limit { precondition(outcome == whole, "\(outcome) != \(whole)") }
+        if case .settled(let exchange) = outcome { _ = TLSPolicy.pqc.refusal(of: exchange) }
     }
 }
 
