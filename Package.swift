@@ -69,7 +69,7 @@ let package = Package(
             name: "SDSAgent",
             dependencies: [
                 "SDSModel", "SDSServer", "SecretCache", "CertificateAuthority", "WorkloadAuthentication", "KubernetesAPI",
-                "UpstreamCA", "CentralCA", "IstioAPI", "WorkloadAPI", "SPIFFEAPI", "WorkloadServing",
+                "UpstreamCA", "CentralCA", "IstioAPI", "WorkloadAPI", "SPIFFEAPI", "WorkloadServing", "TLSLinks",
                 .product(name: "GRPCCore", package: "grpc-swift-2"),
                 .product(name: "SwiftASN1", package: "swift-asn1"),
                 .product(name: "GRPCNIOTransportHTTP2", package: "grpc-swift-nio-transport"),
@@ -177,7 +177,7 @@ let package = Package(
         .target(
             name: "KubernetesAPI",
             dependencies: [
-                "SDSModel",
+                "SDSModel", "TLSLinks",
                 .product(name: "Logging", package: "swift-log"),
                 .product(name: "AsyncHTTPClient", package: "async-http-client"),
                 .product(name: "NIOCore", package: "swift-nio"),
@@ -185,12 +185,23 @@ let package = Package(
                 .product(name: "NIOSSL", package: "swift-nio-ssl"),
             ]
         ),
+        // The agent's own TLS links held to --tls-policy: the key exchange read from the wire.
+        .target(
+            name: "TLSLinks",
+            dependencies: [
+                "SDSModel",
+                .product(name: "NIOCore", package: "swift-nio"),
+                .product(name: "NIOSSL", package: "swift-nio-ssl"),
+                .product(name: "CoreMetrics", package: "swift-metrics"),
+                .product(name: "Logging", package: "swift-log"),
+            ]
+        ),
         // A remote CA behind Istio's CSR API (istiod, istio-csr, `sds-agent ca serve`): the
         // CertificateIssuer seam's second implementation, a gRPC client over TLS.
         .target(
             name: "UpstreamCA",
             dependencies: [
-                "SDSModel", "CertificateAuthority", "IstioAPI",
+                "SDSModel", "CertificateAuthority", "IstioAPI", "TLSLinks",
                 .product(name: "GRPCCore", package: "grpc-swift-2"),
                 .product(name: "SwiftProtobuf", package: "swift-protobuf"),
                 .product(name: "GRPCNIOTransportHTTP2", package: "grpc-swift-nio-transport"),
@@ -250,6 +261,19 @@ let package = Package(
         ),
 
         .testTarget(name: "SDSModelTests", dependencies: ["SDSModel"]),
+        .testTarget(
+            name: "TLSLinksTests",
+            dependencies: [
+                "TLSLinks", "SDSModel", "TestSupport",
+                .product(name: "NIOCore", package: "swift-nio"),
+                .product(name: "NIOPosix", package: "swift-nio"),
+                .product(name: "NIOTLS", package: "swift-nio"),
+                .product(name: "NIOSSL", package: "swift-nio-ssl"),
+                .product(name: "MetricsTestKit", package: "swift-metrics"),
+                .product(name: "X509", package: "swift-certificates"),
+                .product(name: "Crypto", package: "swift-crypto"),
+            ]
+        ),
         .testTarget(
             name: "WorkloadAuthenticationTests",
             dependencies: [
@@ -356,7 +380,7 @@ let package = Package(
 // dependency's import is a compile error, not a silent link of Foundation.
 let shipped: Set<String> = [
     "sds-agent", "SDSAgent", "SDSServer", "SecretCache", "CertificateAuthority", "WorkloadAuthentication", "KubernetesAPI",
-    "UpstreamCA", "CentralCA", "SDSModel", "WorkloadAPI", "WorkloadServing", "TokenKeys",
+    "UpstreamCA", "CentralCA", "SDSModel", "WorkloadAPI", "WorkloadServing", "TokenKeys", "TLSLinks",
 ]
 for target in package.targets where shipped.contains(target.name) {
     target.swiftSettings = (target.swiftSettings ?? []) + [.enableUpcomingFeature("MemberImportVisibility")]

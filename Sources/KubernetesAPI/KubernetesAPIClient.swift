@@ -5,6 +5,7 @@ import NIOCore
 import NIOHTTP1
 import NIOSSL
 import SDSModel
+import TLSLinks
 
 /// A small HTTPS client for the Kubernetes API server: GET and POST of JSON, authenticated with
 /// the agent's own service-account token and trusting only the cluster's CA.
@@ -24,6 +25,8 @@ public final class KubernetesAPIClient: Sendable {
         public var timeout: Duration
         /// Largest response body accepted.
         public var maxResponseBytes: Int
+        /// Which key exchanges its TLS takes (`--tls-policy`).
+        public var tlsPolicy: TLSPolicy = Defaults.Links.tlsPolicy
 
         /// The in-cluster defaults: the API server from `KUBERNETES_SERVICE_HOST`/`_PORT`, the
         /// service account's mounted CA and token.
@@ -73,7 +76,8 @@ public final class KubernetesAPIClient: Sendable {
         }
         var tls = TLSConfiguration.makeClientConfiguration()
         tls.trustRoots = .certificates(roots)
-        tls.minimumTLSVersion = .tlsv12
+        tls.minimumTLSVersion = configuration.tlsPolicy == .pqc ? .tlsv13 : .tlsv12
+        tls.curves = configuration.tlsPolicy.curves
         let timeout = TimeAmount.nanoseconds(Int64(configuration.timeout.components.seconds) * 1_000_000_000)
         var httpConfiguration = HTTPClient.Configuration(
             tlsConfiguration: tls, redirectConfiguration: .disallow,

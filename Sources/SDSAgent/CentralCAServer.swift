@@ -5,9 +5,11 @@ import FoundationEssentials
 import Glibc
 import GRPCCore
 import GRPCNIOTransportHTTP2
+import NIOCore
 import KubernetesAPI
 import Logging
 import SDSModel
+import TLSLinks
 import ServiceLifecycle
 import UnixSignals
 import WorkloadAuthentication
@@ -49,6 +51,8 @@ package struct CentralCAConfiguration: Sendable {
     package var tlsKeyFile: String?
     /// `NAMESPACE/NAME` service accounts that may ask for identities on their node.
     package var trustedNodeAccounts: [String] = []
+    /// Which key exchanges its TLS takes (`--tls-policy`).
+    package var tlsPolicy: TLSPolicy = Defaults.Links.tlsPolicy
 
     package init(listenHost: String, listenPort: Int, tokens: TokenVerification, stateDirectory: String?) {
         self.listenHost = listenHost
@@ -252,10 +256,26 @@ package struct CentralCAServer: Service {
         try await ServiceGroup(configuration: .init(services: services(), logger: logger)).run()
     }
 
+    /// The CSR API's TLS listener on the bound port, each connection's key exchange read from
+    /// the ServerHello the TLS handler writes (a guard before it) and held to `--tls-policy`.
+    private func makeTransport() throws -> HTTP2ServerTransport.Posix {
+        let report = KeyExchangeReport(link: "ca_serve", policy: configuration.tlsPolicy, logger: logger)
+        let policy = configuration.tlsPolicy
+        return HTTP2ServerTransport.Posix(
+            listeningSocketDescriptor: Int(listener.take()), transportSecurity: try .tls(certificateReloader: servingTLS),
+            config: .defaults { config in
+                config.channelDebuggingCallbacks.onAcceptTCPConnection = { channel in
+                    channel.eventLoop.makeCompletedFuture {
+                        try channel.pipeline.syncOperations.addHandler(
+                            KeyExchangeGuard(role: .server, policy: policy, report: report), position: .first)
+                    }
+                }
+            })
+    }
+
     /// Every loop, in start order; graceful shutdown goes in reverse (the listener first).
     func services() throws -> [ServiceGroupConfiguration.ServiceConfiguration] {
-        let transport = HTTP2ServerTransport.Posix(
-            listeningSocketDescriptor: Int(listener.take()), transportSecurity: try .tls(certificateReloader: servingTLS))
+        let transport = try makeTransport()
         let server = GRPCServer(transport: transport, services: [service])
         let (triggers, trigger) = AsyncStream.makeStream(of: Void.self, bufferingPolicy: .bufferingNewest(1))
         let (ca, logger, configuration, now) = (self.ca, self.logger, self.configuration, self.now)

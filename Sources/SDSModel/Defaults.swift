@@ -46,6 +46,12 @@ public enum Defaults {
     }
 
     /// Bounds on streams and connections.
+    /// The agent's own TLS links (the upstream CA, `ca serve`, the API server).
+    public enum Links {
+        /// `--tls-policy`: what both ends agree on (X25519MLKEM768 first).
+        public static let tlsPolicy = TLSPolicy.default
+    }
+
     public enum Limits {
         /// Concurrent SDS streams on one connection (HTTP/2 `SETTINGS_MAX_CONCURRENT_STREAMS`).
         public static let streamsPerConnection = 100

@@ -60,6 +60,19 @@ public final class UpstreamCA: CertificateIssuer {
         public var issueDeadline: Duration
         /// Where the last trust bundle is kept, so a restart serves it before the CA answers.
         public var bundleCacheFile: String?
+        /// Which key exchanges the link to the CA takes (`--tls-policy`).
+        public var tlsPolicy: TLSPolicy
+
+        public init(
+            endpoints: [HostPort], serverBundleFile: String, serverName: String? = nil,
+            credentialMode: CredentialMode = .forward, tokenFile: String? = nil, clusterID: String = "Kubernetes",
+            trustDomain: String, tlsPolicy: TLSPolicy
+        ) {
+            self.init(
+                endpoints: endpoints, serverBundleFile: serverBundleFile, serverName: serverName, credentialMode: credentialMode,
+                tokenFile: tokenFile, clusterID: clusterID, trustDomain: trustDomain)
+            self.tlsPolicy = tlsPolicy
+        }
 
         public init(
             endpoints: [HostPort], serverBundleFile: String, serverName: String? = nil,
@@ -77,6 +90,7 @@ public final class UpstreamCA: CertificateIssuer {
             self.callTimeout = callTimeout
             self.issueDeadline = issueDeadline
             self.bundleCacheFile = bundleCacheFile
+            self.tlsPolicy = Defaults.Links.tlsPolicy
         }
 
         /// One endpoint.

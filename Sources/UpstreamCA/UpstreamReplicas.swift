@@ -5,8 +5,10 @@ import Glibc
 import GRPCCore
 import GRPCNIOTransportHTTP2
 import Logging
+import NIOCore
 import NIOPosix
 import SDSModel
+import TLSLinks
 import Synchronization
 import X509
 
@@ -67,6 +69,8 @@ final class UpstreamReplicas: Sendable {
     private let state: Mutex<State>
     /// How often DNS names are resolved again (a replica set that scales or moves).
     let resolveInterval: Duration
+    /// The key exchange of every connection to a replica, logged, counted and held to `--tls-policy`.
+    private let report: KeyExchangeReport
 
     init(
         configuration: UpstreamCA.Configuration, roots: [Certificate], logger: Logger, metrics: any MetricsFactory,
@@ -78,6 +82,7 @@ final class UpstreamReplicas: Sendable {
         self.metrics = metrics
         self.now = now
         self.resolveInterval = resolveInterval
+        self.report = KeyExchangeReport(link: "upstream_ca", policy: configuration.tlsPolicy, logger: logger, metrics: metrics)
         state = Mutex(State())
         var replicas: [Replica] = []
         for endpoint in configuration.endpoints {
@@ -209,6 +214,13 @@ final class UpstreamReplicas: Sendable {
                     config.connection.maxIdleTime = .seconds(24 * 3600)
                     // A name other than the address: verified in the certificate and sent as SNI.
                     if !Self.isIPAddress(referenceName) { config.http2.authority = referenceName }
+                    // Before the TLS handler: the key exchange read from the ServerHello, held to the policy.
+                    config.channelDebuggingCallbacks.onCreateTCPConnection = { [report, policy = configuration.tlsPolicy] channel in
+                        channel.eventLoop.makeCompletedFuture {
+                            try channel.pipeline.syncOperations.addHandler(
+                                KeyExchangeGuard(role: .client, policy: policy, report: report), position: .first)
+                        }
+                    }
                 })
             return Replica(
                 endpoint: HostPort(host: dialled, port: configured.port).description, configured: configured,

@@ -65,6 +65,11 @@ struct CAServe: AsyncParsableCommand {
     @Option(help: ArgumentHelp("After SIGUSR1, send old + new roots this long before signing with the new one; longer than the agents' renewal interval.", valueName: "duration"))
     var caActivationDelay: Duration = Defaults.Certificates.caActivationDelay
 
+    @Option(help: ArgumentHelp(
+            "Key exchange on its TLS links (agents calling, the API server): default (X25519MLKEM768 preferred, classical groups accepted) or pqc (X25519MLKEM768 over TLS 1.3 only; any other peer refused).",
+            valueName: "policy"))
+    var tlsPolicy: TLSPolicy = Defaults.Links.tlsPolicy
+
     @Option(help: "SAN of its TLS certificate (repeatable; default localhost and 127.0.0.1).")
     var serverName: [String] = []
 
@@ -105,7 +110,8 @@ struct CAServe: AsyncParsableCommand {
         guard let address = HostPort(listen, emptyHost: "0.0.0.0") else {
             throw ValidationError("--listen '\(listen.callerText(limit: 128))' is not HOST:PORT such as 0.0.0.0:15012")
         }
-        let tokens = tokenOptions.verification(trustDomain: trustDomain, defaultAudience: Defaults.Tokens.istioCAAudience)
+        let tokens = tokenOptions.verification(
+            trustDomain: trustDomain, defaultAudience: Defaults.Tokens.istioCAAudience, tlsPolicy: tlsPolicy)
         var configuration = CentralCAConfiguration(listenHost: address.host, listenPort: address.port, tokens: tokens, stateDirectory: stateDir)
         configuration.caDirectory = caDir
         configuration.caTTL = caTtl
@@ -119,6 +125,7 @@ struct CAServe: AsyncParsableCommand {
         configuration.tlsCertificateFile = tlsCert
         configuration.tlsKeyFile = tlsKey
         configuration.trustedNodeAccounts = trustedNodeAccount
+        configuration.tlsPolicy = tlsPolicy
         try await ProcessRun.runUntilSignalled({
             let server = try await CentralCAServer.make(configuration: configuration, logger: logger)
             var services: [ServiceGroupConfiguration.ServiceConfiguration] = [.init(service: server)]

@@ -168,6 +168,11 @@ struct Serve: AsyncParsableCommand {
     @Option(help: "Sent to the upstream CA as ClusterID.")
     var upstreamCaClusterId = "Kubernetes"
 
+    @Option(help: ArgumentHelp(
+            "Key exchange on the agent's own TLS links (upstream CA, API server): default (X25519MLKEM768 offered first, classical groups accepted) or pqc (X25519MLKEM768 over TLS 1.3 only; any other peer refused).",
+            valueName: "policy"))
+    var tlsPolicy: TLSPolicy = Defaults.Links.tlsPolicy
+
     @Option(help: "Key type of every workload certificate.")
     var workloadKeyType: KeyType = .ecP256
 
@@ -214,7 +219,8 @@ struct Serve: AsyncParsableCommand {
             allowServiceAccounts: allowServiceAccount, denyServiceAccounts: denyServiceAccount)
         configuration.peerPolicy = PeerPolicy(
             allowedUIDs: Set(peerAllowedUid), requirePodBinding: peerPodBinding, procRoot: procRoot)
-        configuration.tokens = tokenOptions.verification(trustDomain: trustDomain, defaultAudience: Defaults.Tokens.audience)
+        configuration.tokens = tokenOptions.verification(
+            trustDomain: trustDomain, defaultAudience: Defaults.Tokens.audience, tlsPolicy: tlsPolicy)
         configuration.limits.connections.maxConnections = maxConnections
         configuration.limits.connections.firstStreamTimeout = firstRequestTimeout
         configuration.limits.connections.idleTimeout = idleConnectionTimeout
@@ -257,7 +263,7 @@ struct Serve: AsyncParsableCommand {
         return .init(
             endpoints: endpoints, serverBundleFile: upstreamCaBundle ?? "", serverName: upstreamCaServerName,
             credentialMode: upstreamCaCredential, tokenFile: upstreamCaTokenFile, clusterID: upstreamCaClusterId,
-            trustDomain: trustDomain)
+            trustDomain: trustDomain, tlsPolicy: tlsPolicy)
     }
 
     /// The settings a SIGHUP applies (with the JWKS file's and the policy files' contents); a
@@ -365,3 +371,4 @@ extension Duration: @retroactive ExpressibleByArgument {
 }
 
 extension KeyType: ExpressibleByArgument {}
+extension TLSPolicy: ExpressibleByArgument {}

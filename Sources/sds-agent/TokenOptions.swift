@@ -43,7 +43,7 @@ struct TokenOptions: ParsableArguments {
     var maxTokenAge: Duration?
 
     /// The verification settings for `trustDomain`, with `defaultAudience` when none is given.
-    func verification(trustDomain: String, defaultAudience: String) -> TokenVerification {
+    func verification(trustDomain: String, defaultAudience: String, tlsPolicy: TLSPolicy) -> TokenVerification {
         var tokens = TokenVerification(
             trustDomain: trustDomain, jwksFile: jwks,
             issuers: issuer.isEmpty ? ["https://kubernetes.default.svc.cluster.local"] : issuer,
@@ -55,6 +55,7 @@ struct TokenOptions: ParsableArguments {
         tokens.maxTokenAge = maxTokenAge
         if let server = kubeApiServer ?? KubernetesAPIClient.Configuration.inClusterServerURL() {
             tokens.kubernetesAPI = .init(serverURL: server, caFile: kubeCaFile, tokenFile: kubeTokenFile)
+            tokens.kubernetesAPI?.tlsPolicy = tlsPolicy
         }
         return tokens
     }
