@@ -60,9 +60,10 @@ def fetch(node, token, timeout=15):
 
 def s_client(address, *args):
     """OpenSSL's client against `address`: (exit code, everything it printed)."""
+    # Not text=True: after a handshake it prints what the server sends (HTTP/2 frames), raw.
     result = subprocess.run(["openssl", "s_client", "-connect", address, *args], stdin=subprocess.DEVNULL,
-                            capture_output=True, text=True, timeout=20)
-    return result.returncode, result.stdout + result.stderr
+                            capture_output=True, timeout=20)
+    return result.returncode, (result.stdout + result.stderr).decode("utf-8", errors="replace")
 
 
 def test_an_agent_and_ca_serve_under_pqc_negotiate_x25519mlkem768_and_both_say_so(workdir):
