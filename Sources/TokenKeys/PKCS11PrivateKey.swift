@@ -212,6 +212,9 @@ final class TokenSession: Sendable {
             Self.logger.notice("PKCS#11 token answers again; signing with it", metadata: ["uri": "\(uri)"])
             return open
         } catch {
+            // Not open under this initialisation either: the next call re-initialises again, since
+            // SoftHSM sees a token that came back only at C_Initialize (a reopen alone never does).
+            state.withLock { $0.generation = generation; $0.healthy = false }
             Self.errors.increment()
             throw TokenError(.unavailable, "\(uri): \(error.message)")
         }

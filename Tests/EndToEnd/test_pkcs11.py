@@ -215,25 +215,34 @@ def test_bad_token_settings_are_refused_at_start_with_one_line_naming_the_uri_wi
     assert not os.path.exists(node.socket)
 
 
-def test_a_token_removed_while_serving_answers_unavailable_serves_what_it_holds_and_recovers(workdir, monkeypatch):
+# SoftHSM's whole token directory gone makes C_Initialize itself fail; the token's own directory
+# gone leaves a module that initialises with an empty slot, as an HSM whose token was pulled.
+@pytest.mark.parametrize("removed", ["token directory", "token"])
+def test_a_token_removed_while_serving_answers_unavailable_serves_what_it_holds_and_recovers(workdir, monkeypatch, removed):
     token = TokenCA(workdir, monkeypatch)
     hsm, intermediate = token.hsm, token.intermediate
     node = Node(os.path.join(workdir, "node"), AGENT_BIN, ENVOY_BIN)
+    moved = hsm.tokens if removed == "token directory" else os.path.join(hsm.tokens, os.listdir(hsm.tokens)[0])
+    away = os.path.join(workdir, "away")
     try:
         node.start_agent("--ca-cert", token.cert_file, "--ca-key", token.uri(), "--metrics-address", "127.0.0.1:0")
         held = served_chain(node, "frontend")[0]
-        away = hsm.tokens + ".away"
-        os.rename(hsm.tokens, away)
+        os.rename(moved, away)
         # What the agent holds is served; a new identity is `unavailable`, within the deadline.
         assert served_chain(node, "frontend")[0] == held
         with pytest.raises(grpc.RpcError) as refused:
             fetch(node, node.signer.token("demo", "new-while-away"))
         assert refused.value.code() == grpc.StatusCode.UNAVAILABLE, refused.value.details()
-        assert node.agent_metrics().get("sds_agent_pkcs11_errors_total", 0) >= 1
+        # A second one while the token is still away: the module is re-initialised for it and the
+        # session still cannot open; recovery must not need that to have happened after the return.
+        with pytest.raises(grpc.RpcError) as again:
+            fetch(node, node.signer.token("demo", "again-while-away"))
+        assert again.value.code() == grpc.StatusCode.UNAVAILABLE, again.value.details()
+        assert node.agent_metrics().get("sds_agent_pkcs11_errors_total", 0) >= 2
         assert "PKCS#11 TOKEN FAILED A SIGNATURE" in node.agent.output()
 
         # The token comes back: the next issuance re-initialises the module and signs, no restart.
-        os.rename(away, hsm.tokens)
+        os.rename(away, moved)
 
         def issued():
             try:
@@ -244,8 +253,8 @@ def test_a_token_removed_while_serving_answers_unavailable_serves_what_it_holds_
         assert node.agent_metrics().get("sds_agent_pkcs11_recoveries_total", 0) >= 1
         assert node.agent.alive() and PIN not in node.agent.output()
     finally:
-        if not os.path.exists(hsm.tokens) and os.path.exists(hsm.tokens + ".away"):
-            os.rename(hsm.tokens + ".away", hsm.tokens)
+        if not os.path.exists(moved) and os.path.exists(away):
+            os.rename(away, moved)
         node.stop_all()
 
 
