@@ -92,7 +92,7 @@ package struct AgentConfiguration: Sendable {
         /// YAML rules on images, labels and node labels per identity (`--attestation-policy`).
         package var policyFile: String?
         /// Lifetime of the JWT-SVIDs the Workload API issues (`--jwt-svid-ttl`).
-        package var jwtSVIDTTL: Duration = .seconds(300)
+        package var jwtSVIDTTL: Duration = Defaults.Tokens.jwtSVIDTTL
 
         package init() {}
 

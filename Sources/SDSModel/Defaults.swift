@@ -24,6 +24,8 @@ public enum Defaults {
         public static let clockSkew: Duration = .seconds(30)
         /// A stream ends this long before the token it was opened with expires.
         public static let expiryMargin: Duration = .seconds(30)
+        /// Lifetime of the JWT-SVIDs the agent signs, for the Workload API and SDS (`--jwt-svid-ttl`).
+        public static let jwtSVIDTTL: Duration = .seconds(300)
     }
 
     /// Certificates and the CA.

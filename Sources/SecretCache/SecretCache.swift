@@ -32,7 +32,7 @@ public actor SecretCache {
         /// The type of every workload key generated (`--workload-key-type`).
         public var keyType: KeyType = .ecP256
         /// Lifetime of the JWT-SVIDs served over SDS (`--jwt-svid-ttl`, as the Workload API's).
-        public var jwtSVIDTTL: Duration = .seconds(300)
+        public var jwtSVIDTTL: Duration = Defaults.Tokens.jwtSVIDTTL
 
         public init(
             certificateTTL: Duration = Defaults.Certificates.ttl, rotation: RotationPolicy = RotationPolicy(),

@@ -127,7 +127,7 @@ struct Serve: AsyncParsableCommand {
     var attestationPolicy: String?
 
     @Option(help: ArgumentHelp("Lifetime of the JWT-SVIDs the Workload API issues, e.g. 5m.", valueName: "duration"))
-    var jwtSvidTtl: Duration = AgentConfiguration.Attestation().jwtSVIDTTL
+    var jwtSvidTtl: Duration = Defaults.Tokens.jwtSVIDTTL
 
     @Option(help: "Most connections open on the socket at once; one more is closed at accept (logged, counted).")
     var maxConnections = AgentConfiguration.Limits.defaults.connections.maxConnections
