@@ -55,7 +55,7 @@ struct Bootstrap: AsyncParsableCommand {
     @Option(help: ArgumentHelp(
         "TLS key exchange both sides offer: pqc (X25519MLKEM768 first, then X25519, P-256, P-384; TLS 1.3 upstream) or classical (X25519, P-256, P-384).",
         valueName: "pqc|classical"))
-    var keyExchange = "pqc"
+    var keyExchange: SidecarBootstrap.KeyExchange = .pqc
     @Option(help: ArgumentHelp(
         "Audience of a JWT-SVID the outbound listener adds to every request (Envoy's credential injector, secret jwt-svid:AUDIENCE; repeatable for several audiences in one token).",
         valueName: "audience"))
@@ -79,10 +79,7 @@ struct Bootstrap: AsyncParsableCommand {
         bootstrap.initialFetchTimeout = initialFetchTimeout
         bootstrap.upstreamMaxRequestsPerConnection = upstreamMaxRequestsPerConnection
         bootstrap.sdsAPIType = sdsApiType
-        guard let exchange = SidecarBootstrap.KeyExchange(rawValue: keyExchange) else {
-            throw ValidationError("--key-exchange must be pqc or classical, not '\(keyExchange)'")
-        }
-        bootstrap.keyExchange = exchange
+        bootstrap.keyExchange = keyExchange
         bootstrap.jwtSVIDAudiences = jwtSvidAudience
         // A value the bootstrap cannot take is a usage error (exit 2, as for every command); a
         // file that cannot be read or written is one line and exit 1.
@@ -113,3 +110,5 @@ struct Bootstrap: AsyncParsableCommand {
         }
     }
 }
+
+extension SidecarBootstrap.KeyExchange: ExpressibleByArgument {}
