@@ -69,7 +69,7 @@ public final class KeyExchangeGuard: ChannelDuplexHandler {
     /// Reads `bytes` into the flight and acts when it has said enough.
     private func decide(context: ChannelHandlerContext, seeing bytes: ByteBuffer) {
         let outcome = flight.feed(bytes.readableBytesView)
-        let peer = context.channel.remoteAddress.map { "\($0)" } ?? "unknown"
+        var peer: String { context.channel.remoteAddress.map { "\($0)" } ?? "unknown" }
         switch outcome {
         case .needMore:
             return
